@@ -1,4 +1,7 @@
-"""granet: sparse training during training for PyTorch (GraNet and the methods it is measured against)."""
+"""granet: sparse training during training for PyTorch.
+
+GraNet and the methods it is measured against (GMP, RigL, SET, SNFS, static ERK).
+"""
 
 from granet.distributions import DISTRIBUTIONS
 from granet.methods import GMP, METHODS, SET, SNFS, GraNet, RigL, Static, sparsify

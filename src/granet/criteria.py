@@ -49,7 +49,7 @@ class GradientGrowth(Growth):
 
 
 class RandomGrowth(Growth):
-    """SET: regrow at uniformly random inactive positions (drawn from the sparsifier's generator)."""
+    """SET: regrow at uniformly random inactive positions (from the sparsifier's generator)."""
 
     def scores(self, index: int, param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return torch.rand(param.shape, generator=generator, device=param.device)

@@ -64,7 +64,7 @@ METHODS: dict[str, type[Sparsifier]] = {
 def sparsify(
     model: nn.Module, optimizer: torch.optim.Optimizer, method: str = "granet", **kwargs: Any
 ) -> Sparsifier:
-    """Build the sparsifier called ``method`` (one of :data:`METHODS`) on ``model``/``optimizer``."""
+    """Build the sparsifier called ``method`` (one of :data:`METHODS`)."""
     try:
         cls = METHODS[method.lower()]
     except (KeyError, AttributeError):

@@ -1,4 +1,5 @@
-"""Schedules as pure functions of the optimizer step: when to update, how sparse, how much to regrow.
+"""Schedules as pure functions of the optimizer step: when to update, how sparse, how much
+to regrow.
 
 Being pure, they need no state of their own: a resumed run recomputes them from the step count.
 """
@@ -58,7 +59,7 @@ class CubicSparsity:
 
 @dataclass(frozen=True)
 class CosineDecay:
-    """``end + (start - end) * (1 + cos(pi * step / total)) / 2``, held at ``end`` after ``total``."""
+    """``end + (start - end) * (1 + cos(pi * step / total)) / 2``; ``end`` after ``total``."""
 
     start: float
     end: float

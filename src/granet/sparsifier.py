@@ -214,7 +214,7 @@ class Sparsifier:
         return f"non-finite weights in {', '.join(bad)}" if bad else None
 
     def _prune_to(self, sparsity: float) -> None:
-        """Keep the ``(1 - sparsity) * N`` largest-magnitude active weights (global or per layer)."""
+        """Keep the ``(1 - sparsity) * N`` largest active weights (globally or per layer)."""
         keep = round((1.0 - sparsity) * self._numel)
         if keep >= sum(self._nnz):
             return
@@ -279,7 +279,7 @@ class Sparsifier:
         return ever / self._numel
 
     def stats(self) -> dict[str, Any]:
-        """A snapshot for logging: step, schedule position, sparsity, ITOP rate, per-layer density."""
+        """A snapshot for logging: step, schedule, sparsity, ITOP rate, per-layer density."""
         nxt = self.cadence.next_update(self.step) if self.dynamic else None
         return {
             "step": self.step,
@@ -321,7 +321,8 @@ class Sparsifier:
             saved = tuple(state["shapes"][name])
             if saved != tuple(p.shape):
                 raise ValueError(
-                    f"sparsifier state for {name!r} has shape {saved}, the model's is {tuple(p.shape)}"
+                    f"sparsifier state for {name!r} has shape {saved}, "
+                    f"the model's is {tuple(p.shape)}"
                 )
         extra = sorted(set(state["masks"]) - set(self.names))
         if extra:
