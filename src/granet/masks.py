@@ -1,0 +1,61 @@
+"""Boolean masks on parameters: applied in place with fused ops, saved one bit per weight."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tensor into uint8, 8 entries per byte (logical, row-major order)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    shifts = _SHIFTS.to(flat.device)
+    return (flat.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: a contiguous bool tensor of ``shape``."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if packed.dtype != torch.uint8 or packed.numel() != (numel + 7) // 8:
+        raise ValueError(
+            f"packed mask has {packed.numel()} bytes of {packed.dtype}, "
+            f"expected {(numel + 7) // 8} uint8 bytes for shape {tuple(shape)}"
+        )
+    shifts = _SHIFTS.to(packed.device)
+    bits = (packed.view(-1, 1) >> shifts) & 1
+    return bits.view(-1)[:numel].bool().view(tuple(shape))
+
+
+def random_mask(shape: torch.Size, nnz: int, generator: torch.Generator) -> torch.Tensor:
+    """A CPU bool mask with exactly ``nnz`` True entries at uniformly random positions."""
+    numel = shape.numel()
+    mask = torch.zeros(numel, dtype=torch.bool)
+    if nnz >= numel:
+        mask.fill_(True)
+    elif nnz > 0:
+        mask[torch.randperm(numel, generator=generator)[:nnz]] = True
+    return mask.view(shape)
+
+
+def top_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """A flat bool mask selecting the ``k`` largest entries of ``scores`` (exact count)."""
+    flat = scores.reshape(-1)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    if k > 0:
+        mask[torch.topk(flat, k, sorted=False).indices] = True
+    return mask
+
+
+def apply_masks(tensors: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+    """Zero ``tensors`` where ``masks`` is False, in one fused multi-tensor multiply."""
+    if tensors:
+        with torch.no_grad():
+            torch._foreach_mul_(tensors, masks)

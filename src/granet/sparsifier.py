@@ -1,0 +1,350 @@
+"""The sparsifier: owns the masks, hooks ``optimizer.step`` and runs topology-update rounds.
+
+A round reads like the algorithm (see DESIGN.md): gradual magnitude pruning to the cubic
+schedule's target, then per-layer drop-and-regrow at the cosine-decayed rate, then the masks are
+applied to the weights and to their optimizer state. Methods (GraNet, GMP, RigL, SET, SNFS,
+Static) differ only in their defaults: see ``methods.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from granet.criteria import GROWTH, magnitude, make_growth
+from granet.distributions import DISTRIBUTIONS
+from granet.masks import apply_masks, pack_bits, random_mask, top_mask, unpack_bits
+from granet.schedules import CosineDecay, CubicSparsity, UpdateCadence
+from granet.selection import Rule, select_parameters, unwrap
+
+PRUNING = ("global", "uniform")
+MIN_REGROW_FRACTION = 0.005
+
+
+def _steps(value: float | int, total: int, name: str) -> int:
+    """A schedule point given as a fraction of ``total`` (float) or as a step count (int)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"{name} must be a float fraction of total_steps or an int step; got {value!r}"
+        )
+    if isinstance(value, float):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} as a fraction of total_steps must be in [0, 1]; got {value}")
+        return round(value * total)
+    if value < 0:
+        raise ValueError(f"{name} as a step must be >= 0; got {value}")
+    return value
+
+
+class Sparsifier:
+    """Sparse training attached to an unchanged training loop.
+
+    Class attributes give each method its defaults; ``None`` for ``default_init_sparsity`` means
+    "start at the final sparsity" (no gradual phase).
+    """
+
+    default_init_sparsity: float | None = None
+    default_regrow_fraction: float = 0.5
+    default_growth: str = "gradient"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        sparsity: float = 0.9,
+        init_sparsity: float | None = None,
+        total_steps: int | None = None,
+        prune_start: float | int = 0.0,
+        prune_end: float | int = 0.5,
+        update_every: int = 1000,
+        regrow_fraction: float | None = None,
+        distribution: str = "erk",
+        pruning: str = "global",
+        growth: str | None = None,
+        seed: int = 0,
+        include: Sequence[Rule] | None = None,
+        exclude: Sequence[Rule] = (),
+    ) -> None:
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1); got {sparsity}")
+        if init_sparsity is None:
+            default = self.default_init_sparsity
+            init_sparsity = sparsity if default is None else min(default, sparsity)
+        if not 0.0 <= init_sparsity <= sparsity:
+            raise ValueError(
+                f"init_sparsity must be in [0, sparsity={sparsity}]; got {init_sparsity}"
+            )
+        if total_steps is None or isinstance(total_steps, bool) or total_steps < 1:
+            raise ValueError(f"total_steps must be an int >= 1; got {total_steps!r}")
+        start = _steps(prune_start, total_steps, "prune_start")
+        end = _steps(prune_end, total_steps, "prune_end")
+        if end <= start:
+            raise ValueError(f"prune_end ({prune_end}) must come after prune_start ({prune_start})")
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"update_every must be an int >= 1; got {update_every!r}")
+        if regrow_fraction is None:
+            regrow_fraction = self.default_regrow_fraction
+        if not 0.0 <= regrow_fraction <= 1.0:
+            raise ValueError(f"regrow_fraction must be in [0, 1]; got {regrow_fraction}")
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(
+                f"distribution must be one of {', '.join(DISTRIBUTIONS)}; got {distribution!r}"
+            )
+        if pruning not in PRUNING:
+            raise ValueError(f"pruning must be one of {', '.join(PRUNING)}; got {pruning!r}")
+        growth = self.default_growth if growth is None else growth
+        if growth not in GROWTH:
+            raise ValueError(f"growth must be one of {', '.join(GROWTH)}; got {growth!r}")
+
+        self.model = unwrap(model)
+        self.optimizer = optimizer
+        chosen = select_parameters(self.model, include, exclude)
+        if not chosen:
+            raise ValueError(
+                "no sparse tensors selected: include/exclude matched no parameter of the model"
+            )
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        orphans = [name for name, p in chosen if id(p) not in held]
+        if orphans:
+            raise ValueError(f"the optimizer does not hold these sparse parameters: {orphans}")
+
+        self.names = [name for name, _ in chosen]
+        self.params = [p for _, p in chosen]
+        self.sparsity_target = sparsity
+        self.init_sparsity = init_sparsity
+        self.total_steps = total_steps
+        self.pruning = pruning
+        self.distribution = distribution
+        self.seed = seed
+        self.growth = make_growth(growth, optimizer)
+        self.cadence = UpdateCadence(update_every, total_steps)
+        self.schedule = CubicSparsity(init_sparsity, sparsity, start, end, update_every)
+        self.regrow = CosineDecay(
+            regrow_fraction, min(regrow_fraction, MIN_REGROW_FRACTION), total_steps
+        )
+        self.dynamic = regrow_fraction > 0 or init_sparsity < sparsity
+        self.step = 0
+        self.last_round = {"pruned": 0, "dropped": 0, "regrown": 0}
+        self._numel = sum(p.numel() for p in self.params)
+        self._generators: dict[str, torch.Generator] = {}
+        self._target_cache: tuple[Any, ...] | None = None
+
+        densities = DISTRIBUTIONS[distribution](self.params, 1.0 - init_sparsity)
+        counts = [min(round(d * p.numel()), p.numel()) for p, d in zip(self.params, densities)]
+        cpu = self._generator(torch.device("cpu"))
+        self._masks = [
+            random_mask(p.shape, n, cpu).to(p.device) for p, n in zip(self.params, counts)
+        ]
+        self._nnz = counts
+        self._ever_active = [pack_bits(m) for m in self._masks]
+        self._apply()
+        self._hook = optimizer.register_step_post_hook(self._on_step)
+
+    # ----------------------------------------------------------------- per step
+    def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # A fused optimizer under GradScaler is called even when the step is skipped for inf
+        # gradients; it then sees ``found_inf``. Non-fused optimizers are simply not called.
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and bool(found_inf):
+            return
+        self.step += 1
+        self.growth.after_step(self.params)
+        if self.dynamic and self.cadence.is_update(self.step):
+            self.update_topology()
+        else:
+            self._apply()
+
+    def _targets(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Parameters and every optimizer-state tensor shaped like them, with their masks.
+
+        Rebuilt only when the optimizer's state dict object or its size changes (lazy state
+        creation, ``optimizer.load_state_dict``), keeping the per-step path free of Python work.
+        """
+        state = self.optimizer.state
+        cache = self._target_cache
+        if cache is None or cache[0] is not state or cache[1] != len(state):
+            tensors, masks = list(self.params), list(self._masks)
+            for p, m in zip(self.params, self._masks):
+                for value in state.get(p, {}).values():
+                    if torch.is_tensor(value) and value.shape == p.shape:
+                        tensors.append(value)
+                        masks.append(m)
+            self._target_cache = (state, len(state), (tensors, masks))
+        return self._target_cache[2]
+
+    def _apply(self) -> None:
+        apply_masks(*self._targets())
+
+    # ------------------------------------------------------------ update round
+    def update_topology(self) -> None:
+        """One round now: prune to the schedule, drop and regrow, apply the masks."""
+        self._apply()
+        reason = self._unsafe()
+        if reason is not None:
+            warnings.warn(
+                f"granet: skipped the topology update at step {self.step}: {reason}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        before = sum(self._nnz)
+        if self.schedule.prunes_at(self.step):
+            self._prune_to(self.schedule(self.step))
+        pruned = before - sum(self._nnz)
+        fraction = self.regrow(self.step)
+        dropped = self._drop_and_regrow(fraction) if fraction > 0 else 0
+        self.last_round = {"pruned": pruned, "dropped": dropped, "regrown": dropped}
+        self._apply()
+        for ever, m in zip(self._ever_active, self._masks):
+            ever.bitwise_or_(pack_bits(m))
+
+    def _unsafe(self) -> str | None:
+        """Why this round must not run (missing growth signal, non-finite values), or None."""
+        if self.regrow(self.step) > 0:
+            reason = self.growth.missing(self.params, self.names)
+            if reason is not None:
+                return reason
+        finite = torch.stack([torch.isfinite(p).all() for p in self.params])
+        bad = [n for n, ok in zip(self.names, finite.tolist()) if not ok]
+        return f"non-finite weights in {', '.join(bad)}" if bad else None
+
+    def _prune_to(self, sparsity: float) -> None:
+        """Keep the ``(1 - sparsity) * N`` largest active weights (globally or per layer)."""
+        keep = round((1.0 - sparsity) * self._numel)
+        if keep >= sum(self._nnz):
+            return
+        scores = [
+            torch.where(m, magnitude(p).float(), -1.0) for p, m in zip(self.params, self._masks)
+        ]
+        if self.pruning == "global":
+            flat = top_mask(torch.cat([s.reshape(-1) for s in scores]), keep)
+            new = list(flat.split([p.numel() for p in self.params]))
+        else:
+            new = [top_mask(s, k) for s, k in zip(scores, self._uniform_counts(keep))]
+        for m, n in zip(self._masks, new):
+            m.copy_(n.view(m.shape))
+        self._nnz = torch.stack([m.sum() for m in self._masks]).tolist()
+
+    def _uniform_counts(self, keep: int) -> list[int]:
+        """Per-layer counts at one common keep rate, summing to ``keep`` (largest remainders)."""
+        rate = keep / sum(self._nnz)
+        exact = [rate * n for n in self._nnz]
+        counts = [math.floor(x) for x in exact]
+        by_remainder = sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])
+        for i in by_remainder[: keep - sum(counts)]:
+            counts[i] += 1
+        return counts
+
+    def _drop_and_regrow(self, fraction: float) -> int:
+        """In each layer, drop ``ceil(fraction * nnz)`` smallest active weights and regrow as many
+        inactive positions with the highest growth score. Returns the number dropped."""
+        total = 0
+        for i, (p, m) in enumerate(zip(self.params, self._masks)):
+            k = math.ceil(fraction * self._nnz[i])
+            if k == 0:
+                continue
+            mask = m.view(-1)
+            drop_scores = torch.where(mask, magnitude(p).reshape(-1).float(), math.inf)
+            mask[torch.topk(drop_scores, k, largest=False, sorted=False).indices] = False
+            grow = self.growth.scores(i, p, self._generator(p.device)).reshape(-1).float()
+            mask[torch.topk(torch.where(mask, -math.inf, grow), k, sorted=False).indices] = True
+            total += k
+        return total
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device.type not in self._generators:
+            self._generators[device.type] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device.type]
+
+    # ------------------------------------------------------------- reporting
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> bool mask (True = active)."""
+        return dict(zip(self.names, self._masks))
+
+    def sparsity(self) -> float:
+        """Current global sparsity of the sparse layers (fraction of masked-out weights)."""
+        return 1.0 - sum(self._nnz) / self._numel
+
+    def itop_rate(self) -> float:
+        """Fraction of all sparse-layer weights that have been active at least once."""
+        ever = sum(
+            int(unpack_bits(e, p.shape).sum()) for e, p in zip(self._ever_active, self.params)
+        )
+        return ever / self._numel
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot for logging: step, schedule, sparsity, ITOP rate, per-layer density."""
+        nxt = self.cadence.next_update(self.step) if self.dynamic else None
+        return {
+            "step": self.step,
+            "next_update": nxt,
+            "sparsity": self.sparsity(),
+            "target_sparsity": self.schedule(self.step),
+            "regrow_fraction": self.regrow(self.step),
+            "itop_rate": self.itop_rate(),
+            "last_round": dict(self.last_round),
+            "layers": {
+                name: {
+                    "density": n / p.numel(),
+                    "nnz": n,
+                    "numel": p.numel(),
+                    "shape": list(p.shape),
+                }
+                for name, p, n in zip(self.names, self.params, self._nnz)
+            },
+        }
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly; masks are bit-packed (1 bit per weight)."""
+        return {
+            "step": self.step,
+            "masks": {n: pack_bits(m) for n, m in zip(self.names, self._masks)},
+            "ever_active": {n: e.clone() for n, e in zip(self.names, self._ever_active)},
+            "shapes": {n: list(p.shape) for n, p in zip(self.names, self.params)},
+            "generators": {d: g.get_state() for d, g in self._generators.items()},
+            "growth": self.growth.state_dict(),
+            "last_round": dict(self.last_round),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a missing or differently shaped tensor is named."""
+        for name, p in zip(self.names, self.params):
+            if name not in state["masks"]:
+                raise ValueError(f"sparsifier state has no mask for {name!r}")
+            saved = tuple(state["shapes"][name])
+            if saved != tuple(p.shape):
+                raise ValueError(
+                    f"sparsifier state for {name!r} has shape {saved}, "
+                    f"the model's is {tuple(p.shape)}"
+                )
+        extra = sorted(set(state["masks"]) - set(self.names))
+        if extra:
+            raise ValueError(f"sparsifier state has masks for unknown tensors: {extra}")
+        for i, (name, p) in enumerate(zip(self.names, self.params)):
+            self._masks[i] = unpack_bits(state["masks"][name].to(p.device), p.shape)
+            self._ever_active[i] = state["ever_active"][name].to(p.device).clone()
+        self._nnz = torch.stack([m.sum() for m in self._masks]).tolist()
+        self.step = int(state["step"])
+        self.last_round = dict(state["last_round"])
+        for device, gen_state in state["generators"].items():
+            self._generator(torch.device(device)).set_state(gen_state)
+        self.growth.load_state_dict(state["growth"])
+        self._target_cache = None
+        self._apply()
+
+    def remove(self) -> None:
+        """Detach from the optimizer; the weights keep their zeros."""
+        self._hook.remove()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(sparsity={self.sparsity():.4f}, step={self.step}, "
+            f"layers={len(self.params)})"
+        )
