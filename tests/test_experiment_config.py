@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +12,7 @@ from granet.experiment.config import KEYS, make_config, resolve_config, save_con
 from granet.experiment.data import DATASETS
 from granet.experiment.flops import count_flops, inference_flops, training_flops
 from granet.experiment.models import MODELS
+from granet.experiment.sweep import load_sweep
 from granet.experiment.train import epoch_batches, lr_factor
 
 
@@ -107,3 +110,16 @@ def test_flops_are_counted_without_touching_real_memory():
     counts = count_flops(make, (3, 32, 32), ["weight"])
     assert counts.forward == 2 * 3 * 16 * 9 * 32 * 32
     assert torch.zeros(1).device.type == "cpu"  # the meta device context did not leak
+
+
+def test_presets_are_valid_and_the_default_preset_is_the_default():
+    configs = Path(__file__).parents[1] / "configs"
+    presets = sorted(p for p in configs.glob("*.yaml") if not p.name.startswith("sweep"))
+    assert {p.stem for p in presets} >= {"fashion-mnist", "cifar10-vgg19", "imagenet-resnet50"}
+    for path in presets:
+        resolve_config(path)
+    assert resolve_config(configs / "fashion-mnist.yaml") == make_config(
+        {"init_sparsity": 0.5, "regrow_fraction": 0.5}
+    )
+    for path in configs.glob("sweep-*.yaml"):
+        assert load_sweep(path).jobs

@@ -60,8 +60,8 @@ _TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
         "--data-root",
         dict(
             metavar="DIR",
-            help="where to look for / download the data "
-            "(default: $GRANET_DATA, then the user cache)",
+            help="looked at first for the data, and where a download goes (then "
+            "$GRANET_DATA, the user cache, /usr/share/datasets)",
         ),
     ),
     (
@@ -75,7 +75,8 @@ _TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
         "--augment",
         dict(
             action=argparse.BooleanOptionalAction,
-            help="random crop and flip for CIFAR/ImageNet (default: off)",
+            help="random crops and horizontal flips of the training images (ImageNet: random "
+            "resized crops) (default: off)",
         ),
     ),
     ("--epochs", dict(type=int, help=f"training epochs (default: {_D.epochs})")),
@@ -363,6 +364,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SweepInterrupted as e:
         print(f"granet: {e}", file=sys.stderr)
         return 130
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError, ImportError) as e:
         print(f"granet {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -74,8 +74,7 @@ def render_markdown(report: Mapping[str, Any], metrics: Sequence[Mapping[str, An
         f"({inf['ratio']:.3f}x) |",
         f"| training FLOPs, whole run | {_si(tr['dense'])} dense, {_si(tr['sparse'])} sparse "
         f"({tr['ratio']:.3f}x) |",
-        f"| data | {d['source']}; {d['train']} train, {d['val']} "
-        f"validation, {d['test']} test |",
+        f"| data | {d['source']}; {d['train']} train, {d['val']} validation, {d['test']} test |",
         "",
         f"Test accuracy: {ck['rule']}.",
         f"FLOPs: {fl['counted']}",

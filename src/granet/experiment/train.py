@@ -318,6 +318,7 @@ class _Run:
             "best": self.best,
             "rng": _rng_state(),
             "data_shape": self.data_shape,
+            "data_source": self.data.source,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -326,6 +327,11 @@ class _Run:
         if self.sp is not None:
             self.sp.load_state_dict(state["sparsifier"])
         self.scaler.load_state_dict(state["scaler"])
+        if state["data_source"] != self.data.source:
+            _log(
+                f"warning: this run was trained on {state['data_source']}; resuming it on "
+                f"{self.data.source}"
+            )
         pos = state["position"]
         self.epoch, self.batch, self.step = pos["epoch"], pos["batch"], pos["step"]
         self.sums = state["sums"]
