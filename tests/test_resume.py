@@ -1,0 +1,65 @@
+import io
+
+import pytest
+import torch
+from conftest import SmallNet, train
+
+import granet
+
+KW = dict(sparsity=0.9, total_steps=40, update_every=4)
+
+
+def build(method, seed=11):
+    torch.manual_seed(seed)
+    net = SmallNet()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    sp = granet.sparsify(net, opt, method, **KW)
+    return net, opt, sp
+
+
+@pytest.mark.parametrize("method", ["granet", "set", "snfs"])
+def test_bitwise_resume(method):
+    net, opt, sp = build(method)
+    train(net, opt, 40)
+    straight = net.state_dict()
+
+    net, opt, sp = build(method)
+    train(net, opt, 14)
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "sp": sp.state_dict()}, buf)
+
+    torch.manual_seed(999)  # whatever the global RNG does in between
+    torch.rand(1000)
+    net2, opt2, sp2 = build(method, seed=12)  # fresh objects, other initial weights
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    net2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    sp2.load_state_dict(ckpt["sp"])
+    assert sp2.step == 14
+    train(net2, opt2, 26, start=14)
+    resumed = net2.state_dict()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    assert sp2.itop_rate() > 0
+
+
+def test_saved_masks_are_bit_packed():
+    net, opt, sp = build("rigl")
+    state = sp.state_dict()
+    for name, p in zip(sp.names, sp.params):
+        packed = state["masks"][name]
+        assert packed.dtype == torch.uint8
+        assert packed.numel() == (p.numel() + 7) // 8
+
+
+def test_load_names_missing_and_misshaped_tensors():
+    net, opt, sp = build("rigl")
+    state = sp.state_dict()
+    missing = {**state, "masks": {k: v for k, v in state["masks"].items() if k != "fc1.weight"}}
+    _, _, fresh = build("rigl")
+    with pytest.raises(ValueError, match="no mask for 'fc1.weight'"):
+        fresh.load_state_dict(missing)
+    shaped = {**state, "shapes": {**state["shapes"], "conv2.weight": [1, 2, 3]}}
+    with pytest.raises(ValueError, match=r"'conv2.weight' has shape \(1, 2, 3\)"):
+        fresh.load_state_dict(shaped)
