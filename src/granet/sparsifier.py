@@ -333,8 +333,10 @@ class Sparsifier:
         self._nnz = torch.stack([m.sum() for m in self._masks]).tolist()
         self.step = int(state["step"])
         self.last_round = dict(state["last_round"])
+        here = {"cpu"} | {p.device.type for p in self.params}
         for device, gen_state in state["generators"].items():
-            self._generator(torch.device(device)).set_state(gen_state)
+            if device in here:  # a GPU run's generator is moot when resuming on CPU
+                self._generator(torch.device(device)).set_state(gen_state)
         self.growth.load_state_dict(state["growth"])
         self._target_cache = None
         self._apply()
