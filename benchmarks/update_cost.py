@@ -1,9 +1,9 @@
 """How the time of one GraNet topology round grows with the number of sparse weights.
 
-Synthetic models of square Linear layers (4096 x 4096 = 16.8M weights each, fewer/smaller for the
-small sizes) from about 1M weights up to ``--max-weights``; for each, the median time of a full round
-mid-schedule (global gradual pruning + per-layer drop-and-regrow by gradient), masks restored between
-repetitions. Writes a JSON list and, with ``--plot``, a log-log PNG.
+Synthetic models of square Linear layers (4096 x 4096 = 16.8M weights each, 1024 x 1024 for the
+small sizes) from about 1M weights up to ``--max-weights``; for each, the median time of a full
+round mid-schedule (global gradual pruning + per-layer drop-and-regrow by gradient), masks restored
+between repetitions. Writes a JSON list and, with ``--plot``, a log-log PNG.
 
     python benchmarks/update_cost.py --max-weights 1e8 --plot docs/update_cost_cpu.png
     python benchmarks/update_cost.py --device cuda --max-weights 1e9
