@@ -3,9 +3,9 @@
 Three copies of one model train side by side in one process, in interleaved rounds so that machine
 noise hits them alike: ``dense`` (a plain optimizer step), ``floor`` (the step followed by one fused
 multiply of bool masks: the least any masking method can do) and ``granet`` (the step with a GraNet
-sparsifier attached, no topology update due). Reported: median step times and their ratios; the
-time of one full GraNet round (global gradual pruning + per-layer drop-and-regrow) mid-schedule;
-the bytes of mask state per sparse weight.
+sparsifier attached, no topology update due). Reported: median step times and their ratios, and
+the time of one full GraNet round (global gradual pruning + per-layer drop-and-regrow)
+mid-schedule. Memory is measured by ``memory.py``.
 
     python benchmarks/overhead.py --model small-cnn            # CPU, 28x28 inputs
     python benchmarks/overhead.py --model resnet50 --device cuda --amp bf16 --channels-last
