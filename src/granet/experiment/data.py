@@ -7,9 +7,10 @@ Where files are looked for, in order (:func:`data_dirs`): the ``root`` argument,
 the user cache (``$XDG_CACHE_HOME/granet``, by default ``~/.cache/granet``) and
 :data:`SYSTEM_DATA_DIRS` (``/usr/share/datasets``, where Debian's ``dataset-fashion-mnist`` puts
 its files). In each place a dataset may sit in its own folder (``fashion-mnist/``,
-``cifar-10-batches-py/``, ``cifar-100-python/``, ``imagenet/``) or directly in it. Every file is
-checked against its published MD5 before use; a missing dataset is downloaded from its official
-source (into ``root``, else ``$GRANET_DATA``, else the cache) when ``download`` is true.
+``cifar-10-batches-py/``, ``cifar-100-python/``, ``imagenet/``) or directly in it. Fashion-MNIST
+and CIFAR files are checked against the MD5 of the official files before use (a corrupt file is
+an error naming it); a missing one is downloaded from its official source (into ``root``, else
+``$GRANET_DATA``, else the cache) when ``download`` is true, and checked the same way.
 
 Fashion-MNIST falls back to a real subset that ships with the package (2,000 training and 1,000
 test images, see ``experiment/data/README.md``) when the full set is nowhere and cannot be
@@ -18,6 +19,7 @@ downloaded; :attr:`DataBundle.source` says which was used.
 
 from __future__ import annotations
 
+import codecs
 import copy
 import gzip
 import hashlib
@@ -102,9 +104,9 @@ class ImageTensorDataset(Dataset):
                 f" and {len(labels)} labels"
             )
         self.images, self.labels = images, labels.long()
-        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(std).view(1, -1, 1, 1)
-        self.augment = augment
+        self.mean, self.std, self.augment = mean, std, augment
+        self._mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self._std = torch.tensor(std).view(1, -1, 1, 1)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -119,17 +121,13 @@ class ImageTensorDataset(Dataset):
             images = random_crop_flip(images, CROP_PADDING)
         if images.dtype == torch.uint8:
             images = images.float().div_(255)
-        images = (images - self.mean) / self.std
+        images = (images - self._mean) / self._std
         return list(zip(images, self.labels[index]))
 
     def split(self, indices: torch.Tensor, augment: bool) -> ImageTensorDataset:
         """The dataset restricted to ``indices``, with its own augmentation setting."""
         return ImageTensorDataset(
-            self.images[indices],
-            self.labels[indices],
-            tuple(self.mean.flatten().tolist()),
-            tuple(self.std.flatten().tolist()),
-            augment,
+            self.images[indices], self.labels[indices], self.mean, self.std, augment
         )
 
 
@@ -313,8 +311,8 @@ FASHION_MNIST_URLS = (
     "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
     "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
 )
-# split -> (images, labels). MD5s published by Zalando (archives) and computed from the
-# decompressed official files.
+# split -> (images, labels). MD5s of the decompressed official files (Debian's recompressed
+# copies hold the same bytes) and of the archives, as Zalando publishes them.
 FASHION_MNIST_FILES: dict[str, tuple[IdxFile, IdxFile]] = {
     "train": (
         IdxFile(
@@ -407,7 +405,7 @@ def _fashion_mnist(
 ) -> DataBundle:
     files = FASHION_MNIST_FILES
     folder = next((p for p in _candidates(root, "fashion-mnist") if _has_all(p, files)), None)
-    missing = "not found"
+    reason = "download disabled"
     if folder is None and download:
         target = _download_dir(root) / "fashion-mnist"
         try:
@@ -417,18 +415,16 @@ def _fashion_mnist(
             folder = target
         except OSError as err:
             warnings.warn(f"Fashion-MNIST download failed: {err}", stacklevel=3)
-            missing = "not found, download failed"
-    elif folder is None:
-        missing = "not found, download disabled"
+            reason = "download failed"
     if folder is None:
         folder, files = BUNDLED_DIR, FASHION_MNIST_SUBSET_FILES
     (train_x, train_y), (test_x, test_y) = (_load_idx_split(folder, files[s]) for s in files)
     counts = f"{len(train_y)} train / {len(test_y)} test"
     if folder == BUNDLED_DIR:
-        source = f"bundled subset ({counts}); full Fashion-MNIST {missing}"
+        source = f"bundled subset ({counts}); full Fashion-MNIST not found, {reason}"
         warnings.warn(
-            f"using the bundled Fashion-MNIST subset ({counts}): the full set was {missing}"
-            f" in {', '.join(map(str, data_dirs(root)))}",
+            f"using the bundled Fashion-MNIST subset ({counts}): the full set is not in"
+            f" {', '.join(map(str, data_dirs(root)))} ({reason})",
             stacklevel=3,
         )
     else:
@@ -494,10 +490,12 @@ CIFAR: dict[str, CifarSpec] = {
     ),
 }
 
-# What a CIFAR batch may reference: numpy arrays and dtypes, nothing else (a pickle can run
-# arbitrary code otherwise). ``__reduce__`` names numpy's array rebuilder, wherever it lives.
+# What a CIFAR batch may reference: numpy arrays and dtypes, and the bytes encoder Python 3
+# writes at protocol 2; nothing else (a pickle can run arbitrary code otherwise).
+# ``__reduce__`` names numpy's array rebuilder, wherever it lives.
 _RECONSTRUCT = np.zeros(0).__reduce__()[0]
 _PICKLE_GLOBALS = {
+    ("_codecs", "encode"): codecs.encode,
     ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
     ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
     ("numpy", "ndarray"): np.ndarray,
@@ -542,13 +540,14 @@ def _cifar(
     candidates = _candidates(root, spec.folder)
     folder = next((p for p in candidates if all((p / n).is_file() for n in names)), None)
     if folder is None:
-        target = _download_dir(root)
+        where = ", ".join(map(str, candidates))
         if not download:
-            raise FileNotFoundError(
-                f"{spec.folder} not found in {', '.join(map(str, candidates))}"
-                " and download is disabled"
-            )
-        _fetch((spec.url,), target / spec.archive, spec.archive_md5)
+            raise FileNotFoundError(f"{spec.folder} not found in {where}; download is disabled")
+        target = _download_dir(root)
+        try:
+            _fetch((spec.url,), target / spec.archive, spec.archive_md5)
+        except OSError as err:
+            raise FileNotFoundError(f"{spec.folder} not found in {where}; {err}") from err
         with tarfile.open(target / spec.archive) as tar:
             safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             tar.extractall(target, **safe)
@@ -570,9 +569,7 @@ def _imagenet(
     root: str | os.PathLike | None, val_size: float | int, seed: int, augment: bool
 ) -> DataBundle:
     candidates = _candidates(root, "imagenet")
-    folder = next(
-        (p for p in candidates if (p / "train").is_dir() and (p / "val").is_dir()), None
-    )
+    folder = next((p for p in candidates if (p / "train").is_dir() and (p / "val").is_dir()), None)
     if folder is None:
         raise FileNotFoundError(
             "ImageNet not found: no folder with train/<class>/ and val/<class>/ image folders in "
@@ -581,9 +578,10 @@ def _imagenet(
         )
     try:
         from torchvision import datasets, transforms
-    except ImportError as err:
+    except (ImportError, RuntimeError) as err:  # RuntimeError: built for another torch
         raise ImportError(
-            f"the imagenet dataset needs torchvision (pip install torchvision): {err}"
+            "the imagenet dataset needs torchvision, in the build that matches torch "
+            f"{torch.__version__} (pip install torchvision): {err}"
         ) from err
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     evaluation = transforms.Compose(

@@ -1,0 +1,339 @@
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import SmallNet, batch, train
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import granet
+from granet.masks import unpack_bits
+
+KW = dict(total_steps=60, update_every=5)
+
+
+def masked_zero(sp, optimizer):
+    """Every masked weight and every masked optimizer-state entry is exactly zero."""
+    for name, p in zip(sp.names, sp.params):
+        mask = sp.masks[name]
+        assert not p[~mask].any(), name
+        for value in optimizer.state[p].values():
+            if torch.is_tensor(value) and value.shape == p.shape:
+                assert not value[~mask].any(), name
+
+
+def test_default_selection_is_conv_and_linear_weights(net):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = granet.GraNet(net, opt, **KW)
+    assert sp.names == ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
+
+
+def test_include_exclude_by_type_and_pattern(net):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = granet.RigL(net, opt, exclude=["conv1.*", "fc2.weight"], **KW)
+    assert sp.names == ["conv2.weight", "fc1.weight"]
+    sp.remove()
+    sp = granet.RigL(net, opt, include=[nn.Linear, "conv2.weight"], **KW)
+    assert sp.names == ["conv2.weight", "fc1.weight", "fc2.weight"]
+    sp.remove()
+    sp = granet.RigL(net, opt, include=[nn.Conv2d], exclude=[nn.Linear], **KW)
+    assert sp.names == ["conv1.weight", "conv2.weight"]
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01),
+        lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True),
+    ],
+    ids=["sgd", "adamw", "adam-amsgrad"],
+)
+@pytest.mark.parametrize("method", ["granet", "rigl", "set", "snfs"])
+def test_masked_weights_and_state_stay_zero(net, make_opt, method):
+    opt = make_opt(net.parameters())
+    sp = granet.sparsify(net, opt, method, sparsity=0.8, **KW)
+    for start in range(0, 40, 4):
+        train(net, opt, 4, start)
+        masked_zero(sp, opt)
+
+
+def test_regrown_weights_start_at_zero_with_zero_state(net):
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    sp = granet.RigL(net, opt, sparsity=0.8, total_steps=100, update_every=10)
+    train(net, opt, 9)
+    before = {n: m.clone() for n, m in sp.masks.items()}
+    train(net, opt, 1, 9)  # step 10: update round
+    assert sp.last_round["regrown"] > 0
+    grown = 0
+    for name, p in zip(sp.names, sp.params):
+        new = sp.masks[name] & ~before[name]
+        grown += int(new.sum())
+        assert not p[new].any()
+        assert not opt.state[p]["exp_avg"][new].any()
+        assert not opt.state[p]["exp_avg_sq"][new].any()
+    assert grown > 0
+
+
+def test_drop_and_regrow_keeps_every_layer_count(net):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    sp = granet.RigL(net, opt, sparsity=0.9, **KW)
+    counts = {n: int(m.sum()) for n, m in sp.masks.items()}
+    masks = {n: m.clone() for n, m in sp.masks.items()}
+    train(net, opt, 30)
+    assert {n: int(m.sum()) for n, m in sp.masks.items()} == counts
+    assert any(not torch.equal(masks[n], m) for n, m in sp.masks.items())
+    assert sp.itop_rate() > 1 - sp.sparsity()
+
+
+def test_granet_follows_the_schedule_exactly():
+    torch.manual_seed(1)
+    net = SmallNet(channels=8, hidden=64)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    sp = granet.GraNet(
+        net, opt, sparsity=0.95, init_sparsity=0.5, total_steps=100, prune_end=0.6, update_every=10
+    )
+    n = sum(p.numel() for p in sp.params)
+    for start in range(0, 100, 10):
+        train(net, opt, 10, start)
+        target = sp.schedule(sp.step)
+        nnz = sum(int(m.sum()) for m in sp.masks.values())
+        assert nnz == round((1 - target) * n)
+        assert sp.sparsity() == pytest.approx(1 - nnz / n)
+    assert sp.sparsity() == pytest.approx(0.95, abs=1 / n)
+
+
+def test_uniform_pruning_keeps_layer_ratios():
+    torch.manual_seed(2)
+    net = SmallNet(channels=8, hidden=64)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    sp = granet.GMP(
+        net, opt, sparsity=0.9, pruning="uniform", total_steps=40, update_every=10, prune_end=20
+    )
+    train(net, opt, 40)
+    n = sum(p.numel() for p in sp.params)
+    assert sum(int(m.sum()) for m in sp.masks.values()) == round(0.1 * n)
+    for layer in sp.stats()["layers"].values():
+        assert layer["density"] == pytest.approx(0.1, abs=2 / layer["numel"] + 1e-3)
+
+
+def test_granet_without_regrowth_from_dense_is_gmp():
+    results = []
+    for cls, kw in [
+        (granet.GraNet, dict(init_sparsity=0.0, regrow_fraction=0.0)),
+        (granet.GMP, {}),
+    ]:
+        torch.manual_seed(3)
+        net = SmallNet()
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        sp = cls(net, opt, sparsity=0.9, **KW, **kw)
+        train(net, opt, 60)
+        results.append(({n: m.clone() for n, m in sp.masks.items()}, net.state_dict()))
+    (m1, w1), (m2, w2) = results
+    assert all(torch.equal(m1[n], m2[n]) for n in m1)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_granet_with_init_equal_final_is_rigl():
+    results = []
+    for cls, kw in [(granet.GraNet, dict(init_sparsity=0.9)), (granet.RigL, {})]:
+        torch.manual_seed(4)
+        net = SmallNet()
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        sp = cls(net, opt, sparsity=0.9, **KW, **kw)
+        train(net, opt, 40)
+        results.append({n: m.clone() for n, m in sp.masks.items()})
+    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
+
+
+def test_static_masks_never_change(net):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = granet.Static(net, opt, sparsity=0.9, **KW)
+    masks = {n: m.clone() for n, m in sp.masks.items()}
+    train(net, opt, 30)
+    assert all(torch.equal(masks[n], m) for n, m in sp.masks.items())
+    assert sp.stats()["next_update"] is None
+    assert sp.itop_rate() == pytest.approx(1 - sp.sparsity())
+
+
+def test_gradient_accumulation_counts_optimizer_steps(net):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = granet.RigL(net, opt, sparsity=0.8, **KW)
+    for i in range(12):
+        opt.zero_grad()
+        for j in range(3):
+            x, y = batch(10 * i + j)
+            (nn.functional.cross_entropy(net(x), y) / 3).backward()
+        opt.step()
+    assert sp.step == 12
+    assert sp.last_round["dropped"] > 0  # rounds at steps 5 and 10
+
+
+def test_grad_scaler_skipped_step_does_not_count(net):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = granet.RigL(net, opt, sparsity=0.8, **KW)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    x, y = batch(0)
+    loss = nn.functional.cross_entropy(net(x), y)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert sp.step == 1
+    opt.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(net(x), y) * float("inf")).backward()
+    scaler.step(opt)  # inf gradients: the optimizer step is skipped
+    scaler.update()
+    assert sp.step == 1
+
+
+def test_fused_optimizer_skipped_by_grad_scaler_does_not_count(net):
+    # GradScaler calls a fused optimizer even for inf gradients, passing ``found_inf``.
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, fused=True)
+    sp = granet.RigL(net, opt, sparsity=0.8, **KW)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = batch(0)
+    for factor in (1.0, float("inf"), 1.0):
+        opt.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(net(x), y) * factor).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert sp.step == 2
+
+
+def test_channels_last_weights(net):
+    net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    sp = granet.GraNet(net, opt, sparsity=0.9, **KW)
+    train(net, opt, 40)
+    assert net.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    masked_zero(sp, opt)
+    n = sum(p.numel() for p in sp.params)
+    assert sum(int((p != 0).sum()) for p in sp.params) <= round((1 - sp.schedule(40)) * n)
+
+
+def test_missing_gradient_skips_the_round_with_a_warning(net):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = granet.RigL(net, opt, sparsity=0.8, **KW)
+    masks = {n: m.clone() for n, m in sp.masks.items()}
+    with pytest.warns(RuntimeWarning, match="no gradient for conv1.weight"):
+        sp.update_topology()
+    assert all(torch.equal(masks[n], m) for n, m in sp.masks.items())
+
+
+def test_nan_weights_skip_the_round_with_a_warning(net):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = granet.GraNet(net, opt, sparsity=0.9, **KW)
+    train(net, opt, 4)
+    with torch.no_grad():
+        net.fc1.weight[0, 0] = float("nan")
+    masks = {n: m.clone() for n, m in sp.masks.items()}
+    with pytest.warns(RuntimeWarning, match="non-finite weights in fc1.weight"):
+        sp.update_topology()
+    assert all(torch.equal(masks[n], m) for n, m in sp.masks.items())
+
+
+def test_random_growth_ignores_global_rng(net):
+    def run(noise):
+        torch.manual_seed(5)
+        net = SmallNet()
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        sp = granet.SET(net, opt, sparsity=0.9, seed=7, **KW)
+        for i in range(20):
+            train(net, opt, 1, i)
+            if noise:
+                torch.rand(100)
+        return sp.masks
+
+    a, b = run(False), run(True)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_snfs_grows_by_momentum(net):
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    sp = granet.SNFS(net, opt, sparsity=0.9, **KW)
+    assert sp.growth.beta == 0.9
+    train(net, opt, 20)
+    assert sp.last_round["regrown"] > 0
+    masked_zero(sp, opt)
+
+
+def test_stats_and_remove(net):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = granet.GraNet(net, opt, sparsity=0.9, **KW)
+    train(net, opt, 7)
+    st_ = sp.stats()
+    assert st_["step"] == 7 and st_["next_update"] == 10
+    assert st_["sparsity"] == pytest.approx(sp.sparsity())
+    assert set(st_["last_round"]) == {"pruned", "dropped", "regrown"}
+    assert st_["layers"]["fc1.weight"]["numel"] == net.fc1.weight.numel()
+    assert 0 < st_["itop_rate"] <= 1
+    sp.remove()
+    train(net, opt, 5, 7)
+    assert sp.step == 7
+    assert any(((p != 0) & ~sp.masks[n]).any() for n, p in zip(sp.names, sp.params))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    widths=st.lists(st.integers(2, 24), min_size=1, max_size=3),
+    sparsity=st.floats(0.3, 0.98),
+    method=st.sampled_from(["granet", "gmp", "rigl", "set", "snfs", "static"]),
+    distribution=st.sampled_from(["uniform", "er", "erk", "global"]),
+    pruning=st.sampled_from(["global", "uniform"]),
+)
+def test_density_invariants_on_random_mlps(widths, sparsity, method, distribution, pruning):
+    torch.manual_seed(0)
+    dims = [12, *widths, 3]
+    net = nn.Sequential(*[nn.Linear(a, b) for a, b in zip(dims, dims[1:])])
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    sp = granet.sparsify(
+        net,
+        opt,
+        method,
+        sparsity=sparsity,
+        total_steps=24,
+        update_every=3,
+        distribution=distribution,
+        pruning=pruning,
+    )
+    n = sum(p.numel() for p in sp.params)
+    for _ in range(24):
+        counts = [int(m.sum()) for m in sp.masks.values()]
+        x = torch.randn(8, 12)
+        opt.zero_grad()
+        net(x).square().mean().backward()
+        opt.step()
+        new = [int(m.sum()) for m in sp.masks.values()]
+        if not sp.schedule.prunes_at(sp.step):
+            assert new == counts  # drop-and-regrow keeps every layer's count
+        else:
+            assert sum(new) == round((1 - sp.schedule(sp.step)) * n) or sum(new) == sum(counts)
+        for name, p in zip(sp.names, sp.params):
+            assert not p[~sp.masks[name]].any()
+    assert abs(sp.sparsity() - sparsity) <= len(sp.params) / n + 1e-9
+
+
+def test_sparsify_rejects_unknown_method(net):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(
+        ValueError, match="method must be one of granet, gmp, rigl, set, snfs, static"
+    ):
+        granet.sparsify(net, opt, "magic", total_steps=10)
+
+
+def test_packed_ever_active_matches_masks(net):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = granet.SET(net, opt, sparsity=0.9, **KW)
+    union = {n: m.clone() for n, m in sp.masks.items()}
+    for start in range(0, 30, 5):
+        train(net, opt, 5, start)
+        for n, m in sp.masks.items():
+            union[n] |= m
+    for e, (n, p) in zip(sp._ever_active, zip(sp.names, sp.params)):
+        assert torch.equal(unpack_bits(e, p.shape), union[n])
+    total = sum(int(u.sum()) for u in union.values())
+    assert sp.itop_rate() == pytest.approx(total / sum(p.numel() for p in sp.params))
+    assert math.isclose(sp.stats()["itop_rate"], sp.itop_rate())
+    warnings.simplefilter("default")
