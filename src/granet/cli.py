@@ -253,7 +253,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         prepare_run_dir,
         read_run_config,
     )
-    from granet.experiment.train import train
+    from granet.experiment.train import resolve_device, train
 
     flags = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
     if args.resume:
@@ -270,9 +270,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         train(config, run_dir, resume=True)
     else:
         config = resolve_config(args.config, flags)
+        resolve_device(config.device)
         run_dir = Path(args.out) if args.out else default_run_dir(config)
         prepare_run_dir(run_dir, args.overwrite)
-        train(config, run_dir)
+        try:
+            train(config, run_dir)
+        except Exception:
+            if not any(run_dir.iterdir()):  # failed before writing anything (e.g. no data)
+                run_dir.rmdir()
+            raise
     print((run_dir / REPORT_MD).read_text())
     return 0
 
@@ -363,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + e.signum
     except SweepInterrupted as e:
         print(f"granet: {e}", file=sys.stderr)
-        return 130
+        return 128 + e.signum
     except (ValueError, FileExistsError, FileNotFoundError, ImportError) as e:
         print(f"granet {args.command}: error: {e}", file=sys.stderr)
         return 2

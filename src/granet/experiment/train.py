@@ -46,6 +46,7 @@ from granet.experiment.runs import (
     REPORT_JSON,
     checkpoint_path,
     load_checkpoint,
+    read_metrics,
     read_report,
     save_checkpoint,
 )
@@ -489,7 +490,7 @@ class _Run:
             (self.data.in_channels, self.data.image_size, self.data.image_size),
             self.sparse_names,
         )
-        metrics = [json.loads(line) for line in (self.run_dir / METRICS_FILE).open()]
+        metrics = read_metrics(self.run_dir)
         total_params = sum(p.numel() for p in self.model.parameters())
         pruned = sum(v["numel"] - v["nnz"] for v in layers.values())
         report = {
