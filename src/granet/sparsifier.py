@@ -115,7 +115,7 @@ class Sparsifier:
 
         self.names = [name for name, _ in chosen]
         self.params = [p for _, p in chosen]
-        self.sparsity_target = sparsity
+        self.final_sparsity = sparsity
         self.init_sparsity = init_sparsity
         self.total_steps = total_steps
         self.pruning = pruning
