@@ -323,6 +323,11 @@ class _Run:
         }
 
     def restore(self, state: dict[str, Any]) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"{checkpoint_path(self.run_dir, 'last')} has checkpoint format "
+                f"{state.get('format')!r}; this granet reads format {CHECKPOINT_FORMAT}"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.sp is not None:
