@@ -86,7 +86,7 @@ _TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
         "--optimizer",
         dict(metavar=_choices(OPTIMIZERS), help="sgd (Nesterov momentum) or adamw (default: sgd)"),
     ),
-    ("--lr", dict(type=float, help="base learning rate (default: 0.1 for sgd, 1e-3 for adamw)")),
+    ("--lr", dict(type=float, help="base learning rate (default: 0.05 for sgd, 1e-3 for adamw)")),
     ("--momentum", dict(type=float, help=f"SGD momentum (default: {_D.momentum})")),
     ("--weight-decay", dict(type=float, help=f"(default: {_D.weight_decay})")),
     (

@@ -24,7 +24,7 @@ METHOD_CHOICES = (*granet.METHODS, "dense")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
 AMP_CHOICES = ("none", "bf16", "fp16")
-DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
+DEFAULT_LR = {"sgd": 0.05, "adamw": 1e-3}
 # ``update_every: null`` means about this many topology updates per run (the paper's CIFAR
 # setup has 62 560 steps and updates every 1000: about 60).
 AUTO_UPDATES_PER_RUN = 60
@@ -47,7 +47,7 @@ class Config:
     epochs: int = 10
     batch_size: int = 128
     optimizer: str = "sgd"
-    lr: float | None = None  # None: 0.1 for sgd, 1e-3 for adamw
+    lr: float | None = None  # None: 0.05 for sgd, 1e-3 for adamw
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "step"
