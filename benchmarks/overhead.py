@@ -3,9 +3,9 @@
 Three copies of one model train side by side in one process, in interleaved rounds so that machine
 noise hits them alike: ``dense`` (a plain optimizer step), ``floor`` (the step followed by one fused
 multiply of bool masks: the least any masking method can do) and ``granet`` (the step with a GraNet
-sparsifier attached, no topology update due). Reported: median step times and their ratios; the
-time of one full GraNet round (global gradual pruning + per-layer drop-and-regrow) mid-schedule;
-the bytes of mask state per sparse weight.
+sparsifier attached, no topology update due). Reported: median step times and their ratios, and
+the time of one full GraNet round (global gradual pruning + per-layer drop-and-regrow)
+mid-schedule. Memory is measured by ``memory.py``.
 
     python benchmarks/overhead.py --model small-cnn            # CPU, 28x28 inputs
     python benchmarks/overhead.py --model resnet50 --device cuda --amp bf16 --channels-last
@@ -140,9 +140,6 @@ def main(argv: list[str] | None = None) -> dict:
         sync(device)
         round_times.append(time.perf_counter() - t0)
 
-    weights = sum(p.numel() for p in sp.params)
-    mask_bytes = sum(m.numel() * m.element_size() for m in sp._masks)
-    ever_bytes = sum(e.numel() for e in sp._ever_active)
     result = {
         "model": args.model,
         "device": torch.cuda.get_device_name(device)
@@ -158,8 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         "granet_vs_dense": med["granet"] / med["dense"],
         "granet_vs_floor": med["granet"] / med["floor"],
         "update_round_ms": 1000 * statistics.median(round_times),
-        "sparse_weights": weights,
-        "mask_bytes_per_weight": (mask_bytes + ever_bytes) / weights,
+        "sparse_weights": sum(p.numel() for p in sp.params),
     }
     print(json.dumps(result, indent=2))
     if args.json:

@@ -2,6 +2,9 @@ import pytest
 import torch
 from torch import nn
 
+# The test models are tiny: one thread avoids OpenMP contention on small (and shared) machines.
+torch.set_num_threads(1)
+
 
 class SmallNet(nn.Module):
     """A conv + linear net small enough for fast tests, with a bias and a BatchNorm."""

@@ -2,36 +2,41 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a bool tensor into uint8, 8 entries per byte (logical, row-major order)."""
-    flat = mask.reshape(-1).to(torch.uint8)
+    """Pack a bool tensor into uint8, 8 entries per byte (logical row-major order, entry ``8j+i``
+    in bit ``i`` of byte ``j``), on the mask's device."""
+    flat = mask.reshape(-1)
+    if flat.device.type == "cpu":
+        return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
+    flat = flat.view(torch.uint8)  # bool is one byte holding 0 or 1
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    shifts = _SHIFTS.to(flat.device)
-    return (flat.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
+    return (flat.view(-1, 8) << _SHIFTS.to(flat.device)).sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: a contiguous bool tensor of ``shape``."""
-    numel = 1
-    for d in shape:
-        numel *= d
+    numel = math.prod(shape)
     if packed.dtype != torch.uint8 or packed.numel() != (numel + 7) // 8:
         raise ValueError(
             f"packed mask has {packed.numel()} bytes of {packed.dtype}, "
             f"expected {(numel + 7) // 8} uint8 bytes for shape {tuple(shape)}"
         )
-    shifts = _SHIFTS.to(packed.device)
-    bits = (packed.view(-1, 1) >> shifts) & 1
-    return bits.view(-1)[:numel].bool().view(tuple(shape))
+    if packed.device.type == "cpu":
+        bits = np.unpackbits(packed.numpy(), count=numel, bitorder="little")
+        return torch.from_numpy(bits).view(torch.bool).view(tuple(shape))
+    bits = (packed.view(-1, 1) >> _SHIFTS.to(packed.device)) & 1
+    return bits.view(-1)[:numel].view(torch.bool).view(tuple(shape))
 
 
 def random_mask(shape: torch.Size, nnz: int, generator: torch.Generator) -> torch.Tensor:

@@ -120,7 +120,7 @@ class Sparsifier:
 
         self.names = [name for name, _ in chosen]
         self.params = [p for _, p in chosen]
-        self.sparsity_target = sparsity
+        self.final_sparsity = sparsity
         self.init_sparsity = init_sparsity
         self.total_steps = total_steps
         self.pruning = pruning
@@ -166,21 +166,27 @@ class Sparsifier:
             self._apply()
 
     def _targets(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Parameters and every optimizer-state tensor shaped like them, with their masks.
+        """Parameters and every optimizer-state tensor shaped like them, with their multipliers.
 
-        Rebuilt only when the optimizer's state dict object or its size changes (lazy state
-        creation, ``optimizer.load_state_dict``), keeping the per-step path free of Python work.
+        Rebuilt only when the masks change or the optimizer's state dict object or size changes
+        (lazy state creation, ``optimizer.load_state_dict``): the per-step path does no Python
+        work. On CPU, where mixed-dtype multiplies are about 10x slower than same-dtype ones,
+        the multipliers are copies of the masks in the tensor's dtype; elsewhere the bool masks.
         """
         state = self.optimizer.state
         cache = self._target_cache
         if cache is None or cache[0] is not state or cache[1] != len(state):
-            tensors, masks = list(self.params), list(self._masks)
-            for p, m in zip(self.params, self._masks):
-                for value in state.get(p, {}).values():
-                    if torch.is_tensor(value) and value.shape == p.shape:
-                        tensors.append(value)
-                        masks.append(m)
-            self._target_cache = (state, len(state), (tensors, masks))
+            tensors, multipliers, copies = [], [], {}
+            for i, (p, m) in enumerate(zip(self.params, self._masks)):
+                shaped = [v for v in state.get(p, {}).values() if torch.is_tensor(v)]
+                for t in [p, *(v for v in shaped if v.shape == p.shape)]:
+                    if t.device.type == "cpu":
+                        m_t = copies.setdefault((i, t.dtype), m.to(t.dtype))
+                    else:
+                        m_t = m
+                    tensors.append(t)
+                    multipliers.append(m_t)
+            self._target_cache = (state, len(state), (tensors, multipliers))
         return self._target_cache[2]
 
     def _apply(self) -> None:
@@ -210,6 +216,7 @@ class Sparsifier:
         fraction = self.regrow(self.step)
         dropped = self._drop_and_regrow(fraction) if fraction > 0 else 0
         self.last_round = {"pruned": pruned, "dropped": dropped, "regrown": dropped}
+        self._target_cache = None  # the masks changed
         self._apply()
         for ever, m in zip(self._ever_active, self._masks):
             ever.bitwise_or_(pack_bits(m))
@@ -225,8 +232,8 @@ class Sparsifier:
             reason = self.growth.missing(self.params, self.names)
             if reason is not None:
                 return reason
-        finite = torch.stack([torch.isfinite(p).all() for p in self.params])
-        bad = [n for n, ok in zip(self.names, finite.tolist()) if not ok]
+        largest = torch.stack(torch._foreach_norm(self.params, math.inf))  # NaN/inf propagate
+        bad = [n for n, ok in zip(self.names, torch.isfinite(largest).tolist()) if not ok]
         return f"non-finite weights in {', '.join(bad)}" if bad else None
 
     def _prune_to(self, sparsity: float) -> None:
@@ -244,7 +251,7 @@ class Sparsifier:
             new = [top_mask(s, k) for s, k in zip(scores, self._uniform_counts(keep))]
         for m, n in zip(self._masks, new):
             m.copy_(n.view(m.shape))
-        self._nnz = torch.stack([m.sum() for m in self._masks]).tolist()
+        self._nnz = torch.stack([m.count_nonzero() for m in self._masks]).tolist()
 
     def _uniform_counts(self, keep: int) -> list[int]:
         """Per-layer counts at one common keep rate, summing to ``keep`` (largest remainders)."""
@@ -346,11 +353,13 @@ class Sparsifier:
         for i, (name, p) in enumerate(zip(self.names, self.params)):
             self._masks[i] = unpack_bits(state["masks"][name].to(p.device), p.shape)
             self._ever_active[i] = state["ever_active"][name].to(p.device).clone()
-        self._nnz = torch.stack([m.sum() for m in self._masks]).tolist()
+        self._nnz = torch.stack([m.count_nonzero() for m in self._masks]).tolist()
         self.step = int(state["step"])
         self.last_round = dict(state["last_round"])
+        here = {"cpu"} | {p.device.type for p in self.params}
         for device, gen_state in state["generators"].items():
-            self._generator(torch.device(device)).set_state(gen_state)
+            if device in here:  # a GPU run's generator is moot when resuming on CPU
+                self._generator(torch.device(device)).set_state(gen_state)
         self.growth.load_state_dict(state["growth"])
         self._target_cache = None
         self._apply()
