@@ -1,0 +1,369 @@
+"""The ``granet`` command: train, sweep, report, export, bench-inference.
+
+``granet train`` with no arguments trains GraNet at 90% sparsity on Fashion-MNIST and prints the
+report. Settings come from the built-in defaults, then ``--config FILE.yaml``, then the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import granet
+from granet.experiment.config import (
+    AMP_CHOICES,
+    AUTO_UPDATES_PER_RUN,
+    METHOD_CHOICES,
+    OPTIMIZERS,
+    SCHEDULES,
+    Config,
+)
+from granet.experiment.data import DATASETS
+from granet.experiment.models import MODELS
+
+_D = Config()
+
+
+def _choices(values: Sequence[str]) -> str:
+    return "{" + ",".join(values) + "}"
+
+
+# (flag, config key, argparse keywords); the defaults shown come from Config.
+_TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    (
+        "--method",
+        dict(
+            metavar=_choices(METHOD_CHOICES),
+            help=f"sparse-training method, or dense (default: {_D.method})",
+        ),
+    ),
+    (
+        "--sparsity",
+        dict(type=float, help=f"final sparsity of the sparse layers (default: {_D.sparsity})"),
+    ),
+    (
+        "--init-sparsity",
+        dict(
+            type=float,
+            help="initial sparsity (default: the method's own: "
+            "granet 0.5, gmp 0, others the final sparsity)",
+        ),
+    ),
+    ("--model", dict(metavar=_choices(MODELS), help=f"architecture (default: {_D.model})")),
+    ("--dataset", dict(metavar=_choices(DATASETS), help=f"data set (default: {_D.dataset})")),
+    (
+        "--data-root",
+        dict(
+            metavar="DIR",
+            help="looked at first for the data, and where a download goes (then "
+            "$GRANET_DATA, the user cache, /usr/share/datasets)",
+        ),
+    ),
+    (
+        "--val-size",
+        dict(
+            type=float,
+            help=f"fraction of the training set held out for validation (default: {_D.val_size})",
+        ),
+    ),
+    (
+        "--augment",
+        dict(
+            action=argparse.BooleanOptionalAction,
+            help="random crops and horizontal flips of the training images (ImageNet: random "
+            "resized crops) (default: off)",
+        ),
+    ),
+    ("--epochs", dict(type=int, help=f"training epochs (default: {_D.epochs})")),
+    ("--batch-size", dict(type=int, help=f"(default: {_D.batch_size})")),
+    (
+        "--optimizer",
+        dict(metavar=_choices(OPTIMIZERS), help="sgd (Nesterov momentum) or adamw (default: sgd)"),
+    ),
+    ("--lr", dict(type=float, help="base learning rate (default: 0.1 for sgd, 1e-3 for adamw)")),
+    ("--momentum", dict(type=float, help=f"SGD momentum (default: {_D.momentum})")),
+    ("--weight-decay", dict(type=float, help=f"(default: {_D.weight_decay})")),
+    (
+        "--schedule",
+        dict(
+            metavar=_choices(SCHEDULES),
+            help=f"LR schedule: step (x0.1 at each milestone) or cosine (default: {_D.schedule})",
+        ),
+    ),
+    (
+        "--lr-milestones",
+        dict(
+            type=float,
+            nargs="+",
+            metavar="FRACTION",
+            help="step schedule milestones as fractions of training (default: 0.5 0.75)",
+        ),
+    ),
+    ("--warmup-epochs", dict(type=float, help="linear LR warmup (default: 0)")),
+    ("--label-smoothing", dict(type=float, help="(default: 0)")),
+    (
+        "--update-every",
+        dict(
+            type=int,
+            metavar="STEPS",
+            help="optimizer steps between topology updates (default: about "
+            f"{AUTO_UPDATES_PER_RUN} updates per run)",
+        ),
+    ),
+    (
+        "--regrow-fraction",
+        dict(
+            type=float,
+            help="initial fraction of each layer's weights "
+            "dropped and regrown per update (default: the "
+            "method's own: 0.5; gmp and static 0)",
+        ),
+    ),
+    (
+        "--prune-start",
+        dict(
+            type=float,
+            metavar="FRACTION",
+            help=f"gradual pruning starts (default: {_D.prune_start})",
+        ),
+    ),
+    (
+        "--prune-end",
+        dict(
+            type=float,
+            metavar="FRACTION",
+            help=f"gradual pruning reaches the final sparsity (default: {_D.prune_end})",
+        ),
+    ),
+    (
+        "--distribution",
+        dict(
+            metavar=_choices(granet.DISTRIBUTIONS),
+            help=f"layer-wise sparsity distribution (default: {_D.distribution})",
+        ),
+    ),
+    (
+        "--exclude",
+        dict(
+            nargs="*",
+            metavar="PATTERN",
+            help="parameter-name patterns kept dense, e.g. 'fc3.*' (default: none)",
+        ),
+    ),
+    ("--seed", dict(type=int, help=f"(default: {_D.seed})")),
+    ("--device", dict(help="auto (CUDA when available), cpu, cuda, cuda:N (default: auto)")),
+    (
+        "--amp",
+        dict(
+            metavar=_choices(AMP_CHOICES),
+            help="mixed precision: bf16, or fp16 with a grad scaler on CUDA (default: none)",
+        ),
+    ),
+    ("--workers", dict(type=int, help="data-loading processes (default: 0)")),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="granet",
+        description="Sparse training during training: GraNet, GMP, RigL, SET, SNFS, static.",
+    )
+    parser.add_argument("--version", action="version", version=f"granet {granet.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train",
+        help="train one run (no arguments: GraNet, 90%% sparsity, Fashion-MNIST)",
+        description="Train one run and print its report. Settings: defaults, then --config, "
+        "then these flags.",
+    )
+    train.add_argument("--config", metavar="FILE.yaml", help="settings file (flags win)")
+    train.add_argument(
+        "--out",
+        metavar="RUN_DIR",
+        help="run folder (default: runs/<date>-<time>-<dataset>-<model>-...)",
+    )
+    train.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted run with its own settings (only --device may change)",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete an existing run folder at --out and start again",
+    )
+    settings = train.add_argument_group("settings (override --config)")
+    for flag, kwargs in _TRAIN_FLAGS:
+        settings.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="run a grid of methods x sparsities x seeds and tabulate it",
+        description="Run every unfinished run of a sweep file, then write comparison.md, "
+        "comparison.csv and accuracy_vs_sparsity.png into its out folder. Running it again "
+        "skips finished runs and resumes interrupted ones.",
+    )
+    sweep.add_argument("sweep_file", metavar="SWEEP.yaml")
+    sweep.add_argument("--workers", type=int, help="runs at a time (default: the file's, or 1)")
+    sweep.add_argument("--overwrite", action="store_true", help="redo runs that already exist")
+
+    report = sub.add_parser(
+        "report",
+        help="redraw reports, tables and plots from finished runs",
+        description="Redraw report.md and the figures of each run; with several runs, also "
+        "the comparison table (markdown, CSV) and accuracy-vs-sparsity plot.",
+    )
+    report.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run folders, or folders of runs (a sweep's out folder)",
+    )
+    report.add_argument(
+        "--out", metavar="DIR", help="where the comparison goes (default: the runs' common parent)"
+    )
+
+    export = sub.add_parser("export", help="export a run's trained sparse model")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--out", metavar="FILE", required=True, help="file to write")
+
+    bench = sub.add_parser("bench-inference", help="time a run's model, dense vs sparse")
+    bench.add_argument("run_dir", metavar="RUN_DIR")
+    bench.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[1, 128], metavar="N", help="(default: 1 128)"
+    )
+    return parser
+
+
+# ------------------------------------------------------------------------------- commands
+_NOT_SETTINGS = ("command", "config", "out", "resume", "overwrite")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from granet.experiment.config import make_config, resolve_config
+    from granet.experiment.runs import (
+        REPORT_MD,
+        default_run_dir,
+        prepare_run_dir,
+        read_run_config,
+    )
+    from granet.experiment.train import train
+
+    flags = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    if args.resume:
+        others = [k for k in flags if k != "device"] + [
+            k for k in ("config", "out", "overwrite") if getattr(args, k)
+        ]
+        if others:
+            raise ValueError(
+                "--resume continues a run with its own settings; drop "
+                + ", ".join("--" + k.replace("_", "-") for k in others)
+            )
+        run_dir = Path(args.resume)
+        config = make_config({**read_run_config(run_dir), **flags})
+        train(config, run_dir, resume=True)
+    else:
+        config = resolve_config(args.config, flags)
+        run_dir = Path(args.out) if args.out else default_run_dir(config)
+        prepare_run_dir(run_dir, args.overwrite)
+        train(config, run_dir)
+    print((run_dir / REPORT_MD).read_text())
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from granet.experiment.report import comparison_markdown
+    from granet.experiment.sweep import load_sweep, run_sweep
+
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1; got {args.workers}")
+    rows, paths = run_sweep(
+        load_sweep(args.sweep_file), workers=args.workers, overwrite=args.overwrite
+    )
+    print(comparison_markdown(rows))
+    print("written: " + ", ".join(map(str, paths)))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from granet.experiment.report import (
+        comparison_markdown,
+        find_runs,
+        redraw,
+        summarize,
+        write_comparison,
+    )
+    from granet.experiment.runs import read_report
+
+    runs = find_runs(args.runs)
+    markdown = [redraw(run) for run in runs]
+    if len(runs) == 1 and args.out is None:
+        print(markdown[0])
+        return 0
+    rows = summarize(read_report(run) for run in runs)
+    out = (
+        Path(args.out) if args.out else Path(os.path.commonpath([r.resolve().parent for r in runs]))
+    )
+    paths = write_comparison(rows, out)
+    print(comparison_markdown(rows))
+    print(f"redrew {len(runs)} run reports; written: " + ", ".join(map(str, paths)))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from granet.experiment.serving import export_run
+
+    print(json.dumps(export_run(args.run_dir, args.out), indent=2, default=str))
+    return 0
+
+
+def cmd_bench_inference(args: argparse.Namespace) -> int:
+    from granet.experiment.serving import bench_inference
+
+    rows = bench_inference(args.run_dir, batch_sizes=tuple(args.batch_sizes))
+    if rows:
+        keys = list(rows[0])
+        print("| " + " | ".join(keys) + " |")
+        print("|" + "---|" * len(keys))
+        for row in rows:
+            print("| " + " | ".join(_fmt(row.get(k)) for k in keys) + " |")
+    return 0
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "sweep": cmd_sweep,
+    "report": cmd_report,
+    "export": cmd_export,
+    "bench-inference": cmd_bench_inference,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``granet`` command line; returns the exit status."""
+    from granet.experiment.sweep import SweepInterrupted
+    from granet.experiment.train import TrainingInterrupted
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except TrainingInterrupted as e:
+        print(f"granet: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except SweepInterrupted as e:
+        print(f"granet: {e}", file=sys.stderr)
+        return 130
+    except (ValueError, FileExistsError, FileNotFoundError, ImportError) as e:
+        print(f"granet {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,223 @@
+"""Sweeps: a grid of methods x sparsities x seeds over one base config, and its comparison table.
+
+A sweep file (YAML)::
+
+    base: fashion-mnist.yaml     # optional: a config file, relative to this file
+    config: {epochs: 5}          # optional: settings on top of ``base``
+    methods: [granet, rigl, gmp]
+    sparsities: [0.9, 0.95]
+    seeds: [0, 1, 2]
+    out: runs/my-sweep           # optional: default runs/<sweep file name>
+    workers: 1                   # optional: runs at a time (processes sharing the machine)
+
+Each grid point trains into ``OUT/<method>-s<sparsity>-seed<seed>`` (``dense-seed<seed>`` for
+the dense baseline, which ignores the sparsities). Running the same sweep again skips finished
+runs and resumes interrupted ones, so a sweep is resumed by starting it again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from granet.experiment.config import Config, make_config, read_config_file, save_config
+from granet.experiment.report import summarize, write_comparison
+from granet.experiment.runs import (
+    REPORT_JSON,
+    is_run_dir,
+    prepare_run_dir,
+    read_report,
+    read_run_config,
+)
+
+SWEEP_KEYS = ("base", "config", "methods", "sparsities", "seeds", "out", "workers")
+# settings a sweep resolves per run (``update_every: null`` becomes a number in config.yaml)
+_RESOLVED_LATER = ("update_every",)
+
+
+class SweepInterrupted(Exception):
+    """Ctrl-C / SIGTERM stopped the sweep; every started run saved a checkpoint."""
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    config: Config
+    run_dir: Path
+
+
+@dataclass(frozen=True)
+class Sweep:
+    jobs: list[Job]
+    out: Path
+    workers: int
+
+
+def _list(spec: dict[str, Any], key: str, path: Path, default: list | None = None) -> list:
+    value = spec.get(key, default)
+    if value is None:
+        raise ValueError(f"sweep file {path}: {key} is required")
+    return value if isinstance(value, list) else [value]
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate a sweep file; every grid point is checked before anything runs."""
+    path = Path(path)
+    spec = read_config_file(path)
+    unknown = sorted(set(spec) - set(SWEEP_KEYS))
+    if unknown:
+        raise ValueError(
+            f"sweep file {path}: unknown key(s) {', '.join(unknown)}; "
+            f"known: {', '.join(SWEEP_KEYS)}"
+        )
+    base: dict[str, Any] = {}
+    if spec.get("base") is not None:
+        base.update(read_config_file(path.parent / spec["base"]))
+    base.update(spec.get("config") or {})
+    methods = _list(spec, "methods", path)
+    sparse = [m for m in methods if m != "dense"]
+    sparsities = _list(spec, "sparsities", path, None if sparse else [])
+    seeds = _list(spec, "seeds", path, [0])
+    out = Path(spec.get("out") or Path("runs") / path.stem)
+    workers = spec.get("workers", 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"sweep file {path}: workers must be an integer >= 1; got {workers!r}")
+    jobs = []
+    for method in methods:
+        for sparsity in sparsities if method != "dense" else [None]:
+            for seed in seeds:
+                values = {**base, "method": method, "seed": seed}
+                if sparsity is not None:
+                    values["sparsity"] = sparsity
+                try:
+                    config = make_config(values)
+                except ValueError as e:
+                    raise ValueError(f"sweep file {path}: {e}") from None
+                level = "" if sparsity is None else f"-s{config.sparsity:g}"
+                name = f"{method}{level}-seed{seed}"
+                jobs.append(Job(name, config, out / name))
+    return Sweep(jobs, out, workers)
+
+
+def _state(job: Job, overwrite: bool) -> str:
+    """``"done"``, ``"resume"`` or ``"new"``; an existing run made with other settings is an
+    error (its numbers would not belong in this sweep's table)."""
+    if overwrite or not is_run_dir(job.run_dir):
+        return "new"
+    stored = read_run_config(job.run_dir)
+    wanted = job.config.to_dict()
+    differ = [
+        k
+        for k, v in wanted.items()
+        if stored.get(k) != v and not (k in _RESOLVED_LATER and v is None)
+    ]
+    if differ:
+        raise ValueError(
+            f"{job.run_dir} was trained with other settings ({', '.join(differ)}); "
+            "run the sweep with --overwrite to redo it, or change its out folder"
+        )
+    return "done" if (job.run_dir / REPORT_JSON).is_file() else "resume"
+
+
+def run_sweep(
+    sweep: Sweep, *, workers: int | None = None, overwrite: bool = False
+) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Train every unfinished run, then write the comparison into the sweep folder.
+
+    Returns the comparison rows and the files written. With ``workers > 1`` the runs go to
+    that many ``granet train`` processes at once (each logging to ``OUT/<name>.log``).
+    """
+    workers = workers or sweep.workers
+    todo = []
+    for job in sweep.jobs:
+        state = _state(job, overwrite)
+        if state == "done":
+            print(f"[sweep] {job.name}: finished earlier, kept", file=sys.stderr)
+        else:
+            todo.append((job, state == "resume"))
+    if workers == 1:
+        _run_here(todo, overwrite)
+    else:
+        _run_processes(todo, workers, overwrite, sweep.out)
+    rows = summarize(read_report(job.run_dir) for job in sweep.jobs)
+    return rows, write_comparison(rows, sweep.out)
+
+
+def _run_here(todo: list[tuple[Job, bool]], overwrite: bool) -> None:
+    from granet.experiment.train import train
+
+    for i, (job, resume) in enumerate(todo, 1):
+        print(f"[sweep] run {i}/{len(todo)}: {job.name}", file=sys.stderr)
+        if resume:
+            train(make_config(read_run_config(job.run_dir)), job.run_dir, resume=True)
+        else:
+            prepare_run_dir(job.run_dir, overwrite)
+            train(job.config, job.run_dir)
+
+
+def _command(job: Job, resume: bool, overwrite: bool, out: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "granet", "train"]
+    if resume:
+        return [*cmd, "--resume", str(job.run_dir)]
+    config_file = out / ".configs" / f"{job.name}.yaml"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    save_config(job.config, config_file)
+    cmd += ["--config", str(config_file), "--out", str(job.run_dir)]
+    return [*cmd, "--overwrite"] if overwrite else cmd
+
+
+def _run_processes(todo: list[tuple[Job, bool]], workers: int, overwrite: bool, out: Path) -> None:
+    """At most ``workers`` training processes at a time. Ctrl-C / SIGTERM is passed on to the
+    running ones as one SIGTERM each (they checkpoint and stop); nothing new starts."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    pending = list(todo)
+    running: dict[subprocess.Popen, Job] = {}
+    failed: list[str] = []
+    stopping = False
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            for proc in running:
+                proc.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while running or (pending and not stopping):
+            while pending and len(running) < workers and not stopping:
+                job, resume = pending.pop(0)
+                log = (out / f"{job.name}.log").open("a")
+                print(f"[sweep] started {job.name} (log: {log.name})", file=sys.stderr)
+                running[
+                    subprocess.Popen(
+                        _command(job, resume, overwrite, out),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        start_new_session=True,  # a terminal's Ctrl-C reaches us only
+                    )
+                ] = job
+                log.close()
+            for proc in [p for p in running if p.poll() is not None]:
+                job = running.pop(proc)
+                ok = proc.returncode == 0
+                print(f"[sweep] {'finished' if ok else 'stopped'} {job.name}", file=sys.stderr)
+                if not ok and not stopping:
+                    failed.append(f"{job.name} (exit {proc.returncode}, see {out / job.name}.log)")
+            time.sleep(0.2)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if stopping:
+        raise SweepInterrupted("sweep stopped; run the same command again to resume it")
+    if failed:
+        raise RuntimeError("some runs failed: " + "; ".join(failed))

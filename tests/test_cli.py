@@ -1,0 +1,200 @@
+"""The ``granet`` command: a tiny run's folder, bad input, sweeps and redrawn reports.
+
+Runs use the synthetic data set and LeNet-5 for one or two epochs of 8 steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+
+import pytest
+import torch
+import yaml
+
+from granet.cli import main
+from granet.experiment.models import MODELS
+from granet.experiment.runs import load_checkpoint, load_run_model, read_metrics
+
+TINY = ["--dataset", "synthetic", "--model", "lenet5"]
+REPORT_KEYS = {"test_accuracy", "sparsity", "itop_rate", "train_seconds", "layers", "flops"}
+PNGS = ("training.png", "layer_density.png", "itop_rate.png")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy shared CPU makes them slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One finished two-epoch run, configured by a file and a flag that overrides it."""
+    root = tmp_path_factory.mktemp("tiny")
+    config = root / "settings.yaml"
+    config.write_text("epochs: 2\nsparsity: 0.8\nlr: 0.05\n")
+    run_dir = root / "run"
+    code, out, err = run_cli(
+        "train", *TINY, "--config", str(config), "--sparsity", "0.9", "--out", str(run_dir)
+    )
+    assert code == 0, err
+    return run_dir, out
+
+
+def test_a_run_writes_its_folder_and_prints_the_report(tiny_run):
+    run_dir, out = tiny_run
+    for name in ("config.yaml", "metrics.jsonl", "report.json", "report.md", *PNGS):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    assert out.strip() == (run_dir / "report.md").read_text().strip()
+
+    metrics = read_metrics(run_dir)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    for key in (
+        "train_loss",
+        "train_accuracy",
+        "val_accuracy",
+        "sparsity",
+        "itop_rate",
+        "lr",
+        "regrow_fraction",
+        "seconds",
+    ):
+        assert all(key in m for m in metrics), key
+
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report) >= REPORT_KEYS
+    assert 0.0 <= report["test_accuracy"] <= 1.0
+    assert report["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert report["checkpoint"]["which"] == "best"
+    assert report["checkpoint"]["epoch"] in (1, 2)
+    for layer in report["layers"].values():
+        assert layer["nnz"] == round(layer["density"] * layer["numel"])
+    for kind in ("inference_per_sample", "training_total"):
+        flops = report["flops"][kind]
+        assert 0 < flops["sparse"] < flops["dense"]
+
+
+def test_the_run_config_merges_file_and_flags(tiny_run):
+    run_dir, _ = tiny_run
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["sparsity"] == 0.9  # flag over file
+    assert (config["epochs"], config["lr"]) == (2, 0.05)  # file over default
+    assert config["update_every"] >= 1  # "automatic" is written down as the number used
+
+
+def test_the_best_checkpoint_is_what_the_report_tested(tiny_run):
+    run_dir, _ = tiny_run
+    model, config = load_run_model(run_dir)
+    best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert config["model"] == "lenet5"
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, best["model"][name]), name
+    report = json.loads((run_dir / "report.json").read_text())
+    assert best["epoch"] == report["checkpoint"]["epoch"]
+    nonzero = sum(int(model.state_dict()[n].count_nonzero()) for n in report["layers"])
+    assert nonzero <= sum(v["nnz"] for v in report["layers"].values())
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "choices"),
+    [
+        ("--model", "alexnet", MODELS),
+        ("--dataset", "mnist", ("fashion-mnist", "synthetic")),
+        ("--method", "snip", ("granet", "rigl", "dense")),
+    ],
+)
+def test_unknown_names_list_the_choices(tmp_path, flag, value, choices):
+    code, _, err = run_cli("train", flag, value, "--out", str(tmp_path / "r"))
+    assert code == 2
+    assert value in err and all(c in err for c in choices)
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_existing_run_folder_is_refused(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    code, _, err = run_cli("train", *TINY, "--epochs", "1", "--out", str(run_dir))
+    assert code == 2 and "--resume" in err and "--overwrite" in err
+    other = tmp_path / "not-a-run"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    code, _, err = run_cli("train", *TINY, "--out", str(other), "--overwrite")
+    assert code == 2 and "not a granet run folder" in err
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_resume_takes_no_other_settings(tiny_run):
+    run_dir, _ = tiny_run
+    code, _, err = run_cli("train", "--resume", str(run_dir), "--epochs", "5")
+    assert code == 2 and "--epochs" in err
+
+
+def test_resuming_a_finished_run_reprints_its_report(tiny_run):
+    run_dir, _ = tiny_run
+    before = (run_dir / "report.json").read_text()
+    code, out, err = run_cli("train", "--resume", str(run_dir))
+    assert code == 0 and "already finished" in err
+    assert out.strip() == (run_dir / "report.md").read_text().strip()
+    assert (run_dir / "report.json").read_text() == before
+
+
+def test_sweep_table_and_redrawn_reports(tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "config": {"dataset": "synthetic", "model": "lenet5", "epochs": 1},
+                "methods": ["granet", "static"],
+                "sparsities": [0.5, 0.8],
+                "seeds": [0, 1],
+                "out": str(tmp_path / "grid"),
+            }
+        )
+    )
+    code, out, err = run_cli("sweep", str(sweep))
+    assert code == 0, err
+    grid = tmp_path / "grid"
+    runs = sorted(p.name for p in grid.iterdir() if p.is_dir())
+    assert runs == [
+        f"{m}-s{s}-seed{k}" for m in ("granet", "static") for s in (0.5, 0.8) for k in (0, 1)
+    ]
+    table = (grid / "comparison.md").read_text()
+    assert "| method | 50% | 80% |" in table
+    for method in ("granet", "static"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {method} |"))
+        assert row.count("±") == 2
+    with (grid / "comparison.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["method"], float(r["sparsity"]), int(r["runs"])) for r in rows) == [
+        (m, s, 2) for m in ("granet", "static") for s in (0.5, 0.8)
+    ]
+    assert (grid / "accuracy_vs_sparsity.png").is_file()
+    assert table.strip() in out
+
+    # A second start finds everything finished and trains nothing.
+    code, _, err = run_cli("sweep", str(sweep))
+    assert code == 0 and err.count("finished earlier") == 8
+
+    # ``granet report`` redraws each run's report and the comparison from the files.
+    one = grid / "granet-s0.8-seed1"
+    for name in ("report.md", *PNGS):
+        (one / name).unlink()
+    (grid / "comparison.md").unlink()
+    code, out, _ = run_cli("report", str(grid), "--out", str(tmp_path / "again"))
+    assert code == 0
+    assert all((one / name).is_file() for name in ("report.md", *PNGS))
+    assert (tmp_path / "again" / "comparison.md").read_text() == table
+    assert table.strip() in out

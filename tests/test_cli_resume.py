@@ -1,0 +1,126 @@
+"""Interrupting a run (a real SIGTERM) and resuming it gives the uninterrupted run, bit for bit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from granet.cli import main
+from granet.experiment.config import make_config
+from granet.experiment.runs import load_checkpoint, prepare_run_dir, read_metrics
+from granet.experiment.train import TrainingInterrupted, train
+
+# augment: random crops and flips draw from the global torch RNG, which resuming must restore
+SETTINGS = {
+    "dataset": "synthetic",
+    "model": "lenet5",
+    "epochs": 4,
+    "batch_size": 100,
+    "augment": True,
+}
+FLAGS = [
+    "--dataset",
+    "synthetic",
+    "--model",
+    "lenet5",
+    "--epochs",
+    "4",
+    "--batch-size",
+    "100",
+    "--augment",
+]
+STEPS_PER_EPOCH = 9  # 900 training examples / 100
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The same thread count in and out of process, so that the float results agree."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run_dir = prepare_run_dir(tmp_path_factory.mktemp("reference") / "run")
+    train(make_config(SETTINGS), run_dir, progress=False)
+    return run_dir
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    """Same final weights, optimizer state, masks and position; same per-epoch metrics."""
+    a = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    b = load_checkpoint(reference / "checkpoints" / "last.pt")
+    assert a["position"] == b["position"]
+    for name, tensor in b["model"].items():
+        assert torch.equal(a["model"][name], tensor), name
+    for key, state in b["optimizer"]["state"].items():
+        assert torch.equal(
+            a["optimizer"]["state"][key]["momentum_buffer"], state["momentum_buffer"]
+        )
+    for name, packed in b["sparsifier"]["masks"].items():
+        assert torch.equal(a["sparsifier"]["masks"][name], packed), name
+        assert torch.equal(
+            a["sparsifier"]["ever_active"][name], b["sparsifier"]["ever_active"][name]
+        )
+
+    def drop_time(records):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+    assert drop_time(read_metrics(run_dir)) == drop_time(read_metrics(reference))
+
+
+def test_sigterm_mid_epoch_then_resume_matches(reference, tmp_path):
+    """The signal arrives at a known step in the middle of epoch 2 (sent from a step hook)."""
+    run_dir = prepare_run_dir(tmp_path / "run")
+    stop_at = STEPS_PER_EPOCH + 4
+
+    def kill_at(step: int) -> None:
+        if step == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        train(make_config(SETTINGS), run_dir, progress=False, on_step=kill_at)
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert saved["position"] == {"epoch": 1, "batch": 4, "step": stop_at}
+    assert len(read_metrics(run_dir)) == 1
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are put back
+
+    train(make_config(SETTINGS), run_dir, resume=True, progress=False)
+    assert_same_run(run_dir, reference)
+
+
+def test_sigterm_to_the_granet_process_then_resume_matches(reference, tmp_path):
+    """A real ``granet train`` process is sent SIGTERM once its first epoch is logged."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    src = str(Path(__file__).parents[1] / "src")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "granet", "train", *FLAGS, "--out", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.monotonic() + 120
+    while not read_metrics(run_dir) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "checkpoint saved" in err and f"--resume {run_dir}" in err
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert 1 <= saved["position"]["epoch"] < SETTINGS["epochs"]
+    assert not (run_dir / "report.json").exists()
+
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert_same_run(run_dir, reference)
