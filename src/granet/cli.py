@@ -80,7 +80,14 @@ _TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
         ),
     ),
     ("--epochs", dict(type=int, help=f"training epochs (default: {_D.epochs})")),
-    ("--batch-size", dict(type=int, help=f"(default: {_D.batch_size})")),
+    (
+        "--batch-size",
+        dict(
+            type=int,
+            help="the global batch: under torchrun, split among the processes "
+            f"(default: {_D.batch_size})",
+        ),
+    ),
     (
         "--optimizer",
         dict(metavar=_choices(OPTIMIZERS), help="sgd (Nesterov momentum) or adamw (default: sgd)"),
@@ -246,6 +253,7 @@ _NOT_SETTINGS = ("command", "config", "out", "resume", "overwrite")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from granet.experiment import parallel
     from granet.experiment.config import make_config, resolve_config
     from granet.experiment.runs import (
         REPORT_MD,
@@ -267,13 +275,20 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         run_dir = Path(args.resume)
         config = make_config({**read_run_config(run_dir), **flags})
-        train(config, run_dir, resume=True)
     else:
         config = resolve_config(args.config, flags)
-        run_dir = Path(args.out) if args.out else default_run_dir(config)
-        prepare_run_dir(run_dir, args.overwrite)
-        train(config, run_dir)
-    print((run_dir / REPORT_MD).read_text())
+    # Under torchrun every process runs this; process 0 names and makes the run folder.
+    with parallel.process_group(config.device) as ranks:
+        if not args.resume:
+            run_dir = parallel.on_main(
+                lambda: prepare_run_dir(
+                    Path(args.out) if args.out else default_run_dir(config), args.overwrite
+                ),
+                ranks,
+            )
+        train(config, run_dir, resume=bool(args.resume))
+    if ranks.main:
+        print((run_dir / REPORT_MD).read_text())
     return 0
 
 
@@ -357,6 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command != "train" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise ValueError(
+                "only granet train runs under torchrun with several processes; "
+                f"run granet {args.command} as one process"
+            )
         return COMMANDS[args.command](args)
     except TrainingInterrupted as e:
         print(f"granet: {e}", file=sys.stderr)
