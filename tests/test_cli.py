@@ -101,6 +101,7 @@ def test_the_best_checkpoint_is_what_the_report_tested(tiny_run):
     model, config = load_run_model(run_dir)
     best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
     assert config["model"] == "lenet5"
+    assert config["data_shape"] == {"num_classes": 10, "in_channels": 1, "image_size": 28}
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, best["model"][name]), name
     report = json.loads((run_dir / "report.json").read_text())
@@ -149,6 +150,18 @@ def test_resuming_a_finished_run_reprints_its_report(tiny_run):
     assert code == 0 and "already finished" in err
     assert out.strip() == (run_dir / "report.md").read_text().strip()
     assert (run_dir / "report.json").read_text() == before
+
+
+def test_export_and_bench_inference_use_the_best_checkpoint(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    out = tmp_path / "model.granet"
+    code, printed, err = run_cli("export", str(run_dir), "--out", str(out))
+    assert code == 0, err
+    assert out.is_file() and json.loads(printed)["bytes"] == out.stat().st_size
+    code, printed, err = run_cli("bench-inference", str(run_dir), "--batch-sizes", "2")
+    assert code == 0, err
+    header, rule, *rows = printed.strip().splitlines()
+    assert header.startswith("| ") and rule.startswith("|---") and len(rows) == 1
 
 
 def test_sweep_table_and_redrawn_reports(tmp_path):

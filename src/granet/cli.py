@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -261,7 +262,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         prepare_run_dir,
         read_run_config,
     )
-    from granet.experiment.train import train
+    from granet.experiment.train import resolve_device, train
 
     flags = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
     if args.resume:
@@ -277,16 +278,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = make_config({**read_run_config(run_dir), **flags})
     else:
         config = resolve_config(args.config, flags)
+        resolve_device(config.device)
     # Under torchrun every process runs this; process 0 names and makes the run folder.
     with parallel.process_group(config.device) as ranks:
-        if not args.resume:
+        if args.resume:
+            train(config, run_dir, resume=True)
+        else:
             run_dir = parallel.on_main(
                 lambda: prepare_run_dir(
                     Path(args.out) if args.out else default_run_dir(config), args.overwrite
                 ),
                 ranks,
             )
-        train(config, run_dir, resume=bool(args.resume))
+            try:
+                train(config, run_dir)
+            except Exception:
+                # failed before writing anything (e.g. no data)
+                if ranks.main and not any(run_dir.iterdir()):
+                    run_dir.rmdir()
+                raise
     if ranks.main:
         print((run_dir / REPORT_MD).read_text())
     return 0
@@ -364,6 +374,11 @@ COMMANDS = {
 }
 
 
+def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    """Warnings as one plain line (no source location: they are about data and runs)."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``granet`` command line; returns the exit status."""
     from granet.experiment.sweep import SweepInterrupted
@@ -377,13 +392,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "only granet train runs under torchrun with several processes; "
                 f"run granet {args.command} as one process"
             )
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return COMMANDS[args.command](args)
     except TrainingInterrupted as e:
         print(f"granet: {e}", file=sys.stderr)
         return 128 + e.signum
     except SweepInterrupted as e:
         print(f"granet: {e}", file=sys.stderr)
-        return 130
+        return 128 + e.signum
     except (ValueError, FileExistsError, FileNotFoundError, ImportError) as e:
         print(f"granet {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from granet.experiment.config import METHOD_CHOICES
 from granet.experiment.plots import (
     ITOP_PNG,
     LAYER_DENSITY_PNG,
@@ -156,9 +157,8 @@ def summarize(reports: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in runs),
             }
         )
-    rows.sort(
-        key=lambda r: (r["dataset"], r["model"], r["method"] != "dense", r["method"], r["sparsity"])
-    )
+    order = {m: i for i, m in enumerate(("dense", *METHOD_CHOICES))}
+    rows.sort(key=lambda r: (r["dataset"], r["model"], order[r["method"]], r["sparsity"]))
     return rows
 
 

@@ -118,10 +118,12 @@ def read_report(run_dir: str | Path) -> dict[str, Any]:
 
 
 def load_run_model(run_dir: str | Path, which: str = "best") -> tuple[nn.Module, dict[str, Any]]:
-    """The trained model of a run (in eval mode, on the CPU) and its config dict.
+    """The trained model of a run (in eval mode, on the CPU) and its settings.
 
     The architecture is the one named in ``config.yaml``, built for the data shape recorded in
     the checkpoint; the weights are those of the ``which`` checkpoint (masked weights are zero).
+    The dict is ``config.yaml``'s settings plus ``data_shape`` (``num_classes``,
+    ``in_channels``, ``image_size``), which says what input the model takes.
     """
     from granet.experiment.models import build_model
 
@@ -129,4 +131,4 @@ def load_run_model(run_dir: str | Path, which: str = "best") -> tuple[nn.Module,
     state = load_checkpoint(checkpoint_path(run_dir, which))
     model = build_model(config["model"], **state["data_shape"])
     model.load_state_dict(state["model"])
-    return model.eval(), config
+    return model.eval(), {**config, "data_shape": dict(state["data_shape"])}

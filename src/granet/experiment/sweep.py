@@ -35,6 +35,7 @@ from granet.experiment.runs import (
     read_report,
     read_run_config,
 )
+from granet.experiment.train import TrainingInterrupted, train
 
 SWEEP_KEYS = ("base", "config", "methods", "sparsities", "seeds", "out", "workers")
 # settings a sweep resolves per run (``update_every: null`` becomes a number in config.yaml)
@@ -43,6 +44,13 @@ _RESOLVED_LATER = ("update_every",)
 
 class SweepInterrupted(Exception):
     """Ctrl-C / SIGTERM stopped the sweep; every started run saved a checkpoint."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(
+            f"{signal.Signals(signum).name}: sweep stopped, the runs in progress saved "
+            "checkpoints; run the same command again to resume it"
+        )
 
 
 @dataclass(frozen=True)
@@ -150,15 +158,16 @@ def run_sweep(
 
 
 def _run_here(todo: list[tuple[Job, bool]], overwrite: bool) -> None:
-    from granet.experiment.train import train
-
     for i, (job, resume) in enumerate(todo, 1):
         print(f"[sweep] run {i}/{len(todo)}: {job.name}", file=sys.stderr)
-        if resume:
-            train(make_config(read_run_config(job.run_dir)), job.run_dir, resume=True)
-        else:
-            prepare_run_dir(job.run_dir, overwrite)
-            train(job.config, job.run_dir)
+        try:
+            if resume:
+                train(make_config(read_run_config(job.run_dir)), job.run_dir, resume=True)
+            else:
+                prepare_run_dir(job.run_dir, overwrite)
+                train(job.config, job.run_dir)
+        except TrainingInterrupted as e:
+            raise SweepInterrupted(e.signum) from e
 
 
 def _command(job: Job, resume: bool, overwrite: bool, out: Path) -> list[str]:
@@ -181,19 +190,19 @@ def _run_processes(todo: list[tuple[Job, bool]], workers: int, overwrite: bool, 
     pending = list(todo)
     running: dict[subprocess.Popen, Job] = {}
     failed: list[str] = []
-    stopping = False
+    stopping: int | None = None
 
     def stop(signum: int, frame: Any) -> None:
         nonlocal stopping
-        if not stopping:
-            stopping = True
+        if stopping is None:
+            stopping = signum
             for proc in running:
                 proc.send_signal(signal.SIGTERM)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while running or (pending and not stopping):
-            while pending and len(running) < workers and not stopping:
+        while running or (pending and stopping is None):
+            while pending and len(running) < workers and stopping is None:
                 job, resume = pending.pop(0)
                 log = (out / f"{job.name}.log").open("a")
                 print(f"[sweep] started {job.name} (log: {log.name})", file=sys.stderr)
@@ -211,13 +220,13 @@ def _run_processes(todo: list[tuple[Job, bool]], workers: int, overwrite: bool, 
                 job = running.pop(proc)
                 ok = proc.returncode == 0
                 print(f"[sweep] {'finished' if ok else 'stopped'} {job.name}", file=sys.stderr)
-                if not ok and not stopping:
+                if not ok and stopping is None:
                     failed.append(f"{job.name} (exit {proc.returncode}, see {out / job.name}.log)")
             time.sleep(0.2)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    if stopping:
-        raise SweepInterrupted("sweep stopped; run the same command again to resume it")
+    if stopping is not None:
+        raise SweepInterrupted(stopping)
     if failed:
         raise RuntimeError("some runs failed: " + "; ".join(failed))

@@ -48,13 +48,14 @@ from granet.experiment.runs import (
     REPORT_JSON,
     checkpoint_path,
     load_checkpoint,
+    read_metrics,
     read_report,
     save_checkpoint,
 )
 from granet.selection import select_parameters
 
 AMP_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the CUDA RNG state of the run's own GPU only
 STOP_CHECK_EVERY = 10  # steps between the processes' shared stop decisions (multi-process runs)
 TEST_CHECKPOINT_RULE = (
     "best validation accuracy among the epochs at the final sparsity (the last epoch always "
@@ -351,6 +352,11 @@ class _Run:
         }
 
     def restore(self, state: dict[str, Any]) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"{checkpoint_path(self.run_dir, 'last')} has checkpoint format "
+                f"{state.get('format')!r}; this granet reads format {CHECKPOINT_FORMAT}"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.sp is not None:
@@ -552,7 +558,7 @@ class _Run:
             (self.data.in_channels, self.data.image_size, self.data.image_size),
             self.sparse_names,
         )
-        metrics = [json.loads(line) for line in (self.run_dir / METRICS_FILE).open()]
+        metrics = read_metrics(self.run_dir)
         total_params = sum(p.numel() for p in self.model.parameters())
         pruned = sum(v["numel"] - v["nnz"] for v in layers.values())
         report = {
