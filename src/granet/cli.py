@@ -81,7 +81,14 @@ _TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
         ),
     ),
     ("--epochs", dict(type=int, help=f"training epochs (default: {_D.epochs})")),
-    ("--batch-size", dict(type=int, help=f"(default: {_D.batch_size})")),
+    (
+        "--batch-size",
+        dict(
+            type=int,
+            help="the global batch: under torchrun, split among the processes "
+            f"(default: {_D.batch_size})",
+        ),
+    ),
     (
         "--optimizer",
         dict(metavar=_choices(OPTIMIZERS), help="sgd (Nesterov momentum) or adamw (default: sgd)"),
@@ -247,6 +254,7 @@ _NOT_SETTINGS = ("command", "config", "out", "resume", "overwrite")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from granet.experiment import parallel
     from granet.experiment.config import make_config, resolve_config
     from granet.experiment.runs import (
         REPORT_MD,
@@ -268,19 +276,29 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         run_dir = Path(args.resume)
         config = make_config({**read_run_config(run_dir), **flags})
-        train(config, run_dir, resume=True)
     else:
         config = resolve_config(args.config, flags)
         resolve_device(config.device)
-        run_dir = Path(args.out) if args.out else default_run_dir(config)
-        prepare_run_dir(run_dir, args.overwrite)
-        try:
-            train(config, run_dir)
-        except Exception:
-            if not any(run_dir.iterdir()):  # failed before writing anything (e.g. no data)
-                run_dir.rmdir()
-            raise
-    print((run_dir / REPORT_MD).read_text())
+    # Under torchrun every process runs this; process 0 names and makes the run folder.
+    with parallel.process_group(config.device) as ranks:
+        if args.resume:
+            train(config, run_dir, resume=True)
+        else:
+            run_dir = parallel.on_main(
+                lambda: prepare_run_dir(
+                    Path(args.out) if args.out else default_run_dir(config), args.overwrite
+                ),
+                ranks,
+            )
+            try:
+                train(config, run_dir)
+            except Exception:
+                # failed before writing anything (e.g. no data)
+                if ranks.main and not any(run_dir.iterdir()):
+                    run_dir.rmdir()
+                raise
+    if ranks.main:
+        print((run_dir / REPORT_MD).read_text())
     return 0
 
 
@@ -369,6 +387,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command != "train" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise ValueError(
+                "only granet train runs under torchrun with several processes; "
+                f"run granet {args.command} as one process"
+            )
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return COMMANDS[args.command](args)

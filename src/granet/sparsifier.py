@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from granet.criteria import GROWTH, magnitude, make_growth
+from granet.distributed import data_parallel_group, refuse_sharded, verify_agreement
 from granet.distributions import DISTRIBUTIONS
 from granet.masks import apply_masks, pack_bits, random_mask, top_mask, unpack_bits
 from granet.schedules import CosineDecay, CubicSparsity, UpdateCadence
@@ -69,6 +70,7 @@ class Sparsifier:
         seed: int = 0,
         include: Sequence[Rule] | None = None,
         exclude: Sequence[Rule] = (),
+        verify_ranks: bool = True,
     ) -> None:
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1); got {sparsity}")
@@ -101,7 +103,10 @@ class Sparsifier:
         if growth not in GROWTH:
             raise ValueError(f"growth must be one of {', '.join(GROWTH)}; got {growth!r}")
 
+        refuse_sharded(model, optimizer)
         self.model = unwrap(model)
+        self.verify_ranks = verify_ranks
+        self._group = data_parallel_group(model)
         self.optimizer = optimizer
         chosen = select_parameters(self.model, include, exclude)
         if not chosen:
@@ -143,6 +148,7 @@ class Sparsifier:
         self._nnz = counts
         self._ever_active = [pack_bits(m) for m in self._masks]
         self._apply()
+        self._verify()
         self._hook = optimizer.register_step_post_hook(self._on_step)
 
     # ----------------------------------------------------------------- per step
@@ -188,14 +194,19 @@ class Sparsifier:
 
     # ------------------------------------------------------------ update round
     def update_topology(self) -> None:
-        """One round now: prune to the schedule, drop and regrow, apply the masks."""
+        """One round now, then check that every data-parallel rank holds the same masks."""
+        self._round()
+        self._verify()
+
+    def _round(self) -> None:
+        """Prune to the schedule, drop and regrow, apply the masks."""
         self._apply()
         reason = self._unsafe()
         if reason is not None:
             warnings.warn(
                 f"granet: skipped the topology update at step {self.step}: {reason}",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             return
         before = sum(self._nnz)
@@ -209,6 +220,11 @@ class Sparsifier:
         self._apply()
         for ever, m in zip(self._ever_active, self._masks):
             ever.bitwise_or_(pack_bits(m))
+
+    def _verify(self) -> None:
+        """Under torch.distributed, raise if the ranks' masks differ (see ``distributed.py``)."""
+        if self.verify_ranks:
+            verify_agreement(self.names, self._masks, self._group)
 
     def _unsafe(self) -> str | None:
         """Why this round must not run (missing growth signal, non-finite values), or None."""

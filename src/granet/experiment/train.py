@@ -32,11 +32,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import granet
 from granet.experiment import flops as flop_count
+from granet.experiment import parallel
 from granet.experiment.config import Config, save_config
 from granet.experiment.data import DataBundle, load_dataset
 from granet.experiment.models import build_model
@@ -53,7 +55,8 @@ from granet.experiment.runs import (
 from granet.selection import select_parameters
 
 AMP_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the CUDA RNG state of the run's own GPU only
+STOP_CHECK_EVERY = 10  # steps between the processes' shared stop decisions (multi-process runs)
 TEST_CHECKPOINT_RULE = (
     "best validation accuracy among the epochs at the final sparsity (the last epoch always "
     "counts); test set evaluated once, on this checkpoint"
@@ -74,15 +77,24 @@ class TrainingInterrupted(Exception):
 
 # ---------------------------------------------------------------------------- building blocks
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU; anything else must be a torch device."""
+    """``auto`` is CUDA when available, else the CPU; anything else must be a torch device.
+    Under torchrun with several processes, each process's GPU is ``cuda:LOCAL_RANK``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+    ranks = parallel.current()
+    if device.type == "cuda" and ranks.world > 1:
+        if device.index is not None:
+            raise ValueError(
+                f"under torchrun each process uses cuda:LOCAL_RANK; use --device cuda or auto, "
+                f"not {name!r}"
+            )
+        device = torch.device("cuda", ranks.local)
     return device
 
 
@@ -161,31 +173,37 @@ def _loader(dataset: Dataset, batch_sampler: Any, config: Config, device: torch.
     )
 
 
-def eval_loader(dataset: Dataset, config: Config, device: torch.device) -> DataLoader:
-    batches = [
-        list(range(i, min(i + config.batch_size, len(dataset))))
-        for i in range(0, len(dataset), config.batch_size)
-    ]
+def eval_loader(
+    dataset: Dataset, config: Config, device: torch.device, ranks: parallel.Ranks = parallel.SINGLE
+) -> DataLoader:
+    """In order, in batches of ``batch_size``; with several processes, each evaluates its share."""
+    mine, size = range(ranks.rank, len(dataset), ranks.world), config.batch_size
+    batches = [list(mine[i : i + size]) for i in range(0, len(mine), size)]
     return _loader(dataset, batches, config, device, torch.Generator().manual_seed(0))
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: DataLoader, device: torch.device, amp: str = "none"
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp: str = "none",
+    ranks: parallel.Ranks = parallel.SINGLE,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` over ``loader``."""
+    """Mean cross-entropy and accuracy of ``model`` over ``loader`` (over every process's
+    loader when ``ranks`` has several)."""
     model.eval()
-    loss = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
+    # loss sum, correct, seen: float64 counts are exact far beyond any data set's size
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != "none"):
             out = model(x)
-        loss += F.cross_entropy(out.float(), y, reduction="sum")
-        correct += (out.argmax(1) == y).sum()
-        seen += len(y)
-    return loss.item() / seen, correct.item() / seen
+        sums[0] += F.cross_entropy(out.float(), y, reduction="sum")
+        sums[1] += (out.argmax(1) == y).sum()
+        sums[2] += len(y)
+    loss, correct, seen = parallel.sum_across(sums, ranks).tolist()
+    return loss / seen, correct / seen
 
 
 def layer_summary(model: nn.Module, sp: granet.Sparsifier | None) -> dict[str, dict[str, Any]]:
@@ -206,34 +224,34 @@ def _at_final_sparsity(sp: granet.Sparsifier | None, target: float) -> bool:
     return sp.sparsity() >= target - slack
 
 
-def hardware(device: torch.device) -> str:
+def hardware(device: torch.device, processes: int = 1) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{os.cpu_count()}-core CPU ({platform.machine()})"
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{os.cpu_count()}-core CPU ({platform.machine()})"
+    return name if processes == 1 else f"{processes} processes x {name}"
 
 
 # ------------------------------------------------------------------------------ RNG and signals
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    # Only the run's own GPU: asking every GPU for its state would open a CUDA context on each
+    # GPU from each process of a multi-GPU run.
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"].cpu())
-    if (
-        state["cuda"]
-        and torch.cuda.is_available()
-        and len(state["cuda"]) == torch.cuda.device_count()
-    ):
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def seed_everything(seed: int) -> None:
@@ -268,15 +286,22 @@ def _stop_on_signals() -> Iterator[_StopRequest]:
 
 
 def _log(message: str) -> None:
-    tqdm.write(message, file=sys.stderr)
+    if parallel.current().main:
+        tqdm.write(message, file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------- the run
 class _Run:
-    """The state of one run between steps; ``checkpoint()`` is everything ``resume`` needs."""
+    """The state of one run between steps; ``checkpoint()`` is everything ``resume`` needs.
+
+    With several processes, ``model`` is this process's replica and ``trained`` its DDP wrapper
+    (used for the training forward pass only); every process holds the same state, so the
+    checkpoint process 0 writes resumes on any number of processes.
+    """
 
     def __init__(self, config: Config, run_dir: Path, data: DataBundle, device: torch.device):
         self.config, self.run_dir, self.data, self.device = config, run_dir, data, device
+        self.ranks = parallel.current()
         self.steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
         self.total_steps = config.epochs * self.steps_per_epoch
         self.data_shape = {
@@ -285,8 +310,12 @@ class _Run:
             "image_size": data.image_size,
         }
         self.model = build_model(config.model, **self.data_shape).to(device)
+        self.trained: nn.Module = self.model
+        if self.ranks.world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.trained = DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = make_optimizer(self.model, config)
-        self.sp = make_sparsifier(self.model, self.optimizer, config, self.total_steps)
+        self.sp = make_sparsifier(self.trained, self.optimizer, config, self.total_steps)
         self.scaler = torch.amp.GradScaler(
             device.type, enabled=config.amp == "fp16" and device.type == "cuda"
         )
@@ -314,10 +343,10 @@ class _Run:
             "sparsifier": None if self.sp is None else self.sp.state_dict(),
             "scaler": self.scaler.state_dict(),
             "position": {"epoch": self.epoch, "batch": self.batch, "step": self.step},
-            "sums": self.sums,
+            "sums": self._sums_across(),
             "train_seconds": self.train_seconds,
             "best": self.best,
-            "rng": _rng_state(),
+            "rng": _rng_state(self.device),
             "data_shape": self.data_shape,
             "data_source": self.data.source,
         }
@@ -340,45 +369,63 @@ class _Run:
             )
         pos = state["position"]
         self.epoch, self.batch, self.step = pos["epoch"], pos["batch"], pos["step"]
-        self.sums = state["sums"]
+        if self.ranks.main:  # the saved sums are over all processes: count them once
+            self.sums = state["sums"]
         self.train_seconds = state["train_seconds"]
         self.best = state["best"]
-        _set_rng_state(state["rng"])
+        _set_rng_state(state["rng"], self.device)
+
+    def _sums_across(self) -> dict[str, Any]:
+        """The epoch's running sums over all processes (the densities are the same on all)."""
+        s = self.sums
+        if self.ranks.world == 1:
+            return s
+        seen = torch.tensor(float(s["seen"]), dtype=torch.float64, device=self.device)
+        totals = parallel.sum_across(torch.stack([s["loss"], s["correct"], seen]), self.ranks)
+        return {**s, "loss": totals[0], "correct": totals[1], "seen": int(totals[2].item())}
 
     def save_last(self) -> None:
-        save_checkpoint(self.checkpoint(), checkpoint_path(self.run_dir, "last"))
+        """Write ``last.pt`` (process 0; every process must call this, at the same step)."""
+        state = self.checkpoint()
+        if self.ranks.main:
+            save_checkpoint(state, checkpoint_path(self.run_dir, "last"))
 
     # ---------------------------------------------------------------- one step, one epoch
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """One optimizer step on this process's share ``x, y`` of a global batch of
+        ``batch_size`` examples; returns the share's mean loss."""
         c = self.config
         lr = c.lr * lr_factor(self.step, self.total_steps, self.steps_per_epoch, c)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=AMP_DTYPES[c.amp], enabled=c.amp != "none"):
-            out = self.model(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=c.label_smoothing)
+            out = self.trained(x)
+            loss = F.cross_entropy(
+                out.float(), y, label_smoothing=c.label_smoothing, reduction="sum"
+            )
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        # DDP averages the processes' gradients: scaled so, they are those of the global mean
+        self.scaler.scale(loss * (self.ranks.world / batch_size)).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
         self.batch += 1
         s = self.sums
-        s["loss"] += loss.detach() * len(y)
+        s["loss"] += loss.detach()
         s["correct"] += (out.detach().argmax(1) == y).sum()
         s["seen"] += len(y)
         if self.sp is not None:
             s["density"] += torch.stack([m.sum() / m.numel() for m in self.sp.masks.values()])
         else:
             s["density"] += 1.0
-        return loss
+        return loss.detach() / len(y)
 
     def end_epoch(self) -> dict[str, Any]:
         """Validate, log the epoch to metrics.jsonl, keep the best checkpoint, save the last."""
         started = time.perf_counter()
-        c, s = self.config, self.sums
-        val_loss, val_acc = evaluate(self.model, self.val_loader, self.device, c.amp)
+        c, s = self.config, self._sums_across()
+        val_loss, val_acc = evaluate(self.model, self.val_loader, self.device, c.amp, self.ranks)
         steps = self.batch
         stats = self.sp.stats() if self.sp is not None else None
         eligible = _at_final_sparsity(self.sp, c.sparsity) or self.epoch + 1 == c.epochs
@@ -400,10 +447,12 @@ class _Run:
             "best": is_best,
             "layer_density": dict(zip(self.sparse_names, (s["density"] / steps).tolist())),
         }
-        with open(self.run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.ranks.main:
+            with open(self.run_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
         if is_best:
             self.best = {"epoch": self.epoch + 1, "val_accuracy": val_acc}
+        if is_best and self.ranks.main:
             save_checkpoint(
                 {
                     "model": self.model.state_dict(),
@@ -423,15 +472,16 @@ class _Run:
     # ------------------------------------------------------------------------- the loop
     def fit(self, progress: bool, on_step: Callable[[int], None] | None) -> None:
         c = self.config
-        self.val_loader = eval_loader(self.data.val, c, self.device)
+        self.val_loader = eval_loader(self.data.val, c, self.device, self.ranks)
         with _stop_on_signals() as stop:
             while self.epoch < c.epochs:
-                if stop.signum is not None:  # arrived during the previous epoch's validation
-                    self._interrupt(stop.signum)
-                batches = epoch_batches(len(self.data.train), c.batch_size, c.seed, self.epoch)
+                if self._stop(stop):  # arrived during the previous epoch's validation
+                    self._interrupt(stop)
+                n = len(self.data.train)
+                batches = epoch_batches(n, c.batch_size, c.seed, self.epoch)[self.batch :]
                 loader = _loader(
                     self.data.train,
-                    batches[self.batch :],
+                    parallel.shard(batches, self.ranks),
                     c,
                     self.device,
                     epoch_generator(c.seed, self.epoch),
@@ -448,8 +498,9 @@ class _Run:
                 )
                 shown = 0.0
                 started = time.perf_counter()
-                for x, y in loader:
-                    loss = self.train_step(x, y)
+                stopping = False
+                for (x, y), batch in zip(loader, batches):
+                    loss = self.train_step(x, y, len(batch))
                     bar.update()
                     if progress and time.monotonic() - shown > 0.5:
                         shown = time.monotonic()
@@ -461,20 +512,32 @@ class _Run:
                         )
                     if on_step is not None:
                         on_step(self.step)
-                    if stop.signum is not None:
+                    stopping = self._stop(stop, self.step)
+                    if stopping:
                         break
                 bar.close()
                 elapsed = time.perf_counter() - started
                 self.sums["seconds"] += elapsed
                 self.train_seconds += elapsed
-                if stop.signum is not None:
-                    self._interrupt(stop.signum)
+                if stopping:
+                    self._interrupt(stop)
                 _log(_epoch_line(self.end_epoch(), c.epochs))
-            if stop.signum is not None:
-                self._interrupt(stop.signum)
+            if self._stop(stop):
+                self._interrupt(stop)
 
-    def _interrupt(self, signum: int) -> None:
+    def _stop(self, stop: _StopRequest, step: int | None = None) -> bool:
+        """Whether to stop here for a Ctrl-C / SIGTERM. With several processes, a decision all
+        share, taken between epochs and every ``STOP_CHECK_EVERY`` steps: a signal reaches
+        each process at its own moment, and they must all stop after the same step."""
+        if self.ranks.world == 1:
+            return stop.signum is not None
+        if step is not None and step % STOP_CHECK_EVERY:
+            return False
+        return parallel.any_across(stop.signum is not None, self.ranks, self.device)
+
+    def _interrupt(self, stop: _StopRequest) -> None:
         self.save_last()
+        signum = stop.signum or signal.SIGTERM  # a process the signal has not reached yet
         raise TrainingInterrupted(self.run_dir, self.step, signum)
 
     # ----------------------------------------------------------------------- the report
@@ -540,7 +603,8 @@ class _Run:
             },
             "environment": {
                 "device": str(self.device),
-                "hardware": hardware(self.device),
+                "hardware": hardware(self.device, self.ranks.world),
+                "processes": self.ranks.world,
                 "torch": torch.__version__,
                 "python": platform.python_version(),
                 "granet": granet.__version__,
@@ -570,6 +634,29 @@ def _truncate_metrics(run_dir: Path, epochs_done: int) -> None:
         path.write_text("".join(ln + "\n" for ln in kept))
 
 
+def _check_shares(examples: int, batch_size: int, processes: int) -> None:
+    """Every process must get at least one example of every global batch."""
+    last = examples % batch_size or batch_size
+    if min(batch_size, last) < processes:
+        raise ValueError(
+            f"batch_size {batch_size} (the global batch) leaves a batch of "
+            f"{min(batch_size, last)} example(s) for {processes} processes: every process needs "
+            "at least one; change batch_size (or val_size)"
+        )
+
+
+def _seen_by_all(path: Path, ranks: parallel.Ranks, device: torch.device) -> bool:
+    """Whether ``path`` exists, on every process's filesystem; an error if only on some."""
+    seen = torch.tensor([float(path.is_file())], device=device)
+    count = int(parallel.sum_across(seen, ranks).item())
+    if 0 < count < ranks.world:
+        raise FileNotFoundError(
+            f"{path} is there for {count} of the {ranks.world} processes: resuming a run on "
+            "several machines needs its folder on a filesystem all of them see"
+        )
+    return count > 0
+
+
 def train(
     config: Config,
     run_dir: str | Path,
@@ -577,52 +664,64 @@ def train(
     resume: bool = False,
     progress: bool | None = None,
     on_step: Callable[[int], None] | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Train one run into ``run_dir`` (which must exist) and return its report.
 
     ``resume`` continues from ``checkpoints/last.pt`` when there is one. ``progress`` shows a
     tqdm bar (default: when stderr is a terminal); otherwise one log line per epoch. ``on_step``
     is called with the global step after every optimizer step. Raises
     :class:`TrainingInterrupted` after saving a checkpoint on Ctrl-C / SIGTERM.
+
+    Inside a torchrun process group (see :mod:`granet.experiment.parallel`) every process calls
+    this; process 0 logs, writes ``run_dir`` and returns the report, the others return None.
     """
     run_dir = Path(run_dir)
+    ranks = parallel.current()
     if progress is None:
         progress = sys.stderr.isatty()
     device = resolve_device(config.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     seed_everything(config.seed)
-    data = load_dataset(
-        config.dataset,
-        config.data_root,
-        val_size=config.val_size,
-        seed=config.seed,
-        augment=config.augment,
+    data = parallel.staged(
+        lambda: load_dataset(
+            config.dataset,
+            config.data_root,
+            val_size=config.val_size,
+            seed=config.seed,
+            augment=config.augment,
+        ),
+        ranks,
     )
     _log(
         f"data: {data.source}; {len(data.train)} train, {len(data.val)} validation, "
         f"{len(data.test)} test"
     )
+    _check_shares(len(data.train), config.batch_size, ranks.world)
     steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
     config = config.resolved(config.epochs * steps_per_epoch)
     run = _Run(config, run_dir, data, device)
     last = checkpoint_path(run_dir, "last")
-    if resume and last.is_file():
+    if resume and _seen_by_all(last, ranks, device):
         run.restore(load_checkpoint(last, device))
-        _truncate_metrics(run_dir, run.epoch)
-        if run.epoch == config.epochs and (run_dir / REPORT_JSON).is_file():
+        if ranks.main:
+            _truncate_metrics(run_dir, run.epoch)
+        finished = parallel.broadcast((run_dir / REPORT_JSON).is_file(), ranks)
+        if run.epoch == config.epochs and finished:
             _log(f"{run_dir} has already finished")
-            return read_report(run_dir)
+            return read_report(run_dir) if ranks.main else None
         _log(f"resuming {run_dir} at epoch {run.epoch + 1}, step {run.step}")
-    else:
+    elif ranks.main:
         save_config(config, run_dir / "config.yaml")
         _truncate_metrics(run_dir, 0)
     _log(
         f"training {config.method} ({'dense' if run.sp is None else f'sparsity {config.sparsity}'})"
-        f" {config.model} on {device} ({hardware(device)}): {config.epochs} epochs x "
+        f" {config.model} on {device} ({hardware(device, ranks.world)}): {config.epochs} epochs x "
         f"{run.steps_per_epoch} steps, into {run_dir}"
     )
-    run.fit(progress, on_step)
+    run.fit(progress and ranks.main, on_step)
+    if not ranks.main:
+        return None
     report = run.finish()
     _log(
         f"test accuracy {100 * report['test_accuracy']:.2f}% (checkpoint best by validation, "

@@ -1,0 +1,136 @@
+"""Data-parallel training: masks that agree on every rank, and the wrappers we refuse.
+
+Under DistributedDataParallel every rank must hold the same masks after every topology update,
+or the ranks silently train different networks. The sparsifier makes agreement the expected
+outcome without relying on the ranks' global RNG: initial masks and random growth come from its
+own generators, seeded with ``seed`` on every rank, and gradient or momentum growth reads the
+gradients in an optimizer-step hook, after DDP's all-reduce. :func:`verify_agreement` checks the
+outcome with one small all-reduce, so a divergence stops the run at the round that caused it.
+
+Sharded data parallelism (FSDP, DeepSpeed ZeRO) gives each rank only a slice of every weight; the
+masks would have to be sharded alike, which is not implemented, so those wrappers are refused.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+_MIX = 0x45D9F3B  # a well-known 32-bit integer-hash multiplier
+_LOW32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A non-linear 32-bit hash of int64 values (xor-shift-multiply, twice). Products stay below
+    2**59 and results below 2**32, so sums over up to 2**31 positions fit in int64."""
+    x = x & _LOW32
+    x = ((x >> 16) ^ x) * _MIX & _LOW32
+    x = ((x >> 16) ^ x) * _MIX & _LOW32
+    return (x >> 16) ^ x
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def mask_checksums(masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-mask ``(count, sum of active positions, sum of hashed active positions)``, int64 [L, 3].
+
+    Integer sums are exact whatever the reduction order, so equal masks give equal checksums on
+    any device. The hash is non-linear: it catches moves that keep the plain position sum
+    (i -> i-1, j -> j+1) and its low powers.
+    """
+    device = masks[0].device
+    rows = []
+    for mask in masks:
+        positions = mask.reshape(-1).nonzero().squeeze(1)
+        rows.append(torch.stack([mask.sum(), positions.sum(), _mix32(positions).sum()]).to(device))
+    return torch.stack(rows)
+
+
+def verify_agreement(
+    names: Sequence[str],
+    masks: Sequence[torch.Tensor],
+    group: torch.distributed.ProcessGroup | None = None,
+) -> None:
+    """Raise RuntimeError on every rank, naming the first mask that differs between ranks.
+
+    A no-op unless torch.distributed is initialized and ``group`` (default: the world) has more
+    than one rank. One all-reduce of ``6 * len(masks)`` integers: the maximum of the checksums
+    and of their negations gives each checksum's maximum and minimum over the ranks.
+    """
+    if not _distributed() or torch.distributed.get_world_size(group) < 2:
+        return
+    sums = mask_checksums(masks)
+    both = torch.cat([sums, -sums])
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX, group=group)
+    high, low = both[: len(masks)], -both[len(masks) :]
+    differs = (high != low).any(dim=1).tolist()
+    for name, bad, lo, hi in zip(names, differs, low.tolist(), high.tolist()):
+        if bad:
+            raise RuntimeError(
+                f"granet: the mask of {name!r} differs between ranks "
+                f"(active count ranges over {lo[0]}..{hi[0]}, position sums over "
+                f"{lo[1]}..{hi[1]}); the ranks would train different networks. Every rank must "
+                "build the sparsifier with the same seed and arguments, load the same checkpoint "
+                "and call optimizer.step() the same number of times."
+            )
+
+
+def data_parallel_group(model: nn.Module) -> torch.distributed.ProcessGroup | None:
+    """The process group of a DistributedDataParallel wrapper; None (the world) otherwise."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.process_group
+    return None
+
+
+def _from_deepspeed(obj: object) -> bool:
+    # Engines and ZeRO optimizers live in deepspeed.runtime; deepspeed.ops optimizers such as
+    # FusedAdam are ordinary torch optimizers and work like any other.
+    return any(cls.__module__.startswith("deepspeed.runtime") for cls in type(obj).__mro__)
+
+
+# Sharding types by (module, class) across torch versions (2.4 kept FSDP2 and DTensor private).
+_FSDP = (
+    ("torch.distributed.fsdp", "FullyShardedDataParallel"),
+    ("torch.distributed.fsdp", "FSDPModule"),
+    ("torch.distributed._composable.fsdp", "FSDPModule"),
+)
+_DTENSOR = (("torch.distributed.tensor", "DTensor"), ("torch.distributed._tensor", "DTensor"))
+
+
+def _loaded(names: tuple[tuple[str, str], ...]) -> tuple[type, ...]:
+    """The classes among ``names`` whose modules are already imported: a model cannot hold an
+    instance of a class never imported, and importing FSDP only to look costs over a second."""
+    found = (getattr(sys.modules.get(module), attr, None) for module, attr in names)
+    return tuple(t for t in found if isinstance(t, type))
+
+
+def refuse_sharded(model: nn.Module, optimizer: object) -> None:
+    """Raise ValueError if the model or optimizer shards weights across ranks (FSDP, DeepSpeed)."""
+    if _from_deepspeed(model) or _from_deepspeed(optimizer):
+        raise ValueError(
+            "granet does not support DeepSpeed engines or ZeRO optimizers (they shard weights "
+            "and optimizer state across ranks); use torch DistributedDataParallel "
+            "(see docs/distributed.md)"
+        )
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise ValueError(
+            "granet does not support parameters partitioned by DeepSpeed ZeRO-3; "
+            "use torch DistributedDataParallel (see docs/distributed.md)"
+        )
+    fsdp, dtensor = _loaded(_FSDP), _loaded(_DTENSOR)
+    sharded = [
+        f"module {n!r}" if n else "the model itself"
+        for n, m in model.named_modules()
+        if isinstance(m, fsdp)
+    ]
+    sharded += [f"parameter {n!r}" for n, p in model.named_parameters() if isinstance(p, dtensor)]
+    if sharded:
+        raise ValueError(
+            f"granet does not support FSDP / fully_shard or other sharded (DTensor) parameters "
+            f"(found at {sharded[0]}); use torch DistributedDataParallel (see docs/distributed.md)"
+        )

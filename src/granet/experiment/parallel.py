@@ -1,0 +1,136 @@
+"""Data-parallel runs under ``torchrun``: the process group, each process's share of the data,
+sums across processes, and which process writes.
+
+``torchrun --nproc_per_node N -m granet train ...`` starts N copies of ``granet train`` with
+``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` set. Every process builds the same run; each trains
+on its share of every global batch (``batch_size`` is the global batch, so a run's optimizer
+steps and schedules do not depend on N), DDP averages the gradients, and process 0 alone writes
+the run folder. Without torchrun (or with N = 1) nothing here does anything.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the ``world`` processes of a run."""
+
+    rank: int = 0
+    world: int = 1
+    local: int = 0  # rank among the processes of this machine: its GPU
+
+    @property
+    def main(self) -> bool:
+        """The process that logs and writes the run folder."""
+        return self.rank == 0
+
+
+SINGLE = Ranks()
+
+
+def current() -> Ranks:
+    """The ranks of this process: from the process group when one is running, else single."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return SINGLE
+    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _launched() -> Ranks:
+    env = os.environ
+    return Ranks(
+        int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    )
+
+
+def _uses_cuda(device: str) -> bool:
+    """Whether the ``--device`` setting means a GPU here (a bad one is refused later, clearly)."""
+    return (device == "auto" or device.startswith("cuda")) and torch.cuda.is_available()
+
+
+@contextmanager
+def process_group(device: str) -> Iterator[Ranks]:
+    """Join the run's process group when started by torchrun with several processes (NCCL for
+    GPUs, each process on ``cuda:LOCAL_RANK``; gloo for the CPU), and leave it afterwards."""
+    launched = _launched()
+    if launched.world == 1 or dist.is_initialized():
+        yield current()
+        return
+    cuda = _uses_cuda(device)
+    if cuda:
+        torch.cuda.set_device(launched.local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield current()
+    finally:
+        dist.destroy_process_group()
+
+
+def shard(batches: Sequence[Sequence[int]], ranks: Ranks) -> list[list[int]]:
+    """This process's share of each global batch: every ``world``-th example from its rank on,
+    so shares differ in size by at most one."""
+    return [list(b[ranks.rank :: ranks.world]) for b in batches]
+
+
+def sum_across(values: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """``values`` summed over all processes (in place; returned for convenience)."""
+    if ranks.world > 1:
+        dist.all_reduce(values)
+    return values
+
+
+def any_across(flag: bool, ranks: Ranks, device: torch.device) -> bool:
+    """True on every process if ``flag`` is True on any one (for decisions all must share)."""
+    if ranks.world == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def broadcast(value: T, ranks: Ranks) -> T:
+    """Process 0's ``value`` (any picklable object), on every process."""
+    if ranks.world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_main(action: Callable[[], T], ranks: Ranks) -> T:
+    """``action()`` on process 0 only; what it returned, or the error it raised, on every
+    process (so that all fail together rather than wait for a process that is gone)."""
+    outcome: tuple[T | None, Exception | None] = (None, None)
+    if ranks.main:
+        try:
+            outcome = (action(), None)
+        except Exception as error:
+            outcome = (None, error)
+    result, error = broadcast(outcome, ranks)
+    if error is not None:
+        raise error
+    return result
+
+
+def staged(load: Callable[[], T], ranks: Ranks) -> T:
+    """``load()`` on process 0 first, then on the first process of each other machine, then on
+    the rest: a download into a cache, shared by the machines or not, happens once, never twice
+    at the same time."""
+    if ranks.world == 1:
+        return load()
+    result: T | None = None
+    for turn in (ranks.rank == 0, ranks.local == 0 and ranks.rank != 0, ranks.local != 0):
+        if turn:
+            result = load()
+        dist.barrier()
+    return result
