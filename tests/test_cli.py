@@ -23,15 +23,6 @@ REPORT_KEYS = {"test_accuracy", "sparsity", "itop_rate", "train_seconds", "layer
 PNGS = ("training.png", "layer_density.png", "itop_rate.png")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy shared CPU makes them slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_cli(*argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -33,14 +33,6 @@ STEPS_PER_EPOCH = 9  # 900 training examples / 100
 WEIGHT_ATOL = 1e-5  # measured gaps between 1- and 2-process runs: about 1e-8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     run_dir = prepare_run_dir(tmp_path_factory.mktemp("reference") / "run")

@@ -39,15 +39,6 @@ FLAGS = [
 STEPS_PER_EPOCH = 9  # 900 training examples / 100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The same thread count in and out of process, so that the float results agree."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     run_dir = prepare_run_dir(tmp_path_factory.mktemp("reference") / "run")
