@@ -337,3 +337,20 @@ def test_packed_ever_active_matches_masks(net):
     assert sp.itop_rate() == pytest.approx(total / sum(p.numel() for p in sp.params))
     assert math.isclose(sp.stats()["itop_rate"], sp.itop_rate())
     warnings.simplefilter("default")
+
+
+def test_works_with_a_compiled_model():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    sp = granet.GraNet(net, opt, sparsity=0.9, total_steps=40, update_every=5)
+    compiled = torch.compile(net)
+    for i in range(40):
+        g = torch.Generator().manual_seed(i)
+        x, y = torch.randn(16, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(compiled(x), y).backward()
+        opt.step()
+    masked_zero(sp, opt)
+    assert sp.step == 40
+    assert sp.sparsity() == pytest.approx(0.9, abs=1e-3)
