@@ -1,9 +1,10 @@
 """Memory a sparsifier adds: mask state per sparse weight, and the size of its saved state.
 
-Counts the bytes of the tensors the sparsifier keeps (bool masks, bit-packed ever-active masks for
-the ITOP rate, on CPU also the same-dtype multipliers of the per-step path); on CUDA also the
-allocator's view (``torch.cuda.memory_allocated`` before and after attaching). Saved state:
-``torch.save(sp.state_dict())`` against ``torch.save(model.state_dict())``.
+Counts the bytes of the tensors the sparsifier keeps on the model's device (bool masks; on CPU
+also the same-dtype multipliers of the per-step path) and in host memory (bit-packed ever-active
+masks for the ITOP rate); on CUDA also the allocator's view (``torch.cuda.memory_allocated``
+before and after attaching). Saved state: ``torch.save(sp.state_dict())`` against
+``torch.save(model.state_dict())``.
 
     python benchmarks/memory.py --model resnet50 --device cuda
 """
@@ -47,14 +48,16 @@ def main(argv: list[str] | None = None) -> dict:
     after = torch.cuda.memory_allocated(device) if cuda else 0
     weights = sum(p.numel() for p in sp.params)
     tensors, multipliers = sp._targets()
-    kept = {id(t): t for t in [*sp._masks, *sp._ever_active, *multipliers]}
-    held = sum(t.numel() * t.element_size() for t in kept.values())
+    kept = {id(t): t for t in [*sp._masks, *multipliers]}
+    on_device = sum(t.numel() * t.element_size() for t in kept.values())
+    in_host = sum(e.numel() for e in sp._ever_active)
     result = {
         "model": args.model,
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "torch": torch.__version__,
         "sparse_weights": weights,
-        "mask_bytes_per_weight": held / weights,
+        "mask_bytes_per_weight": on_device / weights,
+        "host_bytes_per_weight": in_host / weights,
         "allocator_bytes_per_weight": (after - before) / weights if cuda else None,
         "sparsifier_state_bytes": saved_bytes(sp.state_dict()),
         "model_state_bytes": saved_bytes(model.state_dict()),

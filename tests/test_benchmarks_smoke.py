@@ -22,8 +22,9 @@ def test_quick_suite_writes_its_results(tmp_path):
     assert [r["weights"] for r in update["results"]] == [2**20, 2**21]
     assert (tmp_path / "update_cost.png").stat().st_size > 0
     memory = json.loads((tmp_path / "memory.json").read_text())
-    # bool mask + bit-packed ever-active mask + (CPU only) a float32 multiplier per weight
-    assert memory["mask_bytes_per_weight"] == 1 + 1 / 8 + 4
+    # bool mask + (CPU only) a float32 multiplier per weight; the ever-active bits in host memory
+    assert memory["mask_bytes_per_weight"] == 1 + 4
+    assert memory["host_bytes_per_weight"] == 1 / 8
     assert memory["sparsifier_state_bytes"] < memory["model_state_bytes"] / 8
 
 

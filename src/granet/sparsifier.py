@@ -146,7 +146,8 @@ class Sparsifier:
             random_mask(p.shape, n, cpu).to(p.device) for p, n in zip(self.params, counts)
         ]
         self._nnz = counts
-        self._ever_active = [pack_bits(m) for m in self._masks]
+        # Bit-packed and in host memory: on a GPU the device holds only the bool masks.
+        self._ever_active = [pack_bits(m).cpu() for m in self._masks]
         self._apply()
         self._verify()
         self._hook = optimizer.register_step_post_hook(self._on_step)
@@ -219,7 +220,7 @@ class Sparsifier:
         self._target_cache = None  # the masks changed
         self._apply()
         for ever, m in zip(self._ever_active, self._masks):
-            ever.bitwise_or_(pack_bits(m))
+            ever.bitwise_or_(pack_bits(m).cpu())
 
     def _verify(self) -> None:
         """Under torch.distributed, raise if the ranks' masks differ (see ``distributed.py``)."""
@@ -352,7 +353,7 @@ class Sparsifier:
             raise ValueError(f"sparsifier state has masks for unknown tensors: {extra}")
         for i, (name, p) in enumerate(zip(self.names, self.params)):
             self._masks[i] = unpack_bits(state["masks"][name].to(p.device), p.shape)
-            self._ever_active[i] = state["ever_active"][name].to(p.device).clone()
+            self._ever_active[i] = state["ever_active"][name].cpu().clone()
         self._nnz = torch.stack([m.count_nonzero() for m in self._masks]).tolist()
         self.step = int(state["step"])
         self.last_round = dict(state["last_round"])
