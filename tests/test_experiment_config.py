@@ -12,6 +12,7 @@ from granet.experiment.config import KEYS, make_config, resolve_config, save_con
 from granet.experiment.data import DATASETS
 from granet.experiment.flops import count_flops, inference_flops, training_flops
 from granet.experiment.models import MODELS
+from granet.experiment.report import summarize
 from granet.experiment.sweep import load_sweep
 from granet.experiment.train import epoch_batches, lr_factor
 
@@ -123,3 +124,32 @@ def test_presets_are_valid_and_the_default_preset_is_the_default():
     )
     for path in configs.glob("sweep-*.yaml"):
         assert load_sweep(path).jobs
+
+
+def _report(method, init, sparsity, seed, accuracy):
+    return {
+        "dataset": "fashion-mnist",
+        "model": "mlp",
+        "method": method,
+        "config": {"init_sparsity": init},
+        "target_sparsity": sparsity,
+        "seed": seed,
+        "test_accuracy": accuracy,
+        "itop_rate": 1.0,
+        "train_seconds": 1.0,
+        "flops": {"inference_per_sample": {"ratio": 0.1}, "training_total": {"ratio": 0.3}},
+    }
+
+
+def test_comparison_keeps_initial_sparsities_apart():
+    reports = [
+        _report("granet", None, 0.9, 1, 0.80),
+        _report("granet", None, 0.9, 2, 0.82),
+        _report("granet", 0.0, 0.9, 1, 0.90),
+        _report("rigl", None, 0.9, 1, 0.70),
+    ]
+    rows = {r["method"]: r for r in summarize(reports)}
+    assert set(rows) == {"granet (s_i=0)", "granet (s_i=0.5)", "rigl"}
+    assert rows["granet (s_i=0.5)"]["runs"] == 2
+    assert rows["granet (s_i=0.5)"]["test_accuracy_mean"] == pytest.approx(0.81)
+    assert rows["granet (s_i=0)"]["test_accuracy_mean"] == pytest.approx(0.90)

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import granet
 from granet.experiment.config import METHOD_CHOICES
 from granet.experiment.plots import (
     ITOP_PNG,
@@ -29,6 +30,7 @@ CSV_FIELDS = (
     "dataset",
     "model",
     "method",
+    "base_method",
     "sparsity",
     "runs",
     "seeds",
@@ -127,21 +129,40 @@ def redraw(run_dir: str | Path) -> str:
 
 
 # ---------------------------------------------------------------------------- comparisons
+def _init_sparsity(r: Mapping[str, Any]) -> float | None:
+    """The run's initial sparsity as set in its config (None: the method's own default)."""
+    return r.get("config", {}).get("init_sparsity")
+
+
 def summarize(reports: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (dataset, model, method, target sparsity): mean and std over seeds."""
+    """One row per (dataset, model, method, target sparsity): mean and std over seeds.
+
+    Runs of one method with different initial sparsities (GraNet from dense and from 50%) get
+    their own rows, labelled ``method (s_i=...)``.
+    """
+    reports = list(reports)
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for r in reports:
-        key = (r["dataset"], r["model"], r["method"], r["target_sparsity"])
+        key = (r["dataset"], r["model"], r["method"], _init_sparsity(r), r["target_sparsity"])
         groups.setdefault(key, []).append(r)
+    variants: dict[str, set] = {}
+    for _, _, method, init, _ in groups:
+        variants.setdefault(method, set()).add(init)
     rows = []
-    for (dataset, model, method, sparsity), runs in groups.items():
+    for (dataset, model, method, init, sparsity), runs in groups.items():
+        label = method
+        if len(variants[method]) > 1:
+            default = granet.METHODS[method].default_init_sparsity
+            shown = init if init is not None else default
+            label = f"{method} (s_i={'s_f' if shown is None else f'{shown:g}'})"
         acc = [r["test_accuracy"] for r in runs]
         itop = [r["itop_rate"] for r in runs if r["itop_rate"] is not None]
         rows.append(
             {
                 "dataset": dataset,
                 "model": model,
-                "method": method,
+                "method": label,
+                "base_method": method,
                 "sparsity": sparsity,
                 "runs": len(runs),
                 "seeds": " ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"])),
@@ -158,7 +179,15 @@ def summarize(reports: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     order = {m: i for i, m in enumerate(("dense", *METHOD_CHOICES))}
-    rows.sort(key=lambda r: (r["dataset"], r["model"], order[r["method"]], r["sparsity"]))
+    rows.sort(
+        key=lambda r: (
+            r["dataset"],
+            r["model"],
+            order[r["base_method"]],
+            r["method"],
+            r["sparsity"],
+        )
+    )
     return rows
 
 
