@@ -8,13 +8,14 @@ import pytest
 import torch
 from torch import nn
 
+from granet.criteria import RandomGrowth
 from granet.experiment.config import KEYS, make_config, resolve_config, save_config
 from granet.experiment.data import DATASETS
 from granet.experiment.flops import count_flops, inference_flops, training_flops
 from granet.experiment.models import MODELS
 from granet.experiment.report import summarize
 from granet.experiment.sweep import load_sweep
-from granet.experiment.train import epoch_batches, lr_factor
+from granet.experiment.train import epoch_batches, lr_factor, make_sparsifier
 
 
 def test_file_overrides_defaults_and_flags_override_file(tmp_path):
@@ -35,7 +36,13 @@ def test_saved_config_reads_back_identical(tmp_path):
 
 @pytest.mark.parametrize(
     ("key", "value", "choices"),
-    [("model", "alexnet", MODELS), ("dataset", "mnist", DATASETS), ("method", "snip", None)],
+    [
+        ("model", "alexnet", MODELS),
+        ("dataset", "mnist", DATASETS),
+        ("method", "snip", None),
+        ("pruning", "local", ("global", "uniform")),
+        ("growth", "magic", ("gradient", "momentum", "random")),
+    ],
 )
 def test_unknown_choice_lists_the_choices(key, value, choices):
     with pytest.raises(ValueError, match=f"{key} must be one of") as e:
@@ -153,3 +160,11 @@ def test_comparison_keeps_initial_sparsities_apart():
     assert rows["granet (s_i=0.5)"]["runs"] == 2
     assert rows["granet (s_i=0.5)"]["test_accuracy_mean"] == pytest.approx(0.81)
     assert rows["granet (s_i=0)"]["test_accuracy_mean"] == pytest.approx(0.90)
+
+
+def test_pruning_and_growth_reach_the_sparsifier():
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    config = make_config({"method": "granet", "pruning": "uniform", "growth": "random"})
+    sp = make_sparsifier(net, opt, config.resolved(100), total_steps=100)
+    assert sp.pruning == "uniform" and isinstance(sp.growth, RandomGrowth)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import granet
+from granet.criteria import GROWTH
 from granet.experiment.config import (
     AMP_CHOICES,
     AUTO_UPDATES_PER_RUN,
@@ -26,6 +27,7 @@ from granet.experiment.config import (
 )
 from granet.experiment.data import DATASETS
 from granet.experiment.models import MODELS
+from granet.sparsifier import PRUNING
 
 _D = Config()
 
@@ -153,6 +155,22 @@ _TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
         dict(
             metavar=_choices(granet.DISTRIBUTIONS),
             help=f"layer-wise sparsity distribution (default: {_D.distribution})",
+        ),
+    ),
+    (
+        "--pruning",
+        dict(
+            metavar=_choices(PRUNING),
+            help=f"gradual pruning: one global magnitude threshold, or the same rate in every "
+            f"layer (default: {_D.pruning})",
+        ),
+    ),
+    (
+        "--growth",
+        dict(
+            metavar=_choices(GROWTH),
+            help="what regrows: |gradient|, |gradient momentum| or random (default: the "
+            "method's own: gradient; set random, snfs momentum)",
         ),
     ),
     (

@@ -17,8 +17,10 @@ from typing import Any
 import yaml
 
 import granet
+from granet.criteria import GROWTH
 from granet.experiment.data import DATASETS
 from granet.experiment.models import MODELS
+from granet.sparsifier import PRUNING
 
 METHOD_CHOICES = (*granet.METHODS, "dense")
 OPTIMIZERS = ("sgd", "adamw")
@@ -60,6 +62,8 @@ class Config:
     prune_start: float = 0.0
     prune_end: float = 0.5
     distribution: str = "erk"
+    pruning: str = "global"
+    growth: str | None = None  # None: the method's own (gradient; set random, snfs momentum)
     exclude: list[str] = field(default_factory=list)
     # where and how
     seed: int = 0
@@ -131,6 +135,9 @@ def _check_ranges(c: Config) -> None:
     _choice("schedule", c.schedule, SCHEDULES)
     _choice("amp", c.amp, AMP_CHOICES)
     _choice("distribution", c.distribution, tuple(granet.DISTRIBUTIONS))
+    _choice("pruning", c.pruning, PRUNING)
+    if c.growth is not None:
+        _choice("growth", c.growth, GROWTH)
     need(0.0 <= c.sparsity < 1.0, "sparsity", "in [0, 1)")
     if c.init_sparsity is not None:
         need(0.0 <= c.init_sparsity <= c.sparsity, "init_sparsity", f"in [0, {c.sparsity}]")

@@ -118,7 +118,11 @@ def make_sparsifier(
     method's own defaults."""
     if config.method == "dense":
         return None
-    optional = {"init_sparsity": config.init_sparsity, "regrow_fraction": config.regrow_fraction}
+    optional = {
+        "init_sparsity": config.init_sparsity,
+        "regrow_fraction": config.regrow_fraction,
+        "growth": config.growth,
+    }
     return granet.sparsify(
         model,
         optimizer,
@@ -129,6 +133,7 @@ def make_sparsifier(
         prune_end=float(config.prune_end),
         update_every=config.update_every,
         distribution=config.distribution,
+        pruning=config.pruning,
         seed=config.seed,
         exclude=tuple(config.exclude),
         **{k: v for k, v in optional.items() if v is not None},
