@@ -126,9 +126,7 @@ def test_presets_are_valid_and_the_default_preset_is_the_default():
     assert {p.stem for p in presets} >= {"fashion-mnist", "cifar10-vgg19", "imagenet-resnet50"}
     for path in presets:
         resolve_config(path)
-    assert resolve_config(configs / "fashion-mnist.yaml") == make_config(
-        {"init_sparsity": 0.5, "regrow_fraction": 0.5}
-    )
+    assert resolve_config(configs / "fashion-mnist.yaml") == make_config({})
     for path in configs.glob("sweep-*.yaml"):
         assert load_sweep(path).jobs
 
@@ -168,3 +166,34 @@ def test_pruning_and_growth_reach_the_sparsifier():
     config = make_config({"method": "granet", "pruning": "uniform", "growth": "random"})
     sp = make_sparsifier(net, opt, config.resolved(100), total_steps=100)
     assert sp.pruning == "uniform" and isinstance(sp.growth, RandomGrowth)
+
+
+def test_sweep_refuses_one_initial_sparsity_for_several_methods(tmp_path):
+    # It would turn RigL, GMP and static into the same GraNet run.
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        "config: {init_sparsity: 0.5}\nmethods: [dense, granet, rigl]\nsparsities: [0.9]\n"
+    )
+    with pytest.raises(ValueError, match="init_sparsity is set for every method"):
+        load_sweep(sweep)
+    sweep.write_text("config: {init_sparsity: 0.0}\nmethods: [dense, granet]\nsparsities: [0.9]\n")
+    assert [j.config.init_sparsity for j in load_sweep(sweep).jobs] == [0.0, 0.0]
+
+
+def test_sweep_methods_differ(tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    base = Path(__file__).parents[1] / "configs" / "fashion-mnist.yaml"
+    sweep.write_text(f"base: {base}\nmethods: [granet, gmp, rigl, static]\nsparsities: [0.9]\n")
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    shape = {}
+    for job in load_sweep(sweep).jobs:
+        sp = make_sparsifier(net, opt, job.config.resolved(100), total_steps=100)
+        shape[job.config.method] = (sp.init_sparsity, sp.regrow.start)
+        sp.remove()
+    assert shape == {
+        "granet": (0.5, 0.5),
+        "gmp": (0.0, 0.0),
+        "rigl": (0.9, 0.5),
+        "static": (0.9, 0.0),
+    }

@@ -37,6 +37,8 @@ from granet.experiment.runs import (
 )
 from granet.experiment.train import TrainingInterrupted, train
 
+# settings whose method defaults define the methods (RigL = GraNet started at the final sparsity)
+METHOD_DEFINING = ("init_sparsity", "regrow_fraction", "growth")
 SWEEP_KEYS = ("base", "config", "methods", "sparsities", "seeds", "out", "workers")
 # settings a sweep resolves per run (``update_every: null`` becomes a number in config.yaml)
 _RESOLVED_LATER = ("update_every",)
@@ -90,6 +92,14 @@ def load_sweep(path: str | Path) -> Sweep:
     base.update(spec.get("config") or {})
     methods = _list(spec, "methods", path)
     sparse = [m for m in methods if m != "dense"]
+    if len(set(sparse)) > 1:
+        pinned = [k for k in METHOD_DEFINING if base.get(k) is not None]
+        if pinned:
+            raise ValueError(
+                f"sweep file {path}: {', '.join(pinned)} is set for every method, which would "
+                f"override what makes the methods differ ({', '.join(sorted(set(sparse)))}); "
+                "leave it null (each method's own) or sweep one method per file"
+            )
     sparsities = _list(spec, "sparsities", path, None if sparse else [])
     seeds = _list(spec, "seeds", path, [0])
     out = Path(spec.get("out") or Path("runs") / path.stem)
