@@ -151,11 +151,14 @@ def test_comparison_keeps_initial_sparsities_apart():
         _report("granet", None, 0.9, 1, 0.80),
         _report("granet", None, 0.9, 2, 0.82),
         _report("granet", 0.0, 0.9, 1, 0.90),
+        _report("granet", 0.5, 0.9, 3, 0.81),  # the default, written out
+        _report("rigl", 0.9, 0.9, 2, 0.70),
         _report("rigl", None, 0.9, 1, 0.70),
     ]
     rows = {r["method"]: r for r in summarize(reports)}
     assert set(rows) == {"granet (s_i=0)", "granet (s_i=0.5)", "rigl"}
-    assert rows["granet (s_i=0.5)"]["runs"] == 2
+    assert rows["granet (s_i=0.5)"]["runs"] == 3
+    assert rows["rigl"]["runs"] == 2
     assert rows["granet (s_i=0.5)"]["test_accuracy_mean"] == pytest.approx(0.81)
     assert rows["granet (s_i=0)"]["test_accuracy_mean"] == pytest.approx(0.90)
 

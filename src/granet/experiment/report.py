@@ -130,8 +130,13 @@ def redraw(run_dir: str | Path) -> str:
 
 # ---------------------------------------------------------------------------- comparisons
 def _init_sparsity(r: Mapping[str, Any]) -> float | None:
-    """The run's initial sparsity as set in its config (None: the method's own default)."""
-    return r.get("config", {}).get("init_sparsity")
+    """The run's initial sparsity if it differs from its method's own default, else None."""
+    init = r.get("config", {}).get("init_sparsity")
+    if init is None or r["method"] not in granet.METHODS:
+        return None
+    default = granet.METHODS[r["method"]].default_init_sparsity
+    own = r["target_sparsity"] if default is None else min(default, r["target_sparsity"])
+    return None if init == own else init
 
 
 def summarize(reports: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
