@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 
 import torch
 
@@ -27,7 +26,7 @@ def saved_bytes(obj: object) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from overhead import MODELS  # the same models as the overhead benchmark
+    from overhead import MODELS, emit  # the same models as the overhead benchmark
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=MODELS, default="resnet50")
@@ -62,10 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sparsifier_state_bytes": saved_bytes(sp.state_dict()),
         "model_state_bytes": saved_bytes(model.state_dict()),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.json)
     return result
 
 

@@ -55,6 +55,14 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
 }
 
 
+def emit(result: dict, path: str | None) -> None:
+    """Print ``result`` as JSON, and write it to ``path`` when given."""
+    print(json.dumps(result, indent=2))
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -157,10 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         "update_round_ms": 1000 * statistics.median(round_times),
         "sparse_weights": sum(p.numel() for p in sp.params),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.json)
     return result
 
 
