@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from granet.criteria import RandomGrowth
@@ -14,7 +15,7 @@ from granet.experiment.data import DATASETS
 from granet.experiment.flops import count_flops, inference_flops, training_flops
 from granet.experiment.models import MODELS
 from granet.experiment.report import summarize
-from granet.experiment.sweep import load_sweep
+from granet.experiment.sweep import _state, load_sweep
 from granet.experiment.train import epoch_batches, lr_factor, make_sparsifier
 
 
@@ -200,3 +201,34 @@ def test_sweep_methods_differ(tmp_path):
         "rigl": (0.9, 0.5),
         "static": (0.9, 0.0),
     }
+
+
+def test_sweep_keeps_a_run_whose_settings_only_spell_out_the_defaults(tmp_path):
+    # A run saved with GraNet's own init sparsity and regrowth written out, by a version that
+    # had no `pruning` setting yet, is the same run as the sweep's; another init sparsity is not.
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"methods: [dense, granet]\nsparsities: [0.9]\nout: {tmp_path / 'out'}\n")
+    dense, granet_job = load_sweep(sweep).jobs
+    for job, spelled in [(dense, {"init_sparsity": 0.5}), (granet_job, {"regrow_fraction": 0.5})]:
+        job.run_dir.mkdir(parents=True)
+        stored = {**job.config.to_dict(), "init_sparsity": 0.5, **spelled}
+        del stored["pruning"]
+        (job.run_dir / "config.yaml").write_text(yaml.safe_dump(stored))
+        assert _state(job, overwrite=False) == "resume"  # same run, not finished
+    (granet_job.run_dir / "config.yaml").write_text(
+        yaml.safe_dump({**granet_job.config.to_dict(), "init_sparsity": 0.0})
+    )
+    with pytest.raises(ValueError, match=r"other settings \(init_sparsity\)"):
+        _state(granet_job, overwrite=False)
+    assert _state(granet_job, overwrite=True) == "new"
+
+
+def test_effective_settings_write_out_each_methods_defaults():
+    def effective(**values):
+        return make_config({"sparsity": 0.9, **values}).effective()
+
+    assert effective(method="rigl") == effective(method="rigl", init_sparsity=0.9)
+    assert effective(method="gmp")["regrow_fraction"] == 0.0
+    assert effective(method="set")["growth"] == "random"
+    assert effective(method="granet") != effective(method="granet", init_sparsity=0.0)
+    assert effective(method="dense") == effective(method="dense", regrow_fraction=0.3)

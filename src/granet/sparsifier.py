@@ -53,6 +53,12 @@ class Sparsifier:
     default_regrow_fraction: float = 0.5
     default_growth: str = "gradient"
 
+    @classmethod
+    def own_init_sparsity(cls, sparsity: float) -> float:
+        """The initial sparsity this method starts from when none is given."""
+        default = cls.default_init_sparsity
+        return sparsity if default is None else min(default, sparsity)
+
     def __init__(
         self,
         model: nn.Module,
@@ -75,8 +81,7 @@ class Sparsifier:
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1); got {sparsity}")
         if init_sparsity is None:
-            default = self.default_init_sparsity
-            init_sparsity = sparsity if default is None else min(default, sparsity)
+            init_sparsity = self.own_init_sparsity(sparsity)
         if not 0.0 <= init_sparsity <= sparsity:
             raise ValueError(
                 f"init_sparsity must be in [0, sparsity={sparsity}]; got {init_sparsity}"

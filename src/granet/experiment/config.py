@@ -74,6 +74,22 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def effective(self) -> dict[str, Any]:
+        """The settings with each method's own defaults written out, so that two configs that
+        train the same run compare equal (``null`` vs the default's value; dense ignores them)."""
+        values = self.to_dict()
+        method = granet.METHODS.get(self.method)
+        if method is None:
+            values.update(init_sparsity=None, regrow_fraction=None, growth=None)
+            return values
+        if self.init_sparsity is None:
+            values["init_sparsity"] = method.own_init_sparsity(self.sparsity)
+        if self.regrow_fraction is None:
+            values["regrow_fraction"] = method.default_regrow_fraction
+        if self.growth is None:
+            values["growth"] = method.default_growth
+        return values
+
     def resolved(self, total_steps: int) -> Config:
         """This config with the run-length-dependent ``null`` values made concrete."""
         every = self.update_every or max(1, round(total_steps / AUTO_UPDATES_PER_RUN))

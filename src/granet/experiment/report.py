@@ -132,11 +132,10 @@ def redraw(run_dir: str | Path) -> str:
 def _init_sparsity(r: Mapping[str, Any]) -> float | None:
     """The run's initial sparsity if it differs from its method's own default, else None."""
     init = r.get("config", {}).get("init_sparsity")
-    if init is None or r["method"] not in granet.METHODS:
+    method = granet.METHODS.get(r["method"])
+    if init is None or method is None:
         return None
-    default = granet.METHODS[r["method"]].default_init_sparsity
-    own = r["target_sparsity"] if default is None else min(default, r["target_sparsity"])
-    return None if init == own else init
+    return None if init == method.own_init_sparsity(r["target_sparsity"]) else init
 
 
 def summarize(reports: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -128,8 +128,11 @@ def _state(job: Job, overwrite: bool) -> str:
     error (its numbers would not belong in this sweep's table)."""
     if overwrite or not is_run_dir(job.run_dir):
         return "new"
-    stored = read_run_config(job.run_dir)
-    wanted = job.config.to_dict()
+    try:
+        stored = make_config(read_run_config(job.run_dir)).effective()
+    except ValueError as e:
+        raise ValueError(f"{job.run_dir} has settings this version cannot read: {e}") from None
+    wanted = job.config.effective()
     differ = [
         k
         for k, v in wanted.items()
