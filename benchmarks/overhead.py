@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
         sp = None
         if name == "granet":
-            # update_every beyond the run: every timed step is a plain (no-update) GraNet step
+            # no update is due during the timed steps (checked above): plain GraNet steps
             sp = granet.GraNet(
-                model, opt, sparsity=args.sparsity, total_steps=total, update_every=total
+                model, opt, sparsity=args.sparsity, total_steps=total, update_every=every
             )
         variants[name] = [model, opt, sp, torch.compile(model) if args.compile else model]
     sparse = variants["granet"][2]
@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     # One full round mid-schedule: gradual pruning + drop-and-regrow, masks restored each rep.
     sp = sparse
     sp.step = total // 4  # inside the gradual phase (prune_end = total / 2)
+    assert sp.schedule.prunes_at(sp.step) and sp.regrow(sp.step) > 0
     snapshot = sp.state_dict()
     round_times = []
     for _ in range(args.update_reps):

@@ -331,8 +331,9 @@ def test_packed_ever_active_matches_masks(net):
         train(net, opt, 5, start)
         for n, m in sp.masks.items():
             union[n] |= m
-    for e, (n, p) in zip(sp._ever_active, zip(sp.names, sp.params)):
-        assert torch.equal(unpack_bits(e, p.shape), union[n])
+    saved = sp.state_dict()["ever_active"]
+    for n, p in zip(sp.names, sp.params):
+        assert torch.equal(unpack_bits(saved[n], p.shape), union[n])
     total = sum(int(u.sum()) for u in union.values())
     assert sp.itop_rate() == pytest.approx(total / sum(p.numel() for p in sp.params))
     assert math.isclose(sp.stats()["itop_rate"], sp.itop_rate())

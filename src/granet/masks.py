@@ -50,9 +50,17 @@ def random_mask(shape: torch.Size, nnz: int, generator: torch.Generator) -> torc
     return mask.view(shape)
 
 
-def top_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """A flat bool mask selecting the ``k`` largest entries of ``scores`` (exact count)."""
+def top_mask(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """A flat bool mask selecting the ``k`` largest entries of ``scores`` (exact count).
+
+    ``k`` may be a 0-d tensor that only the device knows (a per-layer count after global
+    pruning): the entries are then ranked by a stable sort, so the host never waits to read it.
+    """
     flat = scores.reshape(-1)
+    if torch.is_tensor(k):
+        order = torch.argsort(flat, descending=True, stable=True)
+        by_rank = torch.arange(flat.numel(), device=flat.device) < k
+        return torch.empty_like(by_rank).scatter_(0, order, by_rank)
     mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     if k > 0:
         mask[torch.topk(flat, k, sorted=False).indices] = True

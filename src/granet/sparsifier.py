@@ -20,6 +20,7 @@ from granet.criteria import GROWTH, magnitude, make_growth
 from granet.distributed import data_parallel_group, refuse_sharded, verify_agreement
 from granet.distributions import DISTRIBUTIONS
 from granet.masks import apply_masks, pack_bits, random_mask, top_mask, unpack_bits
+from granet.readback import HostCopy
 from granet.schedules import CosineDecay, CubicSparsity, UpdateCadence
 from granet.selection import Rule, select_parameters, unwrap
 
@@ -139,7 +140,7 @@ class Sparsifier:
         )
         self.dynamic = regrow_fraction > 0 or init_sparsity < sparsity
         self.step = 0
-        self.last_round = {"pruned": 0, "dropped": 0, "regrown": 0}
+        self._last_round = {"pruned": 0, "dropped": 0, "regrown": 0}
         self._numel = sum(p.numel() for p in self.params)
         self._generators: dict[str, torch.Generator] = {}
         self._target_cache: tuple[Any, ...] | None = None
@@ -150,9 +151,14 @@ class Sparsifier:
         self._masks = [
             random_mask(p.shape, n, cpu).to(p.device) for p, n in zip(self.params, counts)
         ]
-        self._nnz = counts
-        # Bit-packed and in host memory: on a GPU the device holds only the bool masks.
-        self._ever_active = [pack_bits(m).cpu() for m in self._masks]
+        self._nnz = counts  # per layer, as the host last read them
+        # Weights active at least once, one bit each over all sparse layers in order; in host
+        # memory, so that on a GPU the device holds only the bool masks.
+        self._ever_active = self._packed_masks().cpu()
+        # Where reading device values back costs the host nothing, a round's results are taken
+        # in at once; elsewhere at the next round or report (see ``_settle``).
+        self._reads_free = all(p.device.type == "cpu" for p in self.params)
+        self._pending: tuple[int, int, HostCopy] | None = None
         self._apply()
         self._verify()
         self._hook = optimizer.register_step_post_hook(self._on_step)
@@ -205,59 +211,90 @@ class Sparsifier:
         self._verify()
 
     def _round(self) -> None:
-        """Prune to the schedule, drop and regrow, apply the masks."""
+        """Prune to the schedule, drop and regrow, apply the masks.
+
+        The host never waits for the device here: counts only the device knows select by rank
+        (:func:`top_mask`), the NaN guard takes effect on the device, and what the host needs
+        (counts, ITOP bits, warnings) comes back asynchronously and is taken in by ``_settle``.
+        """
         self._apply()
-        reason = self._unsafe()
-        if reason is not None:
-            warnings.warn(
-                f"granet: skipped the topology update at step {self.step}: {reason}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return
-        before = sum(self._nnz)
-        if self.schedule.prunes_at(self.step):
-            self._prune_to(self.schedule(self.step))
-        pruned = before - sum(self._nnz)
+        self._settle()
         fraction = self.regrow(self.step)
-        dropped = self._drop_and_regrow(fraction) if fraction > 0 else 0
-        self.last_round = {"pruned": pruned, "dropped": dropped, "regrown": dropped}
+        reason = self.growth.missing(self.params, self.names) if fraction > 0 else None
+        if reason is not None:
+            self._warn_skipped(self.step, reason)
+            return
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(self.params, math.inf)))
+        masks = [m.clone() for m in self._masks]
+        counts: list[int] | torch.Tensor = self._nnz
+        pruned = 0
+        if self.schedule.prunes_at(self.step):
+            keep = round((1.0 - self.schedule(self.step)) * self._numel)
+            if keep < sum(self._nnz):
+                counts = self._prune(masks, keep)
+                pruned = sum(self._nnz) - keep
+        if torch.is_tensor(counts) and self._reads_free:
+            counts = counts.tolist()
+        dropped = self._drop_and_regrow(masks, counts, fraction) if fraction > 0 else 0
+        ok = finite.all()  # a round on non-finite weights leaves the masks as they were
+        for m, new in zip(self._masks, masks):
+            m.copy_(torch.where(ok, new, m))
         self._target_cache = None  # the masks changed
         self._apply()
-        for ever, m in zip(self._ever_active, self._masks):
-            ever.bitwise_or_(pack_bits(m).cpu())
+        self._pending = (
+            self.step,
+            pruned,
+            HostCopy([finite, counts, dropped, self._packed_masks()]),
+        )
+        if self._reads_free:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Take in the last round's results: per-layer counts, statistics, ITOP bits."""
+        if self._pending is None:
+            return
+        step, pruned, results = self._pending
+        self._pending = None
+        finite, counts, dropped, bits = results.result()
+        if not finite.all():
+            bad = [n for n, ok in zip(self.names, finite.tolist()) if not ok]
+            self._warn_skipped(step, f"non-finite weights in {', '.join(bad)}")
+            return
+        self._nnz = counts.tolist() if torch.is_tensor(counts) else counts
+        dropped = int(dropped)
+        self._last_round = {"pruned": pruned, "dropped": dropped, "regrown": dropped}
+        self._ever_active.bitwise_or_(bits)
+
+    def _warn_skipped(self, step: int, reason: str) -> None:
+        warnings.warn(
+            f"granet: skipped the topology update at step {step}: {reason}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def _verify(self) -> None:
         """Under torch.distributed, raise if the ranks' masks differ (see ``distributed.py``)."""
         if self.verify_ranks:
             verify_agreement(self.names, self._masks, self._group)
 
-    def _unsafe(self) -> str | None:
-        """Why this round must not run (missing growth signal, non-finite values), or None."""
-        if self.regrow(self.step) > 0:
-            reason = self.growth.missing(self.params, self.names)
-            if reason is not None:
-                return reason
-        largest = torch.stack(torch._foreach_norm(self.params, math.inf))  # NaN/inf propagate
-        bad = [n for n, ok in zip(self.names, torch.isfinite(largest).tolist()) if not ok]
-        return f"non-finite weights in {', '.join(bad)}" if bad else None
+    def _packed_masks(self) -> torch.Tensor:
+        """All masks as one bit-packed array, on the masks' device."""
+        return pack_bits(torch.cat([m.reshape(-1) for m in self._masks]))
 
-    def _prune_to(self, sparsity: float) -> None:
-        """Keep the ``(1 - sparsity) * N`` largest active weights (globally or per layer)."""
-        keep = round((1.0 - sparsity) * self._numel)
-        if keep >= sum(self._nnz):
-            return
-        scores = [
-            torch.where(m, magnitude(p).float(), -1.0) for p, m in zip(self.params, self._masks)
-        ]
+    def _prune(self, masks: list[torch.Tensor], keep: int) -> list[int] | torch.Tensor:
+        """Keep the ``keep`` largest active weights of ``masks`` (globally or per layer); the
+        per-layer counts this leaves (after global pruning, on the device)."""
+        scores = [torch.where(m, magnitude(p).float(), -1.0) for p, m in zip(self.params, masks)]
         if self.pruning == "global":
             flat = top_mask(torch.cat([s.reshape(-1) for s in scores]), keep)
             new = list(flat.split([p.numel() for p in self.params]))
+            counts = torch.stack([n.count_nonzero() for n in new])
         else:
-            new = [top_mask(s, k) for s, k in zip(scores, self._uniform_counts(keep))]
-        for m, n in zip(self._masks, new):
+            counts = self._uniform_counts(keep)
+            new = [top_mask(s, k) for s, k in zip(scores, counts)]
+        for m, n in zip(masks, new):
             m.copy_(n.view(m.shape))
-        self._nnz = torch.stack([m.count_nonzero() for m in self._masks]).tolist()
+        return counts
 
     def _uniform_counts(self, keep: int) -> list[int]:
         """Per-layer counts at one common keep rate, summing to ``keep`` (largest remainders)."""
@@ -269,20 +306,22 @@ class Sparsifier:
             counts[i] += 1
         return counts
 
-    def _drop_and_regrow(self, fraction: float) -> int:
-        """In each layer, drop ``ceil(fraction * nnz)`` smallest active weights and regrow as many
-        inactive positions with the highest growth score. Returns the number dropped."""
-        total = 0
-        for i, (p, m) in enumerate(zip(self.params, self._masks)):
-            k = math.ceil(fraction * self._nnz[i])
-            if k == 0:
-                continue
+    def _drop_and_regrow(
+        self, masks: list[torch.Tensor], counts: list[int] | torch.Tensor, fraction: float
+    ) -> int | torch.Tensor:
+        """In each layer, drop ``ceil(fraction * count)`` smallest active weights and regrow as
+        many inactive positions with the highest growth score. Returns the number dropped."""
+        if torch.is_tensor(counts):
+            ks = (counts.double() * fraction).ceil().long()  # as math.ceil in double precision
+            total = ks.sum()
+        else:
+            ks = [math.ceil(fraction * n) for n in counts]
+            total = sum(ks)
+        for i, (p, m, k) in enumerate(zip(self.params, masks, ks)):
             mask = m.view(-1)
-            drop_scores = torch.where(mask, magnitude(p).reshape(-1).float(), math.inf)
-            mask[torch.topk(drop_scores, k, largest=False, sorted=False).indices] = False
+            mask &= ~top_mask(torch.where(mask, -magnitude(p).reshape(-1).float(), -math.inf), k)
             grow = self.growth.scores(i, p, self._generator(p.device)).reshape(-1).float()
-            mask[torch.topk(torch.where(mask, -math.inf, grow), k, sorted=False).indices] = True
-            total += k
+            mask |= top_mask(torch.where(mask, -math.inf, grow), k)
         return total
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -296,19 +335,28 @@ class Sparsifier:
         """Parameter name -> bool mask (True = active)."""
         return dict(zip(self.names, self._masks))
 
+    @property
+    def last_round(self) -> dict[str, int]:
+        """Weights pruned, dropped and regrown by the last topology round."""
+        self._settle()
+        return dict(self._last_round)
+
     def sparsity(self) -> float:
         """Current global sparsity of the sparse layers (fraction of masked-out weights)."""
+        self._settle()
         return 1.0 - sum(self._nnz) / self._numel
 
     def itop_rate(self) -> float:
         """Fraction of all sparse-layer weights that have been active at least once."""
-        ever = sum(
-            int(unpack_bits(e, p.shape).sum()) for e, p in zip(self._ever_active, self.params)
-        )
-        return ever / self._numel
+        self._settle()
+        return int(self._ever_bits().count_nonzero()) / self._numel
+
+    def _ever_bits(self) -> torch.Tensor:
+        return unpack_bits(self._ever_active, (self._numel,))
 
     def stats(self) -> dict[str, Any]:
         """A snapshot for logging: step, schedule, sparsity, ITOP rate, per-layer density."""
+        self._settle()
         nxt = self.cadence.next_update(self.step) if self.dynamic else None
         return {
             "step": self.step,
@@ -317,7 +365,7 @@ class Sparsifier:
             "target_sparsity": self.schedule(self.step),
             "regrow_fraction": self.regrow(self.step),
             "itop_rate": self.itop_rate(),
-            "last_round": dict(self.last_round),
+            "last_round": self.last_round,
             "layers": {
                 name: {
                     "density": n / p.numel(),
@@ -332,14 +380,16 @@ class Sparsifier:
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly; masks are bit-packed (1 bit per weight)."""
+        self._settle()
+        ever = self._ever_bits().split([p.numel() for p in self.params])
         return {
             "step": self.step,
             "masks": {n: pack_bits(m) for n, m in zip(self.names, self._masks)},
-            "ever_active": {n: e.clone() for n, e in zip(self.names, self._ever_active)},
+            "ever_active": {n: pack_bits(e) for n, e in zip(self.names, ever)},
             "shapes": {n: list(p.shape) for n, p in zip(self.names, self.params)},
             "generators": {d: g.get_state() for d, g in self._generators.items()},
             "growth": self.growth.state_dict(),
-            "last_round": dict(self.last_round),
+            "last_round": self.last_round,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -356,12 +406,15 @@ class Sparsifier:
         extra = sorted(set(state["masks"]) - set(self.names))
         if extra:
             raise ValueError(f"sparsifier state has masks for unknown tensors: {extra}")
+        ever = []
         for i, (name, p) in enumerate(zip(self.names, self.params)):
             self._masks[i] = unpack_bits(state["masks"][name].to(p.device), p.shape)
-            self._ever_active[i] = state["ever_active"][name].cpu().clone()
+            ever.append(unpack_bits(state["ever_active"][name].cpu(), p.shape).reshape(-1))
+        self._ever_active = pack_bits(torch.cat(ever))
         self._nnz = torch.stack([m.count_nonzero() for m in self._masks]).tolist()
+        self._pending = None
         self.step = int(state["step"])
-        self.last_round = dict(state["last_round"])
+        self._last_round = dict(state["last_round"])
         here = {"cpu"} | {p.device.type for p in self.params}
         for device, gen_state in state["generators"].items():
             if device in here:  # a GPU run's generator is moot when resuming on CPU
