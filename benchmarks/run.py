@@ -3,7 +3,8 @@
     python benchmarks/run.py                       # everything but the accuracy sweeps
     python benchmarks/run.py overhead update --out results/cpu
     python benchmarks/run.py --quick               # seconds: the smoke test of the suite
-    python benchmarks/run.py accuracy              # the Fashion-MNIST sweeps (hours on a CPU)
+    python benchmarks/run.py accuracy              # the Fashion-MNIST sweeps (hours on a CPU),
+                                                   # then the MLP table beside the reference
 
 Each benchmark runs in its own process; its printed output goes to ``OUT/<name>.txt`` and, where
 it writes one, its JSON to ``OUT/<name>.json``. The figures in docs/benchmarks.md come from here.
@@ -31,7 +32,12 @@ BENCHMARKS: dict[str, tuple[str, list[str], bool]] = {
     "memory": ("memory.py", [], True),
     "inference": ("inference.py", [], False),
 }
-ACCURACY = ["accuracy/mlp.yaml", "accuracy/mlp-granet-s0.yaml"]
+ACCURACY = [
+    "accuracy/mlp.yaml",
+    "accuracy/mlp-granet-s0.yaml",
+    "accuracy/lenet5.yaml",
+    "accuracy/lenet5-granet-s0.yaml",
+]
 QUICK = ["overhead", "update", "memory", "inference"]
 
 
@@ -68,7 +74,16 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         if name == "accuracy":
             for sweep in ACCURACY:
-                subprocess.run(["granet", "sweep", str(HERE / sweep)], check=True)
+                subprocess.run(["granet", "sweep", str(HERE / sweep), "--workers", "2"], check=True)
+            mlp = ["runs/accuracy/mlp", "runs/accuracy/mlp-granet-s0"]
+            table = subprocess.run(
+                [sys.executable, str(HERE / "accuracy" / "reference.py"), *mlp],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            (args.out / "accuracy_vs_reference.md").write_text(table)
+            print(table)
         else:
             run(name, args.out, args.quick)
 

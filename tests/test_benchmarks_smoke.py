@@ -35,3 +35,41 @@ def test_unknown_benchmark_is_refused():
         text=True,
     )
     assert result.returncode == 2 and "unknown benchmarks ['nonsense']" in result.stderr
+
+
+def test_reference_table_puts_our_seeds_beside_the_reference():
+    sys.path.insert(0, str(ROOT / "benchmarks" / "accuracy"))
+    try:
+        from reference import table
+    finally:
+        sys.path.pop(0)
+
+    def row(method, sparsity, accs):
+        mean = sum(accs) / len(accs)
+        std = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if accs[1:] else None
+        return {
+            "method": method,
+            "sparsity": sparsity,
+            "runs": len(accs),
+            "seeds": " ".join(str(i + 1) for i in range(len(accs))),
+            "test_accuracy_mean": mean,
+            "test_accuracy_std": std,
+            "test_accuracy_min": min(accs),
+            "test_accuracy_max": max(accs),
+        }
+
+    text = table(
+        [
+            row("dense", 0.0, [0.9020, 0.9030, 0.9025]),
+            row("granet (s_i=0.5)", 0.9, [0.8950, 0.8960, 0.8955]),
+            row("rigl", 0.98, [0.8700]),
+        ]
+    )
+    lines = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in text.splitlines()}
+    # dense: one row of ours for every sparsity; 0.02 below the reference, within one std
+    assert lines[("dense", "98%")].endswith(
+        "| 90.25 ± 0.05 | 90.20–90.30 | 1 2 3 | 90.27 | -0.02 |"
+    )
+    assert lines[("granet (s_i=0.5)", "90%")].endswith("| 89.79 | -0.24 **> std** |")
+    assert lines[("rigl", "98%")].endswith("| 87.00 | 87.00–87.00 | 1 | 87.43 | -0.43 |")
+    assert "not run" in lines[("gmp", "90%")]

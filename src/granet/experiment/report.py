@@ -172,6 +172,8 @@ def summarize(reports: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "seeds": " ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"])),
                 "test_accuracy_mean": statistics.fmean(acc),
                 "test_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else None,
+                "test_accuracy_min": min(acc),
+                "test_accuracy_max": max(acc),
                 "itop_rate_mean": statistics.fmean(itop) if itop else None,
                 "inference_flops_ratio": statistics.fmean(
                     r["flops"]["inference_per_sample"]["ratio"] for r in runs
