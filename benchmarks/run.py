@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], bool]] = {
         ["--model", "resnet50", "--steps", "50", "--amp", "bf16", "--channels-last"],
         True,
     ),
+    "epochs": ("epochs.py", [], True),
     "update": ("update_cost.py", ["--plot", "{out}/update_cost.png"], True),
     "memory": ("memory.py", [], True),
     "inference": ("inference.py", [], False),
@@ -38,7 +39,7 @@ ACCURACY = [
     "accuracy/lenet5.yaml",
     "accuracy/lenet5-granet-s0.yaml",
 ]
-QUICK = ["overhead", "update", "memory", "inference"]
+QUICK = ["overhead", "epochs", "update", "memory", "inference"]
 
 
 def run(name: str, out: Path, quick: bool) -> None:

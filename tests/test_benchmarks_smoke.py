@@ -8,16 +8,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quick_suite_writes_its_results(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path)]
-    subprocess.run([*cmd, "overhead", "update", "memory"], env=env, check=True, timeout=600)
+    subprocess.run(
+        [*cmd, "overhead", "epochs", "update", "memory"], env=env, check=True, timeout=600
+    )
     overhead = json.loads((tmp_path / "overhead.json").read_text())
     assert set(overhead["median_step_ms"]) == {"dense", "floor", "granet"}
     assert overhead["granet_vs_dense"] > 0 and overhead["update_round_ms"] > 0
+    epochs = json.loads((tmp_path / "epochs.json").read_text())
+    assert epochs["rounds"] == 2 and epochs["final_sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert epochs["seconds"]["granet"] > 0 and epochs["seconds"]["dense"] > 0
     update = json.loads((tmp_path / "update.json").read_text())
     assert [r["weights"] for r in update["results"]] == [2**20, 2**21]
     assert (tmp_path / "update_cost.png").stat().st_size > 0
