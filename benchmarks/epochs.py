@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import time
 
 import torch
-from overhead import emit, small_cnn, sync
+from overhead import describe, emit, small_cnn, sync
 from torch import nn
 
 import granet
@@ -88,9 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {
         "benchmark": "epochs",
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)",
+        "device": describe(device),
         "torch": torch.__version__,
         "epochs": args.epochs,
         "steps_per_epoch": len(batches),

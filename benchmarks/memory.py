@@ -26,7 +26,7 @@ def saved_bytes(obj: object) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from overhead import MODELS, emit  # the same models as the overhead benchmark
+    from overhead import MODELS, describe, emit  # the same models as the overhead benchmark
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=MODELS, default="resnet50")
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     in_host = sum(e.numel() for e in sp._ever_active)
     result = {
         "model": args.model,
-        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "device": describe(device),
         "torch": torch.__version__,
         "sparse_weights": weights,
         "mask_bytes_per_weight": on_device / weights,

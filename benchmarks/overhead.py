@@ -63,6 +63,13 @@ def emit(result: dict, path: str | None) -> None:
             json.dump(result, f, indent=2)
 
 
+def describe(device: torch.device) -> str:
+    """The device in words: the GPU's name, or the CPU and its torch threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -151,9 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {
         "model": args.model,
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)",
+        "device": describe(device),
         "torch": torch.__version__,
         "batch_size": batch,
         "amp": args.amp,

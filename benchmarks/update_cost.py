@@ -17,6 +17,7 @@ import statistics
 import time
 
 import torch
+from overhead import describe
 from torch import nn
 
 import granet
@@ -56,13 +57,16 @@ def time_round(weights: int, device: torch.device, reps: int) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--max-weights", type=float, default=1e8)
+    ap.add_argument(
+        "--max-weights", type=float, default=None, help="default: 1.1e9 on CUDA, 1e8 elsewhere"
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="two small sizes, one rep (smoke test)")
     ap.add_argument("--json", help="write the results to this file")
     ap.add_argument("--plot", help="write a log-log plot of round time vs weights to this PNG")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    args.max_weights = args.max_weights or (1.1e9 if device.type == "cuda" else 1e8)
     sizes = [s for s in (1e6, 4e6, 1.6e7, 6.7e7, 2.7e8, 1.07e9) if s <= args.max_weights]
     if args.quick:
         sizes, args.reps = [2**20, 2**21], 1
@@ -72,7 +76,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(results[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": str(device), "torch": torch.__version__, "results": results}, f)
+            json.dump(
+                {"device": describe(device), "torch": torch.__version__, "results": results}, f
+            )
     if args.plot:
         import matplotlib
 

@@ -7,7 +7,7 @@ takes that path on CPU, where it must give the same masks and statistics as the 
 
 import pytest
 import torch
-from conftest import SmallNet, train
+from conftest import SmallNet, batch, train
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +15,7 @@ import granet
 from granet.masks import top_mask
 
 KW = dict(total_steps=60, update_every=5)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def deferred(sp):
@@ -72,7 +73,7 @@ def test_top_mask_by_rank_selects_the_same_entries_as_topk(n, k, seed):
     assert int(by_rank.sum()) == k
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@CUDA
 def test_cuda_round_makes_no_host_sync():
     torch.manual_seed(0)
     net = SmallNet().cuda()
@@ -93,3 +94,28 @@ def test_cuda_round_makes_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert sp.last_round["pruned"] > 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("method", ["granet", "rigl", "set", "snfs"])
+def test_deferred_rounds_hold_the_schedule_and_the_counts(method, device):
+    torch.manual_seed(0)
+    net = SmallNet().to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    sp = deferred(granet.sparsify(net, opt, method, sparsity=0.9, **KW))
+    for start in range(0, 50, 5):
+        counts = {n: int(m.sum()) for n, m in sp.masks.items()}
+        for i in range(start, start + 5):
+            x, y = batch(i)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x.to(device)), y.to(device)).backward()
+            opt.step()
+        stats = sp.stats()
+        rounding = len(sp.params) / sum(p.numel() for p in sp.params)  # ERK's, per layer
+        assert stats["sparsity"] == pytest.approx(sp.schedule(sp.step), abs=rounding)
+        for n, m in sp.masks.items():
+            assert stats["layers"][n]["nnz"] == int(m.sum())
+            assert not net.get_parameter(n)[~m].any()
+            if not sp.schedule.prunes_at(sp.step):
+                assert int(m.sum()) == counts[n]  # drop and regrow keep each layer's count
+    assert sp.last_round["dropped"] > 0
