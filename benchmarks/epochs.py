@@ -5,8 +5,8 @@ The reference code's figure (issue 4): on an H100, two epochs of a small Fashion
 of ``overhead.py`` trains twice from the same start, dense and with ``granet.GraNet`` (update
 every 100 steps, gradual phase over the first half), on random tensors shaped like Fashion-MNIST's
 training set (60,000 x 1 x 28 x 28, batch 128: 469 steps an epoch) held on the device, so that
-only the training step and the sparsifier are timed. The two variants alternate epoch by epoch
-(order swapped each epoch) so that machine noise hits them alike.
+only the training step and the sparsifier are timed. The two variants take turns every 20 steps
+(``--chunk``; who goes first alternates), so that machine noise hits them alike.
 
     python benchmarks/epochs.py --device cuda
     OMP_NUM_THREADS=1 python benchmarks/epochs.py --steps-per-epoch 200   # CPU: a shorter epoch
@@ -33,11 +33,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--update-every", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=20, help="untimed steps per variant first")
+    ap.add_argument("--chunk", type=int, default=20, help="steps per variant in turn")
     ap.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
     if args.quick:
-        args.epochs, args.steps_per_epoch, args.update_every, args.warmup = 1, 6, 2, 1
+        args.epochs, args.steps_per_epoch, args.update_every, args.warmup, args.chunk = (
+            1,
+            6,
+            2,
+            1,
+            3,
+        )
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -77,11 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     seconds = {name: 0.0 for name in variants}
-    for epoch in range(args.epochs):
-        for name in ("dense", "granet") if epoch % 2 == 0 else ("granet", "dense"):
+    chunks = [batches[i : i + args.chunk] for i in range(0, len(batches), args.chunk)]
+    for c, steps in enumerate(chunks * args.epochs):
+        for name in ("dense", "granet") if c % 2 == 0 else ("granet", "dense"):
             sync(device)
             t0 = time.perf_counter()
-            train(name, batches)
+            train(name, steps)
             sync(device)
             seconds[name] += time.perf_counter() - t0
 

@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from granet import masks
 from granet.distributions import DISTRIBUTIONS, er, erk, global_magnitude, uniform
 from granet.masks import pack_bits, random_mask, top_mask, unpack_bits
 
@@ -88,6 +89,23 @@ def test_pack_unpack_round_trip(shape, seed):
 def test_unpack_rejects_wrong_size():
     with pytest.raises(ValueError, match="expected 2 uint8 bytes"):
         unpack_bits(torch.zeros(3, dtype=torch.uint8), (4, 4))
+
+
+@pytest.mark.parametrize("path", ["topk", "rank", "kthvalue"])
+@settings(max_examples=40, deadline=None)
+@given(
+    values=st.lists(st.integers(-5, 5), min_size=1, max_size=200),  # many ties
+    fraction=st.floats(0, 1),
+)
+def test_top_mask_selects_exactly_k_of_the_largest(path, values, fraction):
+    scores = torch.tensor(values, dtype=torch.float32)
+    k = round(fraction * len(values))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(masks, "CPU_TOPK_LIMIT", 0 if path == "kthvalue" else 2**24)
+        mask = top_mask(scores, torch.tensor(k) if path == "rank" else k)
+    assert int(mask.sum()) == k
+    if 0 < k < len(values):
+        assert scores[mask].min() >= scores[~mask].max()
 
 
 def test_random_and_top_masks_have_exact_counts():

@@ -8,11 +8,8 @@ takes that path on CPU, where it must give the same masks and statistics as the 
 import pytest
 import torch
 from conftest import SmallNet, batch, train
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import granet
-from granet.masks import top_mask
 
 KW = dict(total_steps=60, update_every=5)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -61,16 +58,6 @@ def test_deferred_round_on_non_finite_weights_keeps_masks_and_warns_later():
         after = sp.stats()
     assert after["layers"] == before["layers"]
     assert after["last_round"] == before["last_round"]
-
-
-@settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 300), k=st.integers(0, 300), seed=st.integers(0, 2**31 - 1))
-def test_top_mask_by_rank_selects_the_same_entries_as_topk(n, k, seed):
-    k = min(k, n)
-    scores = torch.rand(n, generator=torch.Generator().manual_seed(seed))
-    by_rank = top_mask(scores, torch.tensor(k))
-    assert torch.equal(by_rank, top_mask(scores, k))
-    assert int(by_rank.sum()) == k
 
 
 @CUDA

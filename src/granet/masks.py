@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
+CPU_TOPK_LIMIT = 2**24  # entries above which top_mask selects by k-th value on CPU
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,15 @@ def top_mask(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
         order = torch.argsort(flat, descending=True, stable=True)
         by_rank = torch.arange(flat.numel(), device=flat.device) < k
         return torch.empty_like(by_rank).scatter_(0, order, by_rank)
-    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    n = flat.numel()
+    if flat.device.type == "cpu" and n > CPU_TOPK_LIMIT and 0 < k < n:
+        # CPU topk grows faster than linearly beyond about 2^24 entries; a k-th value select
+        # stays linear. Ties at the threshold are filled in index order.
+        threshold = torch.kthvalue(flat, n - k + 1).values
+        mask = flat > threshold
+        mask[(flat == threshold).nonzero().view(-1)[: k - int(mask.count_nonzero())]] = True
+        return mask
+    mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
     if k > 0:
         mask[torch.topk(flat, k, sorted=False).indices] = True
     return mask
