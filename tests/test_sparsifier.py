@@ -355,3 +355,19 @@ def test_works_with_a_compiled_model():
     masked_zero(sp, opt)
     assert sp.step == 40
     assert sp.sparsity() == pytest.approx(0.9, abs=1e-3)
+
+
+def test_scale_init_scales_each_layer_for_its_sparse_fan_in():
+    def build(scale):
+        torch.manual_seed(0)
+        net = SmallNet()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        return net, granet.Static(net, opt, sparsity=0.9, scale_init=scale, **KW)
+
+    (plain, sp_plain), (scaled, sp_scaled) = build(False), build(True)
+    for name, mask in sp_scaled.masks.items():
+        assert torch.equal(mask, sp_plain.masks[name])
+        gain = math.sqrt(mask.numel() / int(mask.sum()))
+        w, w0 = scaled.get_parameter(name), plain.get_parameter(name)
+        assert torch.allclose(w, w0 * gain) and not w[~mask].any()
+    assert torch.equal(scaled.fc1.bias, plain.fc1.bias)  # dense tensors are left alone

@@ -174,6 +174,14 @@ _TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
         ),
     ),
     (
+        "--scale-init",
+        dict(
+            action=argparse.BooleanOptionalAction,
+            help="scale each sparse layer's initial weights by sqrt(1 / density), for the "
+            "sparse fan-in (default: off, as the reference code)",
+        ),
+    ),
+    (
         "--exclude",
         dict(
             nargs="*",

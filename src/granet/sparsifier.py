@@ -74,6 +74,7 @@ class Sparsifier:
         distribution: str = "erk",
         pruning: str = "global",
         growth: str | None = None,
+        scale_init: bool = False,
         seed: int = 0,
         include: Sequence[Rule] | None = None,
         exclude: Sequence[Rule] = (),
@@ -152,6 +153,13 @@ class Sparsifier:
             random_mask(p.shape, n, cpu).to(p.device) for p, n in zip(self.params, counts)
         ]
         self._nnz = counts  # per layer, as the host last read them
+        if scale_init:
+            # Evci et al. (2022): the dense initialisation scaled for the sparse fan-in keeps
+            # each layer's output variance; unscaled, a very sparse deep net can start with a
+            # signal too small to learn from.
+            with torch.no_grad():
+                gains = [math.sqrt(p.numel() / max(n, 1)) for p, n in zip(self.params, counts)]
+                torch._foreach_mul_(self.params, gains)
         # Weights active at least once, one bit each over all sparse layers in order; in host
         # memory, so that on a GPU the device holds only the bool masks.
         self._ever_active = self._packed_masks().cpu()

@@ -64,6 +64,7 @@ class Config:
     distribution: str = "erk"
     pruning: str = "global"
     growth: str | None = None  # None: the method's own (gradient; set random, snfs momentum)
+    scale_init: bool = False
     exclude: list[str] = field(default_factory=list)
     # where and how
     seed: int = 0

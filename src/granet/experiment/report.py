@@ -36,6 +36,8 @@ CSV_FIELDS = (
     "seeds",
     "test_accuracy_mean",
     "test_accuracy_std",
+    "test_accuracy_min",
+    "test_accuracy_max",
     "itop_rate_mean",
     "inference_flops_ratio",
     "training_flops_ratio",

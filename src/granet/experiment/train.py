@@ -134,6 +134,7 @@ def make_sparsifier(
         update_every=config.update_every,
         distribution=config.distribution,
         pruning=config.pruning,
+        scale_init=config.scale_init,
         seed=config.seed,
         exclude=tuple(config.exclude),
         **{k: v for k, v in optional.items() if v is not None},
