@@ -38,6 +38,7 @@ ACCURACY = [
     "accuracy/mlp-granet-s0.yaml",
     "accuracy/lenet5.yaml",
     "accuracy/lenet5-granet-s0.yaml",
+    "accuracy/lenet5-scale-init.yaml",
 ]
 QUICK = ["overhead", "epochs", "update", "memory", "inference"]
 
