@@ -116,6 +116,25 @@ def test_unknown_names_list_the_choices(tmp_path, flag, value, choices):
     assert not (tmp_path / "r").exists()
 
 
+def test_without_a_validation_split_the_last_epoch_is_tested(tmp_path):
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli(
+        "train", *TINY, "--epochs", "2", "--val-size", "0", "--out", str(run_dir)
+    )
+    assert code == 0, err
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["data"]["val"] == 0 and report["data"]["train"] == 1000  # all of it
+    assert report["checkpoint"]["epoch"] == 2 and report["checkpoint"]["val_accuracy"] is None
+    assert [m["best"] for m in read_metrics(run_dir)] == [False, True]
+    assert "checkpoint the last epoch, epoch 2" in err and "val —" in err
+    assert "validation accuracy —" in (run_dir / "report.md").read_text()
+    model, _ = load_run_model(run_dir, "last")
+    best, _ = load_run_model(run_dir, "best")
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), best.state_dict().values())
+    )
+
+
 def test_an_existing_run_folder_is_refused(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     code, _, err = run_cli("train", *TINY, "--epochs", "1", "--out", str(run_dir))

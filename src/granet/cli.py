@@ -71,7 +71,8 @@ _TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
         "--val-size",
         dict(
             type=float,
-            help=f"fraction of the training set held out for validation (default: {_D.val_size})",
+            help="fraction of the training set held out for validation; 0: none, train on all "
+            f"of it and test the last epoch (default: {_D.val_size})",
         ),
     ),
     (

@@ -158,7 +158,7 @@ def _check_ranges(c: Config) -> None:
     need(0.0 <= c.sparsity < 1.0, "sparsity", "in [0, 1)")
     if c.init_sparsity is not None:
         need(0.0 <= c.init_sparsity <= c.sparsity, "init_sparsity", f"in [0, {c.sparsity}]")
-    need(0.0 < c.val_size < 1.0, "val_size", "in (0, 1)")
+    need(0.0 <= c.val_size < 1.0, "val_size", "in [0, 1)")
     need(c.epochs >= 1, "epochs", ">= 1")
     need(c.batch_size >= 1, "batch_size", ">= 1")
     need(c.lr is not None and c.lr > 0, "lr", "> 0")

@@ -26,8 +26,14 @@ def plot_training(metrics: Sequence[Mapping[str, Any]], path: Path) -> Path:
     fig = Figure(figsize=(9, 3.6))
     acc, sp = fig.subplots(1, 2)
     acc.plot(epochs, [100 * m["train_accuracy"] for m in metrics], marker=".", label="train")
-    acc.plot(epochs, [100 * m["val_accuracy"] for m in metrics], marker=".", label="validation")
-    best = [m for m in metrics if m.get("best")]
+    validated = [m for m in metrics if m["val_accuracy"] is not None]
+    acc.plot(
+        [m["epoch"] for m in validated],
+        [100 * m["val_accuracy"] for m in validated],
+        marker=".",
+        label="validation",
+    )
+    best = [m for m in validated if m.get("best")]
     if best:
         acc.scatter(
             [m["epoch"] for m in best],

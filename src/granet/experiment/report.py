@@ -52,7 +52,8 @@ def _si(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _pct(x: float | None) -> str:
+def percent(x: float | None) -> str:
+    """A fraction as a percentage with two decimals; None as a dash."""
     return "—" if x is None else f"{100 * x:.2f}%"
 
 
@@ -60,7 +61,7 @@ def render_markdown(report: Mapping[str, Any], metrics: Sequence[Mapping[str, An
     """report.md: the headline numbers, per-layer densities, the figures and the epoch table."""
     r, ck, env, fl = report, report["checkpoint"], report["environment"], report["flops"]
     inf, tr = fl["inference_per_sample"], fl["training_total"]
-    target = "dense" if r["method"] == "dense" else f"target {_pct(r['target_sparsity'])}"
+    target = "dense" if r["method"] == "dense" else f"target {percent(r['target_sparsity'])}"
     itop = "—" if r["itop_rate"] is None else f"{r['itop_rate']:.4f}"
     d = r["data"]
     lines = [
@@ -68,9 +69,9 @@ def render_markdown(report: Mapping[str, Any], metrics: Sequence[Mapping[str, An
         "",
         "| | |",
         "|---|---|",
-        f"| test accuracy | **{_pct(r['test_accuracy'])}** (checkpoint `best`: epoch "
-        f"{ck['epoch']} of {r['epochs']}, validation accuracy {_pct(ck['val_accuracy'])}) |",
-        f"| sparsity | {_pct(r['sparsity'])} of the sparse layers' weights ({target}) |",
+        f"| test accuracy | **{percent(r['test_accuracy'])}** (checkpoint `best`: epoch "
+        f"{ck['epoch']} of {r['epochs']}, validation accuracy {percent(ck['val_accuracy'])}) |",
+        f"| sparsity | {percent(r['sparsity'])} of the sparse layers' weights ({target}) |",
         f"| non-zero parameters | {r['parameters']['nonzero']:,} of {r['parameters']['total']:,} |",
         f"| ITOP rate | {itop} |",
         f"| training time | {r['train_seconds']:.1f} s, {r['steps']} steps on {env['device']} "
@@ -105,8 +106,8 @@ def render_markdown(report: Mapping[str, Any], metrics: Sequence[Mapping[str, An
         regrow = "—" if m["regrow_fraction"] is None else f"{m['regrow_fraction']:.3f}"
         star = " *" if m.get("best") else ""
         lines.append(
-            f"| {m['epoch']}{star} | {m['train_loss']:.4f} | {_pct(m['train_accuracy'])} | "
-            f"{_pct(m['val_accuracy'])} | {_pct(m['sparsity'])} | {itop} | {regrow} | "
+            f"| {m['epoch']}{star} | {m['train_loss']:.4f} | {percent(m['train_accuracy'])} | "
+            f"{percent(m['val_accuracy'])} | {percent(m['sparsity'])} | {itop} | {regrow} | "
             f"{m['lr']:.3g} | {m['seconds']:.1f} |"
         )
     lines += ["", "`*`: a new best checkpoint (eligible epochs only).", ""]

@@ -9,7 +9,9 @@ state. Ctrl-C or SIGTERM stops the loop at the next step boundary and writes tha
 Model selection never looks at the test set: ``checkpoints/best.pt`` is the epoch with the best
 validation accuracy among the epochs at the final sparsity (for gradual methods, the epochs
 before pruning ends are sparser than asked and are not eligible; the last epoch always is). The
-test set is evaluated once, at the end, on that checkpoint.
+test set is evaluated once, at the end, on that checkpoint. With ``val_size: 0`` there is no
+validation split: the model trains on the whole training set and the last epoch is tested, as the
+papers report.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from granet.experiment import parallel
 from granet.experiment.config import Config, save_config
 from granet.experiment.data import DataBundle, load_dataset
 from granet.experiment.models import build_model
-from granet.experiment.report import write_report
+from granet.experiment.report import percent, write_report
 from granet.experiment.runs import (
     METRICS_FILE,
     REPORT_JSON,
@@ -59,7 +61,8 @@ CHECKPOINT_FORMAT = 2  # 2: the CUDA RNG state of the run's own GPU only
 STOP_CHECK_EVERY = 10  # steps between the processes' shared stop decisions (multi-process runs)
 TEST_CHECKPOINT_RULE = (
     "best validation accuracy among the epochs at the final sparsity (the last epoch always "
-    "counts); test set evaluated once, on this checkpoint"
+    "counts; without a validation split, the last epoch); test set evaluated once, on this "
+    "checkpoint"
 )
 
 
@@ -431,11 +434,18 @@ class _Run:
         """Validate, log the epoch to metrics.jsonl, keep the best checkpoint, save the last."""
         started = time.perf_counter()
         c, s = self.config, self._sums_across()
-        val_loss, val_acc = evaluate(self.model, self.val_loader, self.device, c.amp, self.ranks)
+        last = self.epoch + 1 == c.epochs
+        if self.val_loader is None:  # no validation split: the last epoch is the one tested
+            val_loss = val_acc = None
+            is_best = last
+        else:
+            val_loss, val_acc = evaluate(
+                self.model, self.val_loader, self.device, c.amp, self.ranks
+            )
+            eligible = _at_final_sparsity(self.sp, c.sparsity) or last
+            is_best = eligible and (self.best is None or val_acc > self.best["val_accuracy"])
         steps = self.batch
         stats = self.sp.stats() if self.sp is not None else None
-        eligible = _at_final_sparsity(self.sp, c.sparsity) or self.epoch + 1 == c.epochs
-        is_best = eligible and (self.best is None or val_acc > self.best["val_accuracy"])
         seconds = s["seconds"] + time.perf_counter() - started
         record = {
             "epoch": self.epoch + 1,
@@ -478,7 +488,9 @@ class _Run:
     # ------------------------------------------------------------------------- the loop
     def fit(self, progress: bool, on_step: Callable[[int], None] | None) -> None:
         c = self.config
-        self.val_loader = eval_loader(self.data.val, c, self.device, self.ranks)
+        self.val_loader = (
+            eval_loader(self.data.val, c, self.device, self.ranks) if len(self.data.val) else None
+        )
         with _stop_on_signals() as stop:
             while self.epoch < c.epochs:
                 if self._stop(stop):  # arrived during the previous epoch's validation
@@ -625,7 +637,7 @@ def _epoch_line(r: dict[str, Any], epochs: int) -> str:
     itop = "" if r["itop_rate"] is None else f"  itop {r['itop_rate']:.3f}"
     return (
         f"epoch {r['epoch']}/{epochs}  loss {r['train_loss']:.4f}  "
-        f"train {100 * r['train_accuracy']:.2f}%  val {100 * r['val_accuracy']:.2f}%  "
+        f"train {100 * r['train_accuracy']:.2f}%  val {percent(r['val_accuracy'])}  "
         f"sparsity {r['sparsity']:.4f}{itop}  lr {r['lr']:.3g}  {r['seconds']:.1f}s"
         + ("  *best" if r["best"] else "")
     )
@@ -729,8 +741,9 @@ def train(
     if not ranks.main:
         return None
     report = run.finish()
+    chosen = "best by validation" if report["data"]["val"] else "the last epoch"
     _log(
-        f"test accuracy {100 * report['test_accuracy']:.2f}% (checkpoint best by validation, "
+        f"test accuracy {100 * report['test_accuracy']:.2f}% (checkpoint {chosen}, "
         f"epoch {report['checkpoint']['epoch']}); report in {run_dir}"
     )
     return report
