@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], bool]] = {
 ACCURACY = [
     "accuracy/mlp.yaml",
     "accuracy/mlp-granet-s0.yaml",
+    "accuracy/mlp-reference-protocol.yaml",
     "accuracy/lenet5.yaml",
     "accuracy/lenet5-granet-s0.yaml",
     "accuracy/lenet5-scale-init.yaml",
