@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     tensors, multipliers = sp._targets()
     kept = {id(t): t for t in [*sp._masks, *multipliers]}
     on_device = sum(t.numel() * t.element_size() for t in kept.values())
-    in_host = sum(e.numel() for e in sp._ever_active)
+    in_host = sp._ever_active.numel()  # one bit-packed array over all sparse layers
     result = {
         "model": args.model,
         "device": describe(device),
