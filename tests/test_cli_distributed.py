@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import final_checkpoints
 
 from granet.cli import main
 from granet.experiment import parallel
@@ -33,23 +34,9 @@ STEPS_PER_EPOCH = 9  # 900 training examples / 100
 WEIGHT_ATOL = 1e-5  # measured gaps between 1- and 2-process runs: about 1e-8
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    run_dir = prepare_run_dir(tmp_path_factory.mktemp("reference") / "run")
-    train(make_config(SETTINGS), run_dir, progress=False)
-    return run_dir
-
-
 def assert_same_run(run_dir: Path, reference: Path) -> None:
     """Same masks and position, weights equal up to float summation order, same epochs."""
-    a = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    b = load_checkpoint(reference / "checkpoints" / "last.pt")
-    assert a["position"] == b["position"]
-    for name, packed in b["sparsifier"]["masks"].items():
-        assert torch.equal(a["sparsifier"]["masks"][name], packed), name
-        assert torch.equal(
-            a["sparsifier"]["ever_active"][name], b["sparsifier"]["ever_active"][name]
-        )
+    a, b = final_checkpoints(run_dir, reference)
     for name, tensor in b["model"].items():
         assert torch.allclose(a["model"][name].float(), tensor.float(), rtol=0, atol=WEIGHT_ATOL)
     got, want = read_metrics(run_dir), read_metrics(reference)
