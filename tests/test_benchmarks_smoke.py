@@ -80,3 +80,24 @@ def test_reference_table_puts_our_seeds_beside_the_reference():
     assert lines[("granet (s_i=0.5)", "90%")].endswith("| 89.79 | -0.24 **> std** |")
     assert lines[("rigl", "98%")].endswith("| 87.00 | 87.00–87.00 | 1 | 87.43 | -0.43 |")
     assert "not run" in lines[("gmp", "90%")]
+
+
+def test_gmp_schedule_experiment_starts_dense_and_prunes_from_half():
+    sys.path.insert(0, str(ROOT / "benchmarks" / "accuracy"))
+    try:
+        from gmp_schedule import schedule_from
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    from granet.experiment.config import make_config
+    from granet.experiment.models import build_model
+
+    config = make_config({"method": "gmp", "model": "mlp", "sparsity": 0.9, "update_every": 10})
+    model = build_model("mlp")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = schedule_from(0.5)(model, optimizer, config, 1000)
+    assert sp.sparsity() == 0.0  # the masks start dense, as the reference's GMP
+    # gradual phase: steps 0-500, 50 rounds; the first round prunes from 50%, not from 0%
+    assert sp.schedule(10) == pytest.approx(0.9 - 0.4 * (1 - 1 / 50) ** 3)
+    assert sp.schedule(500) == pytest.approx(0.9)
