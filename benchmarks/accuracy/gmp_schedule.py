@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from granet.experiment import train as training
 from granet.experiment.config import make_config, read_config_file
 from granet.schedules import CubicSparsity
+from granet.sparsifier import Sparsifier
 
 REFERENCE = {0.9: 90.34, 0.95: 90.12, 0.98: 90.42}
 
 
-def schedule_from(start: float):
+def schedule_from(start: float) -> Callable[..., Sparsifier]:
     """``make_sparsifier`` with the gradual schedule starting at sparsity ``start``."""
     make = training.make_sparsifier
 
@@ -36,7 +38,7 @@ def schedule_from(start: float):
     return make_sparsifier
 
 
-def test_accuracy(run_dir: Path) -> float:
+def read_test_accuracy(run_dir: Path) -> float:
     return 100.0 * json.loads((run_dir / "report.json").read_text())["test_accuracy"]
 
 
@@ -61,8 +63,8 @@ def main() -> None:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 training.train(config, run_dir, progress=False)
             print(
-                f"| {sparsity:.0%} | {seed} | {test_accuracy(args.runs / name):.2f} | "
-                f"{test_accuracy(run_dir):.2f} | {REFERENCE.get(sparsity, float('nan')):.2f} |"
+                f"| {sparsity:.0%} | {seed} | {read_test_accuracy(args.runs / name):.2f} | "
+                f"{read_test_accuracy(run_dir):.2f} | {REFERENCE.get(sparsity, float('nan')):.2f} |"
             )
 
 
