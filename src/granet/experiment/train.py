@@ -637,7 +637,7 @@ def _epoch_line(r: dict[str, Any], epochs: int) -> str:
     itop = "" if r["itop_rate"] is None else f"  itop {r['itop_rate']:.3f}"
     return (
         f"epoch {r['epoch']}/{epochs}  loss {r['train_loss']:.4f}  "
-        f"train {100 * r['train_accuracy']:.2f}%  val {percent(r['val_accuracy'])}  "
+        f"train {percent(r['train_accuracy'])}  val {percent(r['val_accuracy'])}  "
         f"sparsity {r['sparsity']:.4f}{itop}  lr {r['lr']:.3g}  {r['seconds']:.1f}s"
         + ("  *best" if r["best"] else "")
     )
@@ -743,7 +743,7 @@ def train(
     report = run.finish()
     chosen = "best by validation" if report["data"]["val"] else "the last epoch"
     _log(
-        f"test accuracy {100 * report['test_accuracy']:.2f}% (checkpoint {chosen}, "
+        f"test accuracy {percent(report['test_accuracy'])} (checkpoint {chosen}, "
         f"epoch {report['checkpoint']['epoch']}); report in {run_dir}"
     )
     return report
