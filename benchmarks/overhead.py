@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     # One full round mid-schedule: gradual pruning + drop-and-regrow, masks restored each rep.
     sp = sparse
     sp.step = total // 4  # inside the gradual phase (prune_end = total / 2)
-    assert sp.schedule.prunes_at(sp.step) and sp.regrow(sp.step) > 0
+    assert sp.sparsity_schedule.prunes_at(sp.step) and sp.regrow_schedule(sp.step) > 0
     snapshot = sp.state_dict()
     round_times = []
     for _ in range(args.update_reps):

@@ -38,7 +38,7 @@ def time_round(weights: int, device: torch.device, reps: int) -> dict:
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     sp.step = 25_000  # mid gradual phase: the round prunes and regrows
-    assert sp.schedule.prunes_at(sp.step) and sp.regrow(sp.step) > 0
+    assert sp.sparsity_schedule.prunes_at(sp.step) and sp.regrow_schedule(sp.step) > 0
     snapshot = sp.state_dict()
     times = []
     for _ in range(reps):

@@ -3,7 +3,7 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
+from helpers import SmallNet
 
 from granet.experiment import train as training
 from granet.experiment.config import make_config
@@ -11,36 +11,6 @@ from granet.experiment.runs import load_checkpoint, prepare_run_dir
 
 # The test models are tiny: one thread avoids OpenMP contention on small (and shared) machines.
 torch.set_num_threads(1)
-
-
-class SmallNet(nn.Module):
-    """A conv + linear net small enough for fast tests, with a bias and a BatchNorm."""
-
-    def __init__(self, channels: int = 6, hidden: int = 32, classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, channels, 3, padding=1)
-        self.bn = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.fc1 = nn.Linear(channels * 8 * 8, hidden)
-        self.fc2 = nn.Linear(hidden, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn(self.conv1(x)))
-        x = torch.relu(self.conv2(x))
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
-
-
-def batch(seed: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-
-def train(model, optimizer, steps: int, start: int = 0) -> None:
-    for i in range(start, start + steps):
-        x, y = batch(i)
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
 
 
 @pytest.fixture

@@ -99,5 +99,5 @@ def test_gmp_schedule_experiment_starts_dense_and_prunes_from_half():
     sp = schedule_from(0.5)(model, optimizer, config, 1000)
     assert sp.sparsity() == 0.0  # the masks start dense, as the reference's GMP
     # gradual phase: steps 0-500, 50 rounds; the first round prunes from 50%, not from 0%
-    assert sp.schedule(10) == pytest.approx(0.9 - 0.4 * (1 - 1 / 50) ** 3)
-    assert sp.schedule(500) == pytest.approx(0.9)
+    assert sp.sparsity_schedule(10) == pytest.approx(0.9 - 0.4 * (1 - 1 / 50) ** 3)
+    assert sp.sparsity_schedule(500) == pytest.approx(0.9)

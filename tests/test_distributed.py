@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import batch
+from helpers import batch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -68,7 +68,7 @@ def snapshot(net, sp):
         "weights": {n: p.detach().clone() for n, p in net.state_dict().items()},
         "step": sp.step,
         "itop": sp.itop_rate(),
-        "start_density": 1.0 - sp.init_sparsity,
+        "start_density": 1.0 - sp.algorithm.init_sparsity,
     }
 
 

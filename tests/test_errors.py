@@ -17,13 +17,13 @@ def pair():
         (dict(sparsity=1.0), r"sparsity must be in \[0, 1\); got 1.0"),
         (dict(sparsity=-0.1), r"sparsity must be in \[0, 1\)"),
         (dict(sparsity=0.8, init_sparsity=0.9), r"init_sparsity must be in \[0, sparsity=0.8\]"),
-        (dict(total_steps=0), "total_steps must be an int >= 1"),
-        (dict(total_steps=None), "total_steps must be an int >= 1"),
+        (dict(total_steps=0), "total_steps must be an integer >= 1"),
+        (dict(total_steps=None), "total_steps must be an integer >= 1"),
         (dict(prune_start=0.5, prune_end=0.5), "prune_end .* must come after prune_start"),
         (dict(prune_start=50, prune_end=10), "prune_end .* must come after prune_start"),
-        (dict(prune_end=1.5), r"prune_end as a fraction of total_steps must be in \[0, 1\]"),
+        (dict(prune_end=1.5), r"prune_end must be in \[0, 1\] as a fraction of total_steps"),
         (dict(prune_end="half"), "prune_end must be a float fraction"),
-        (dict(update_every=0), "update_every must be an int >= 1"),
+        (dict(update_every=0), "update_every must be an integer >= 1"),
         (dict(regrow_fraction=2.0), r"regrow_fraction must be in \[0, 1\]"),
         (dict(distribution="erdos"), "distribution must be one of uniform, er, erk, global"),
         (dict(pruning="local"), "pruning must be one of global, uniform"),
@@ -49,4 +49,4 @@ def test_optimizer_must_hold_the_sparse_parameters(pair):
 def test_defaults_never_exceed_the_final_sparsity(pair):
     net, opt = pair
     sp = granet.GraNet(net, opt, sparsity=0.3, total_steps=10)
-    assert sp.init_sparsity == 0.3
+    assert sp.algorithm.init_sparsity == 0.3

@@ -9,7 +9,7 @@ import torch
 import yaml
 from torch import nn
 
-from granet.criteria import RandomGrowth
+from granet import criteria
 from granet.experiment.config import KEYS, make_config, resolve_config, save_config
 from granet.experiment.data import DATASETS
 from granet.experiment.flops import count_flops, inference_flops, training_flops
@@ -169,7 +169,7 @@ def test_pruning_and_growth_reach_the_sparsifier():
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     config = make_config({"method": "granet", "pruning": "uniform", "growth": "random"})
     sp = make_sparsifier(net, opt, config.resolved(100), total_steps=100)
-    assert sp.pruning == "uniform" and isinstance(sp.growth, RandomGrowth)
+    assert sp.algorithm.pruning == "uniform" and sp.growth is criteria.random
 
 
 def test_sweep_refuses_one_initial_sparsity_for_several_methods(tmp_path):
@@ -193,7 +193,7 @@ def test_sweep_methods_differ(tmp_path):
     shape = {}
     for job in load_sweep(sweep).jobs:
         sp = make_sparsifier(net, opt, job.config.resolved(100), total_steps=100)
-        shape[job.config.method] = (sp.init_sparsity, sp.regrow.start)
+        shape[job.config.method] = (sp.algorithm.init_sparsity, sp.algorithm.regrow_fraction)
         sp.remove()
     assert shape == {
         "granet": (0.5, 0.5),

@@ -2,7 +2,7 @@ import io
 
 import pytest
 import torch
-from conftest import SmallNet, train
+from helpers import SmallNet, train
 
 import granet
 

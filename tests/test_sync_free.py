@@ -7,7 +7,7 @@ takes that path on CPU, where it must give the same masks and statistics as the 
 
 import pytest
 import torch
-from conftest import SmallNet, batch, train
+from helpers import SmallNet, batch, train
 
 import granet
 
@@ -99,10 +99,10 @@ def test_deferred_rounds_hold_the_schedule_and_the_counts(method, device):
             opt.step()
         stats = sp.stats()
         rounding = len(sp.params) / sum(p.numel() for p in sp.params)  # ERK's, per layer
-        assert stats["sparsity"] == pytest.approx(sp.schedule(sp.step), abs=rounding)
+        assert stats["sparsity"] == pytest.approx(sp.sparsity_schedule(sp.step), abs=rounding)
         for n, m in sp.masks.items():
             assert stats["layers"][n]["nnz"] == int(m.sum())
             assert not net.get_parameter(n)[~m].any()
-            if not sp.schedule.prunes_at(sp.step):
+            if not sp.sparsity_schedule.prunes_at(sp.step):
                 assert int(m.sum()) == counts[n]  # drop and regrow keep each layer's count
     assert sp.last_round["dropped"] > 0

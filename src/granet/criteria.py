@@ -1,89 +1,80 @@
-"""Criteria: which active weights to drop, which inactive positions to regrow.
+"""Scores: which active weights matter least (importance), which inactive positions to regrow
+(growth).
 
-Drop scores are low-is-dropped; growth scores are high-is-grown. A growth criterion may keep state
-between steps (SNFS's gradient momentum) and may have no signal yet, in which case the round is
-skipped rather than regrowing blindly.
+A score is any callable ``fn(weight, grad, **context) -> Tensor`` shaped like the weight, or
+``None`` when it has no signal yet (the round then prunes but does not regrow). ``context`` holds
+``name`` (the parameter's name), ``index`` (its position among the sparse tensors), ``mask`` (its
+bool mask, True = active), ``state`` (its optimizer state), ``generator`` (the sparsifier's own,
+for reproducible randomness) and ``step`` (optimizer steps so far). Importance: the lowest-scored
+active weights are pruned and dropped. Growth: the highest-scored inactive positions regrow.
+
+A score may also keep state: if it has ``observe(params)``, it is called after every optimizer
+step that really happened; ``state_dict()`` / ``load_state_dict()`` are saved with the sparsifier.
+The built-in scores below use exactly this interface; the registries map a name to a factory
+``factory(optimizer) -> score``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-
-def magnitude(param: torch.Tensor) -> torch.Tensor:
-    """Drop score: |w|, so the smallest-magnitude active weights go first."""
-    return param.detach().abs()
+Score = Callable[..., "torch.Tensor | None"]
 
 
-class Growth:
-    """Scores positions for regrowth. Subclasses override :meth:`scores`."""
-
-    def after_step(self, params: Sequence[torch.Tensor]) -> None:
-        """Called after every optimizer step that really happened."""
-
-    def missing(self, params: Sequence[torch.Tensor], names: Sequence[str]) -> str | None:
-        """Why no scores can be computed now (the round is then skipped), or None."""
-        return None
-
-    def scores(self, index: int, param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        raise NotImplementedError
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` returned."""
+def magnitude(weight: torch.Tensor, grad: torch.Tensor | None, **context: Any) -> torch.Tensor:
+    """Importance |w|: the smallest-magnitude active weights go first."""
+    return weight.detach().abs()
 
 
-class GradientGrowth(Growth):
-    """RigL: regrow where the dense gradient is largest in magnitude."""
-
-    def missing(self, params: Sequence[torch.Tensor], names: Sequence[str]) -> str | None:
-        absent = [n for p, n in zip(params, names) if p.grad is None]
-        return f"no gradient for {', '.join(absent)}" if absent else None
-
-    def scores(self, index: int, param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return param.grad.detach().abs()
+def gradient(
+    weight: torch.Tensor, grad: torch.Tensor | None, **context: Any
+) -> torch.Tensor | None:
+    """RigL's growth: |dense gradient| (None before the first backward pass)."""
+    return None if grad is None else grad.detach().abs()
 
 
-class RandomGrowth(Growth):
-    """SET: regrow at uniformly random inactive positions (from the sparsifier's generator)."""
+def random(
+    weight: torch.Tensor, grad: torch.Tensor | None, *, generator: torch.Generator, **context: Any
+) -> torch.Tensor:
+    """SET's growth: uniformly random scores from the sparsifier's generator."""
+    return torch.rand(weight.shape, generator=generator, device=weight.device)
 
-    def scores(self, index: int, param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return torch.rand(param.shape, generator=generator, device=param.device)
 
-
-class MomentumGrowth(Growth):
-    """SNFS: regrow where an exponential moving average of the dense gradient is largest.
+class Momentum:
+    """SNFS's growth: |exponential moving average of the dense gradient|.
 
     The optimizer's own momentum is zero at inactive positions (masks hold the optimizer state
-    too), so this criterion keeps its own average of the gradients.
+    too), so this score keeps its own average of the gradients, updated after every step.
     """
 
     def __init__(self, beta: float = 0.9) -> None:
         self.beta = beta
         self.buffers: list[torch.Tensor] | None = None
 
-    def after_step(self, params: Sequence[torch.Tensor]) -> None:
+    def observe(self, params: Sequence[torch.Tensor]) -> None:
         grads = [p.grad for p in params]
         if any(g is None for g in grads):
             return
-        if self.buffers is None:
-            self.buffers = [torch.zeros_like(g, memory_format=torch.preserve_format) for g in grads]
+        if self.buffers is None or any(b.dtype != g.dtype for b, g in zip(self.buffers, grads)):
+            # first step, or the model changed precision mid-run (``model.half()``)
+            old = self.buffers or [None] * len(grads)
+            self.buffers = [
+                torch.zeros_like(g) if b is None else b.to(g.dtype) for b, g in zip(old, grads)
+            ]
         torch._foreach_lerp_(self.buffers, grads, 1.0 - self.beta)
 
-    def missing(self, params: Sequence[torch.Tensor], names: Sequence[str]) -> str | None:
-        return "no gradient momentum yet" if self.buffers is None else None
+    def __call__(
+        self, weight: torch.Tensor, grad: torch.Tensor | None, *, index: int, **context: Any
+    ) -> torch.Tensor | None:
+        return None if self.buffers is None else self.buffers[index].abs()
 
-    def scores(self, index: int, param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.buffers[index].abs()
-
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"beta": self.beta, "buffers": self.buffers}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.beta = state["beta"]
         self.buffers = state["buffers"]
 
@@ -95,15 +86,11 @@ def optimizer_momentum(optimizer: torch.optim.Optimizer, default: float = 0.9) -
     return float(beta) if beta else default
 
 
-GROWTH = ("gradient", "momentum", "random")
-
-
-def make_growth(name: str, optimizer: torch.optim.Optimizer) -> Growth:
-    """The growth criterion called ``name`` (one of :data:`GROWTH`)."""
-    if name == "gradient":
-        return GradientGrowth()
-    if name == "momentum":
-        return MomentumGrowth(optimizer_momentum(optimizer))
-    if name == "random":
-        return RandomGrowth()
-    raise ValueError(f"growth must be one of {', '.join(GROWTH)}; got {name!r}")
+IMPORTANCE: dict[str, Callable[[torch.optim.Optimizer], Score]] = {
+    "magnitude": lambda optimizer: magnitude,
+}
+GROWTH: dict[str, Callable[[torch.optim.Optimizer], Score]] = {
+    "gradient": lambda optimizer: gradient,
+    "momentum": lambda optimizer: Momentum(optimizer_momentum(optimizer)),
+    "random": lambda optimizer: random,
+}

@@ -3,7 +3,7 @@
 GraNet = gradual magnitude pruning (cubic schedule) + zero-cost drop-and-regrow by gradient.
 GMP = GraNet without regrowth, from dense. RigL (ITOP flavour) = GraNet that starts at the final
 sparsity. SET = RigL growing at random, SNFS = RigL growing by gradient momentum. Static = fixed
-ERK masks, no updates.
+ERK masks, no updates. A subclass states only the defaults that differ from its parent's.
 """
 
 from __future__ import annotations
@@ -13,20 +13,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from granet import checks
 from granet.sparsifier import Sparsifier
 
 
 class GraNet(Sparsifier):
     """Gradual pruning from ``init_sparsity`` (default 0.5) with neuroregeneration by gradient."""
 
-    default_init_sparsity = 0.5
+    defaults = {"init_sparsity": 0.5}
 
 
 class GMP(GraNet):
     """Gradual magnitude pruning (Zhu & Gupta) from dense, no regrowth."""
 
-    default_init_sparsity = 0.0
-    default_regrow_fraction = 0.0
+    defaults = {"init_sparsity": 0.0, "regrow_fraction": 0.0}
 
 
 class RigL(Sparsifier):
@@ -36,19 +36,19 @@ class RigL(Sparsifier):
 class SET(RigL):
     """RigL's rounds with random regrowth."""
 
-    default_growth = "random"
+    defaults = {"growth": "random"}
 
 
 class SNFS(RigL):
     """RigL's rounds with regrowth by gradient momentum."""
 
-    default_growth = "momentum"
+    defaults = {"growth": "momentum"}
 
 
 class Static(RigL):
     """Static sparse training: masks drawn once from the distribution, never updated."""
 
-    default_regrow_fraction = 0.0
+    defaults = {"regrow_fraction": 0.0}
 
 
 METHODS: dict[str, type[Sparsifier]] = {
@@ -65,8 +65,5 @@ def sparsify(
     model: nn.Module, optimizer: torch.optim.Optimizer, method: str = "granet", **kwargs: Any
 ) -> Sparsifier:
     """Build the sparsifier called ``method`` (one of :data:`METHODS`)."""
-    try:
-        cls = METHODS[method.lower()]
-    except (KeyError, AttributeError):
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}") from None
-    return cls(model, optimizer, **kwargs)
+    key = method.lower() if isinstance(method, str) else method
+    return checks.choice("method", key, METHODS)(model, optimizer, **kwargs)

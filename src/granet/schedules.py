@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+MIN_REGROW_FRACTION = 0.005  # where the cosine decay of the regrowth fraction ends
+
 
 @dataclass(frozen=True)
 class UpdateCadence:
@@ -24,6 +26,11 @@ class UpdateCadence:
         """The first update step after ``step``, or None when there is none left."""
         nxt = (step // self.every + 1) * self.every
         return nxt if nxt < self.total else None
+
+    def last_update(self) -> int | None:
+        """The last update step of the run, or None when the run has none."""
+        last = (self.total - 1) // self.every * self.every
+        return last if last > 0 else None
 
 
 @dataclass(frozen=True)

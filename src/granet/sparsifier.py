@@ -1,120 +1,100 @@
-"""The sparsifier: owns the masks, hooks ``optimizer.step`` and runs topology-update rounds.
+"""The sparsifier: owns the masks, hooks ``optimizer.step`` and runs topology rounds.
 
-A round reads like the algorithm (see DESIGN.md): gradual magnitude pruning to the cubic
-schedule's target, then per-layer drop-and-regrow at the cosine-decayed rate, then the masks are
-applied to the weights and to their optimizer state. Methods (GraNet, GMP, RigL, SET, SNFS,
-Static) differ only in their defaults: see ``methods.py``.
+The mechanics live here (masks, the step hook, device read-back, ITOP bits, state); what a round
+does is the :class:`~granet.algorithm.Algorithm` value, whose defaults each method sets (see
+``methods.py``). A round reads like the algorithm in ``docs/design.md``: gradual pruning to the
+schedule's target by importance, then per-layer drop-and-regrow at the decayed rate, then the
+masks are applied to the weights and to their optimizer state.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import warnings
+import weakref
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import replace
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from granet.criteria import GROWTH, magnitude, make_growth
+from granet.algorithm import OPTION, Algorithm
+from granet.criteria import GROWTH, IMPORTANCE
 from granet.distributed import data_parallel_group, refuse_sharded, verify_agreement
 from granet.distributions import DISTRIBUTIONS
-from granet.masks import apply_masks, pack_bits, random_mask, top_mask, unpack_bits
+from granet.initial import INIT
+from granet.masks import apply_masks, pack_bits, top_mask, unpack_bits
+from granet.pruning import PRUNING
 from granet.readback import HostCopy
-from granet.schedules import CosineDecay, CubicSparsity, UpdateCadence
+from granet.schedules import MIN_REGROW_FRACTION, CosineDecay, CubicSparsity, UpdateCadence
 from granet.selection import Rule, select_parameters, unwrap
 
-PRUNING = ("global", "uniform")
-MIN_REGROW_FRACTION = 0.005
-
-
-def _steps(value: float | int, total: int, name: str) -> int:
-    """A schedule point given as a fraction of ``total`` (float) or as a step count (int)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(
-            f"{name} must be a float fraction of total_steps or an int step; got {value!r}"
-        )
-    if isinstance(value, float):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} as a fraction of total_steps must be in [0, 1]; got {value}")
-        return round(value * total)
-    if value < 0:
-        raise ValueError(f"{name} as a step must be >= 0; got {value}")
-    return value
+# id(parameter) -> (the parameter, the sparsifier holding it), both weakly
+_HELD: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
 class Sparsifier:
     """Sparse training attached to an unchanged training loop.
 
-    Class attributes give each method its defaults; ``None`` for ``default_init_sparsity`` means
-    "start at the final sparsity" (no gradual phase).
+    ``defaults`` gives each method its own values for the options that are ``None`` in
+    :class:`Algorithm`; a subclass states only what differs from its parent. An
+    ``init_sparsity`` of ``None`` means "start at the final sparsity" (no gradual phase).
     """
 
-    default_init_sparsity: float | None = None
-    default_regrow_fraction: float = 0.5
-    default_growth: str = "gradient"
+    defaults: ClassVar[dict[str, Any]] = {
+        "init_sparsity": None,
+        "regrow_fraction": 0.5,
+        "growth": "gradient",
+    }
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.defaults = {**cls.__mro__[1].defaults, **cls.__dict__.get("defaults", {})}
 
     @classmethod
-    def own_init_sparsity(cls, sparsity: float) -> float:
-        """The initial sparsity this method starts from when none is given."""
-        default = cls.default_init_sparsity
-        return sparsity if default is None else min(default, sparsity)
+    def resolve(cls, algorithm: Algorithm | None = None, **options: Any) -> Algorithm:
+        """``algorithm`` (or the defaults) with ``options`` on top and this method's defaults
+        filled in where they are ``None``."""
+        if algorithm is not None and not isinstance(algorithm, Algorithm):
+            raise ValueError(f"algorithm must be a granet.Algorithm; got {algorithm!r}")
+        unknown = sorted(set(options) - set(OPTION))
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTION)}")
+        given = replace(algorithm or Algorithm(), **options)
+        own = {k: v for k, v in cls.defaults.items() if getattr(given, k) is None}
+        if "init_sparsity" in own:
+            default = own["init_sparsity"]
+            own["init_sparsity"] = (
+                given.sparsity if default is None else min(default, given.sparsity)
+            )
+        return replace(given, **own)
 
     def __init__(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        sparsity: float = 0.9,
-        init_sparsity: float | None = None,
-        total_steps: int | None = None,
-        prune_start: float | int = 0.0,
-        prune_end: float | int = 0.5,
-        update_every: int = 1000,
-        regrow_fraction: float | None = None,
-        distribution: str = "erk",
-        pruning: str = "global",
-        growth: str | None = None,
-        scale_init: bool = False,
-        seed: int = 0,
+        algorithm: Algorithm | None = None,
+        *,
         include: Sequence[Rule] | None = None,
         exclude: Sequence[Rule] = (),
         verify_ranks: bool = True,
+        **options: Any,
     ) -> None:
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1); got {sparsity}")
-        if init_sparsity is None:
-            init_sparsity = self.own_init_sparsity(sparsity)
-        if not 0.0 <= init_sparsity <= sparsity:
-            raise ValueError(
-                f"init_sparsity must be in [0, sparsity={sparsity}]; got {init_sparsity}"
-            )
-        if total_steps is None or isinstance(total_steps, bool) or total_steps < 1:
-            raise ValueError(f"total_steps must be an int >= 1; got {total_steps!r}")
-        start = _steps(prune_start, total_steps, "prune_start")
-        end = _steps(prune_end, total_steps, "prune_end")
-        if end <= start:
-            raise ValueError(f"prune_end ({prune_end}) must come after prune_start ({prune_start})")
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"update_every must be an int >= 1; got {update_every!r}")
-        if regrow_fraction is None:
-            regrow_fraction = self.default_regrow_fraction
-        if not 0.0 <= regrow_fraction <= 1.0:
-            raise ValueError(f"regrow_fraction must be in [0, 1]; got {regrow_fraction}")
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(
-                f"distribution must be one of {', '.join(DISTRIBUTIONS)}; got {distribution!r}"
-            )
-        if pruning not in PRUNING:
-            raise ValueError(f"pruning must be one of {', '.join(PRUNING)}; got {pruning!r}")
-        growth = self.default_growth if growth is None else growth
-        if growth not in GROWTH:
-            raise ValueError(f"growth must be one of {', '.join(GROWTH)}; got {growth!r}")
+        """Select the sparse tensors of ``model``, draw their masks and hook ``optimizer``.
 
+        ``options`` are the fields of :class:`Algorithm` (``sparsity``, ``total_steps``, ...);
+        ``total_steps`` is required.
+        """
+        for name, rules in (("include", include), ("exclude", exclude)):
+            if isinstance(rules, (str, type)):
+                raise ValueError(f"{name} must be a list of rules; got the single rule {rules!r}")
         refuse_sharded(model, optimizer)
         self.model = unwrap(model)
+        self.optimizer = optimizer
         self.verify_ranks = verify_ranks
         self._group = data_parallel_group(model)
-        self.optimizer = optimizer
         chosen = select_parameters(self.model, include, exclude)
         if not chosen:
             raise ValueError(
@@ -124,41 +104,51 @@ class Sparsifier:
         orphans = [name for name, p in chosen if id(p) not in held]
         if orphans:
             raise ValueError(f"the optimizer does not hold these sparse parameters: {orphans}")
-
         self.names = [name for name, _ in chosen]
         self.params = [p for _, p in chosen]
-        self.final_sparsity = sparsity
-        self.init_sparsity = init_sparsity
-        self.total_steps = total_steps
-        self.pruning = pruning
-        self.distribution = distribution
-        self.seed = seed
-        self.growth = make_growth(growth, optimizer)
-        self.cadence = UpdateCadence(update_every, total_steps)
-        self.schedule = CubicSparsity(init_sparsity, sparsity, start, end, update_every)
-        self.regrow = CosineDecay(
-            regrow_fraction, min(regrow_fraction, MIN_REGROW_FRACTION), total_steps
+        self._numel = sum(p.numel() for p in self.params)
+
+        if options.get("init", algorithm and algorithm.init) == "existing":
+            options = self._existing_sparsity(options)
+        alg = self.resolve(algorithm, **options)
+        if alg.total_steps is None:
+            raise ValueError("total_steps must be an integer >= 1; got None")
+        self.algorithm = alg
+        start, end = alg.window()
+        self.cadence = UpdateCadence(alg.update_every, alg.total_steps)
+        self.sparsity_schedule = alg.sparsity_schedule or CubicSparsity(
+            alg.init_sparsity, alg.sparsity, start, end, alg.update_every
         )
-        self.dynamic = regrow_fraction > 0 or init_sparsity < sparsity
+        self.regrow_schedule = alg.regrow_schedule or CosineDecay(
+            alg.regrow_fraction, min(alg.regrow_fraction, MIN_REGROW_FRACTION), alg.total_steps
+        )
+        self.importance = _score(alg.importance, IMPORTANCE, optimizer)
+        self.growth = _score(alg.growth, GROWTH, optimizer)
+        self._observers = [
+            s.observe for s in (self.importance, self.growth) if hasattr(s, "observe")
+        ]
+        gradual = alg.init_sparsity < alg.sparsity or alg.sparsity_schedule is not None
+        self.dynamic = gradual or alg.regrow_fraction > 0 or alg.regrow_schedule is not None
+        self._first_round = start if alg.init_sparsity < alg.sparsity else 0
+        self._check_reachable(gradual)
+
         self.step = 0
         self._last_round = {"pruned": 0, "dropped": 0, "regrown": 0}
-        self._numel = sum(p.numel() for p in self.params)
         self._generators: dict[str, torch.Generator] = {}
         self._target_cache: tuple[Any, ...] | None = None
+        self._claim()
 
-        densities = DISTRIBUTIONS[distribution](self.params, 1.0 - init_sparsity)
+        densities = DISTRIBUTIONS[alg.distribution](self.params, 1.0 - alg.init_sparsity)
         counts = [min(round(d * p.numel()), p.numel()) for p, d in zip(self.params, densities)]
-        cpu = self._generator(torch.device("cpu"))
-        self._masks = [
-            random_mask(p.shape, n, cpu).to(p.device) for p, n in zip(self.params, counts)
-        ]
-        self._nnz = counts  # per layer, as the host last read them
-        if scale_init:
+        self._masks = INIT[alg.init](self.params, counts, self._generator(torch.device("cpu")))
+        self._nnz = [int(m.count_nonzero()) for m in self._masks]  # per layer, as last read
+        self._warn_empty(self._nnz, "start")
+        if alg.scale_init:
             # Evci et al. (2022): the dense initialisation scaled for the sparse fan-in keeps
             # each layer's output variance; unscaled, a very sparse deep net can start with a
             # signal too small to learn from.
             with torch.no_grad():
-                gains = [math.sqrt(p.numel() / max(n, 1)) for p, n in zip(self.params, counts)]
+                gains = [math.sqrt(p.numel() / max(n, 1)) for p, n in zip(self.params, self._nnz)]
                 torch._foreach_mul_(self.params, gains)
         # Weights active at least once, one bit each over all sparse layers in order; in host
         # memory, so that on a GPU the device holds only the bool masks.
@@ -166,10 +156,74 @@ class Sparsifier:
         # Where reading device values back costs the host nothing, a round's results are taken
         # in at once; elsewhere at the next round or report (see ``_settle``).
         self._reads_free = all(p.device.type == "cpu" for p in self.params)
-        self._pending: tuple[int, int, HostCopy] | None = None
+        self._pending: tuple[int, HostCopy] | None = None
         self._apply()
         self._verify()
         self._hook = optimizer.register_step_post_hook(self._on_step)
+
+    def _existing_sparsity(self, options: dict[str, Any]) -> dict[str, Any]:
+        """With ``init="existing"``, the model's own sparsity starts the run and, unless
+        given, is also the final one."""
+        nnz = sum(int(p.count_nonzero()) for p in self.params)
+        existing = 1.0 - nnz / self._numel
+        given = options.get("init_sparsity")
+        if given is not None and abs(given - existing) > 1.0 / self._numel:
+            raise ValueError(
+                f"init_sparsity={given} contradicts init='existing': the weights are at "
+                f"sparsity {existing:.6f}"
+            )
+        if options.get("sparsity", existing) < existing:
+            raise ValueError(
+                f"sparsity={options['sparsity']} is below the model's existing sparsity "
+                f"{existing:.6f} (init='existing' never regrows the network denser)"
+            )
+        return {"sparsity": existing, **options, "init_sparsity": existing}
+
+    def _check_reachable(self, gradual: bool) -> None:
+        """Refuse a schedule whose last topology round comes before it reaches the target."""
+        alg = self.algorithm
+        if not gradual:
+            return
+        last = self.cadence.last_update()
+        if alg.sparsity_schedule is None:
+            start, end = alg.window()
+            every = alg.update_every
+            needed = every * max(end // every, start // every + 1)
+            if last is None or needed > last:
+                raise ValueError(
+                    f"the schedule never reaches sparsity={alg.sparsity}: its last pruning "
+                    f"round would be step {needed}, but the last topology round is "
+                    f"{'none' if last is None else f'step {last}'} of total_steps="
+                    f"{alg.total_steps}; lower update_every ({every}) or prune_end "
+                    f"({alg.prune_end})"
+                )
+        elif last is None or self.sparsity_schedule(last) < alg.sparsity - 1e-9:
+            reached = alg.init_sparsity if last is None else self.sparsity_schedule(last)
+            raise ValueError(
+                f"sparsity_schedule reaches only {reached:g} by the last topology round, "
+                f"not sparsity={alg.sparsity}"
+            )
+
+    def _claim(self) -> None:
+        """Refuse tensors another live sparsifier holds, then hold ours."""
+        for key in [k for k, (p, s) in _HELD.items() if p() is None or s() is None]:
+            del _HELD[key]
+        for _ in range(2):
+            clash = [
+                n
+                for n, p in zip(self.names, self.params)
+                if (e := _HELD.get(id(p))) and e[0]() is p and e[1]() not in (None, self)
+            ]
+            if not clash:
+                break
+            gc.collect()  # a dropped sparsifier may only await the cycle collector
+        else:
+            raise ValueError(
+                f"another sparsifier already holds {', '.join(clash)}; call its remove() first"
+            )
+        me = weakref.ref(self)
+        for p in self.params:
+            _HELD[id(p)] = (weakref.ref(p), me)
 
     # ----------------------------------------------------------------- per step
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -179,8 +233,9 @@ class Sparsifier:
         if found_inf is not None and bool(found_inf):
             return
         self.step += 1
-        self.growth.after_step(self.params)
-        if self.dynamic and self.cadence.is_update(self.step):
+        for observe in self._observers:
+            observe(self.params)
+        if self.dynamic and self.step >= self._first_round and self.cadence.is_update(self.step):
             self.update_topology()
         else:
             self._apply()
@@ -188,14 +243,18 @@ class Sparsifier:
     def _targets(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Parameters and every optimizer-state tensor shaped like them, with their multipliers.
 
-        Rebuilt only when the masks change or the optimizer's state dict object or size changes
-        (lazy state creation, ``optimizer.load_state_dict``): the per-step path does no Python
-        work. On CPU, where mixed-dtype multiplies are about 10x slower than same-dtype ones,
-        the multipliers are copies of the masks in the tensor's dtype; elsewhere the bool masks.
+        Rebuilt only when the masks change or the optimizer holds other state tensors (lazy
+        state creation, ``optimizer.load_state_dict``, a tensor replaced in place of another) or
+        the parameters change dtype. On CPU, where mixed-dtype multiplies are about 10x slower
+        than same-dtype ones, the multipliers are copies of the masks in the tensor's dtype;
+        elsewhere the bool masks.
         """
         state = self.optimizer.state
+        key = tuple(
+            id(v) for p in self.params for v in state.get(p, {}).values() if torch.is_tensor(v)
+        ) + tuple(p.dtype for p in self.params)
         cache = self._target_cache
-        if cache is None or cache[0] is not state or cache[1] != len(state):
+        if cache is None or cache[0] != key:
             tensors, multipliers, copies = [], [], {}
             for i, (p, m) in enumerate(zip(self.params, self._masks)):
                 shaped = [v for v in state.get(p, {}).values() if torch.is_tensor(v)]
@@ -206,8 +265,10 @@ class Sparsifier:
                         m_t = m
                     tensors.append(t)
                     multipliers.append(m_t)
-            self._target_cache = (state, len(state), (tensors, multipliers))
-        return self._target_cache[2]
+            # the key's ids stay valid while the cache holds the tensors they name
+            held = [v for p in self.params for v in state.get(p, {}).values()]
+            self._target_cache = (key, (tensors, multipliers), held)
+        return self._target_cache[1]
 
     def _apply(self) -> None:
         apply_masks(*self._targets())
@@ -219,7 +280,7 @@ class Sparsifier:
         self._verify()
 
     def _round(self) -> None:
-        """Prune to the schedule, drop and regrow, apply the masks.
+        """(1) prune to the schedule's target, (2) drop and regrow, (3) apply the masks.
 
         The host never waits for the device here: counts only the device knows select by rank
         (:func:`top_mask`), the NaN guard takes effect on the device, and what the host needs
@@ -227,58 +288,121 @@ class Sparsifier:
         """
         self._apply()
         self._settle()
-        fraction = self.regrow(self.step)
-        reason = self.growth.missing(self.params, self.names) if fraction > 0 else None
-        if reason is not None:
-            self._warn_skipped(self.step, reason)
-            return
+        alg, step = self.algorithm, self.step
         finite = torch.isfinite(torch.stack(torch._foreach_norm(self.params, math.inf)))
+        ok = finite.all()  # a round on non-finite weights leaves the masks as they were
         masks = [m.clone() for m in self._masks]
+        importance = [
+            torch.where(m, s.float(), -math.inf)
+            for m, s in zip(masks, self._scores(self.importance, masks))
+        ]
         counts: list[int] | torch.Tensor = self._nnz
-        pruned = 0
-        if self.schedule.prunes_at(self.step):
-            keep = round((1.0 - self.schedule(self.step)) * self._numel)
-            if keep < sum(self._nnz):
-                counts = self._prune(masks, keep)
-                pruned = sum(self._nnz) - keep
+        # (1) gradual pruning; the pruned weights are zeroed at once (as in the reference), so
+        # one that regrows in this same round restarts at zero with zero optimizer state
+        target = self.sparsity_schedule(step)
+        if target > alg.init_sparsity and round((1.0 - target) * self._numel) < sum(self._nnz):
+            new, counts = PRUNING[alg.pruning](importance, self._nnz, target)
+            for m, n in zip(masks, new):
+                m.copy_(n)
+            self._commit(masks, ok)
+        pruned = sum(self._nnz) - (counts.sum() if torch.is_tensor(counts) else sum(counts))
         if torch.is_tensor(counts) and self._reads_free:
             counts = counts.tolist()
-        dropped = self._drop_and_regrow(masks, counts, fraction) if fraction > 0 else 0
-        ok = finite.all()  # a round on non-finite weights leaves the masks as they were
-        for m, new in zip(self._masks, masks):
-            m.copy_(torch.where(ok, new, m))
-        self._target_cache = None  # the masks changed
-        self._apply()
-        self._pending = (
-            self.step,
-            pruned,
-            HostCopy([finite, counts, dropped, self._packed_masks()]),
-        )
+        # (2) drop and regrow in each layer, keeping its count
+        fraction = self.regrow_schedule(step)
+        dropped: int | torch.Tensor = 0
+        if fraction > 0:
+            grow = self._scores(self.growth, masks)
+            silent = [n for n, g in zip(self.names, grow) if g is None]
+            if silent:
+                self._warn(
+                    f"skipped the regrowth at step {step}: the growth score gave no "
+                    f"scores for {', '.join(silent)} (no gradient yet?)"
+                )
+            else:
+                dropped = self._drop_and_regrow(masks, counts, fraction, importance, grow)
+        # (3) apply
+        self._commit(masks, ok)
+        self._pending = (step, HostCopy([finite, counts, pruned, dropped, self._packed_masks()]))
         if self._reads_free:
             self._settle()
+
+    def _scores(self, score: Any, masks: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        """``score`` for every sparse tensor, with the documented context."""
+        state = self.optimizer.state
+        return [
+            score(
+                p.detach(),
+                None if p.grad is None else p.grad.detach(),
+                name=name,
+                index=i,
+                mask=m,
+                state=state.get(p, {}),
+                generator=self._generator(p.device),
+                step=self.step,
+            )
+            for i, (name, p, m) in enumerate(zip(self.names, self.params, masks))
+        ]
+
+    def _commit(self, masks: Sequence[torch.Tensor], ok: torch.Tensor) -> None:
+        """Make ``masks`` the sparsifier's (unless ``ok`` is False) and apply them."""
+        for m, new in zip(self._masks, masks):
+            m.copy_(torch.where(ok, new, m))
+        self._target_cache = None
+        self._apply()
+
+    def _drop_and_regrow(
+        self,
+        masks: list[torch.Tensor],
+        counts: list[int] | torch.Tensor,
+        fraction: float,
+        importance: Sequence[torch.Tensor],
+        grow: Sequence[torch.Tensor],
+    ) -> int | torch.Tensor:
+        """In each layer, drop the ``ceil(fraction * count)`` lowest-importance active weights
+        and regrow as many inactive positions with the highest growth score. Returns the number
+        dropped. A weight dropped and regrown at once never left: it keeps value and state."""
+        if torch.is_tensor(counts):
+            ks = (counts.double() * fraction).ceil().long()  # as math.ceil in double precision
+            total = ks.sum()
+        else:
+            ks = [math.ceil(fraction * n) for n in counts]
+            total = sum(ks)
+        for m, k, imp, g in zip(masks, ks, importance, grow):
+            mask = m.view(-1)
+            mask &= ~top_mask(torch.where(mask, -imp.reshape(-1), -math.inf), k)
+            mask |= top_mask(torch.where(mask, -math.inf, g.reshape(-1).float()), k)
+        return total
 
     def _settle(self) -> None:
         """Take in the last round's results: per-layer counts, statistics, ITOP bits."""
         if self._pending is None:
             return
-        step, pruned, results = self._pending
+        step, results = self._pending
         self._pending = None
-        finite, counts, dropped, bits = results.result()
+        finite, counts, pruned, dropped, bits = results.result()
         if not finite.all():
             bad = [n for n, ok in zip(self.names, finite.tolist()) if not ok]
-            self._warn_skipped(step, f"non-finite weights in {', '.join(bad)}")
+            self._warn(
+                f"skipped the topology update at step {step}: non-finite weights in "
+                f"{', '.join(bad)}"
+            )
             return
-        self._nnz = counts.tolist() if torch.is_tensor(counts) else counts
-        dropped = int(dropped)
-        self._last_round = {"pruned": pruned, "dropped": dropped, "regrown": dropped}
+        counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
+        self._warn_empty(
+            [0 if old == 0 else n for old, n in zip(self._nnz, counts)], f"round at step {step}"
+        )
+        self._nnz = counts
+        self._last_round = {"pruned": int(pruned), "dropped": int(dropped), "regrown": int(dropped)}
         self._ever_active.bitwise_or_(bits)
 
-    def _warn_skipped(self, step: int, reason: str) -> None:
-        warnings.warn(
-            f"granet: skipped the topology update at step {step}: {reason}",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+    def _warn(self, message: str) -> None:
+        warnings.warn(f"granet: {message}", RuntimeWarning, stacklevel=5)
+
+    def _warn_empty(self, counts: Sequence[int], when: str) -> None:
+        empty = [n for n, c in zip(self.names, counts) if c == 0]
+        if empty:
+            self._warn(f"the {when} leaves no active weights in {', '.join(empty)}")
 
     def _verify(self) -> None:
         """Under torch.distributed, raise if the ranks' masks differ (see ``distributed.py``)."""
@@ -289,52 +413,10 @@ class Sparsifier:
         """All masks as one bit-packed array, on the masks' device."""
         return pack_bits(torch.cat([m.reshape(-1) for m in self._masks]))
 
-    def _prune(self, masks: list[torch.Tensor], keep: int) -> list[int] | torch.Tensor:
-        """Keep the ``keep`` largest active weights of ``masks`` (globally or per layer); the
-        per-layer counts this leaves (after global pruning, on the device)."""
-        scores = [torch.where(m, magnitude(p).float(), -1.0) for p, m in zip(self.params, masks)]
-        if self.pruning == "global":
-            flat = top_mask(torch.cat([s.reshape(-1) for s in scores]), keep)
-            new = list(flat.split([p.numel() for p in self.params]))
-            counts = torch.stack([n.count_nonzero() for n in new])
-        else:
-            counts = self._uniform_counts(keep)
-            new = [top_mask(s, k) for s, k in zip(scores, counts)]
-        for m, n in zip(masks, new):
-            m.copy_(n.view(m.shape))
-        return counts
-
-    def _uniform_counts(self, keep: int) -> list[int]:
-        """Per-layer counts at one common keep rate, summing to ``keep`` (largest remainders)."""
-        rate = keep / sum(self._nnz)
-        exact = [rate * n for n in self._nnz]
-        counts = [math.floor(x) for x in exact]
-        by_remainder = sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])
-        for i in by_remainder[: keep - sum(counts)]:
-            counts[i] += 1
-        return counts
-
-    def _drop_and_regrow(
-        self, masks: list[torch.Tensor], counts: list[int] | torch.Tensor, fraction: float
-    ) -> int | torch.Tensor:
-        """In each layer, drop ``ceil(fraction * count)`` smallest active weights and regrow as
-        many inactive positions with the highest growth score. Returns the number dropped."""
-        if torch.is_tensor(counts):
-            ks = (counts.double() * fraction).ceil().long()  # as math.ceil in double precision
-            total = ks.sum()
-        else:
-            ks = [math.ceil(fraction * n) for n in counts]
-            total = sum(ks)
-        for i, (p, m, k) in enumerate(zip(self.params, masks, ks)):
-            mask = m.view(-1)
-            mask &= ~top_mask(torch.where(mask, -magnitude(p).reshape(-1).float(), -math.inf), k)
-            grow = self.growth.scores(i, p, self._generator(p.device)).reshape(-1).float()
-            mask |= top_mask(torch.where(mask, -math.inf, grow), k)
-        return total
-
     def _generator(self, device: torch.device) -> torch.Generator:
         if device.type not in self._generators:
-            self._generators[device.type] = torch.Generator(device=device).manual_seed(self.seed)
+            seed = self.algorithm.seed
+            self._generators[device.type] = torch.Generator(device=device).manual_seed(seed)
         return self._generators[device.type]
 
     # ------------------------------------------------------------- reporting
@@ -362,16 +444,24 @@ class Sparsifier:
     def _ever_bits(self) -> torch.Tensor:
         return unpack_bits(self._ever_active, (self._numel,))
 
+    def next_update(self) -> int | None:
+        """The step of the next topology round, or None when none is left."""
+        if not self.dynamic:
+            return None
+        if self.step < self._first_round:
+            first = self._first_round
+            return first if self.cadence.is_update(first) else self.cadence.next_update(first)
+        return self.cadence.next_update(self.step)
+
     def stats(self) -> dict[str, Any]:
         """A snapshot for logging: step, schedule, sparsity, ITOP rate, per-layer density."""
         self._settle()
-        nxt = self.cadence.next_update(self.step) if self.dynamic else None
         return {
             "step": self.step,
-            "next_update": nxt,
+            "next_update": self.next_update(),
             "sparsity": self.sparsity(),
-            "target_sparsity": self.schedule(self.step),
-            "regrow_fraction": self.regrow(self.step),
+            "target_sparsity": self.sparsity_schedule(self.step),
+            "regrow_fraction": self.regrow_schedule(self.step),
             "itop_rate": self.itop_rate(),
             "last_round": self.last_round,
             "layers": {
@@ -387,21 +477,31 @@ class Sparsifier:
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly; masks are bit-packed (1 bit per weight)."""
+        """Everything needed to resume exactly, and what it belongs to (method, settings);
+        masks are bit-packed (1 bit per weight). Loads with ``torch.load(weights_only=True)``."""
         self._settle()
         ever = self._ever_bits().split([p.numel() for p in self.params])
         return {
+            "method": type(self).__name__,
+            "settings": self.algorithm.record(),
             "step": self.step,
             "masks": {n: pack_bits(m) for n, m in zip(self.names, self._masks)},
             "ever_active": {n: pack_bits(e) for n, e in zip(self.names, ever)},
             "shapes": {n: list(p.shape) for n, p in zip(self.names, self.params)},
             "generators": {d: g.get_state() for d, g in self._generators.items()},
-            "growth": self.growth.state_dict(),
+            "scores": {
+                role: s.state_dict()
+                for role, s in (("importance", self.importance), ("growth", self.growth))
+                if hasattr(s, "state_dict")
+            },
             "last_round": self.last_round,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; a missing or differently shaped tensor is named."""
+        """Restore :meth:`state_dict`. A state of another method or other settings, or with a
+        missing or misshaped tensor, is refused with the difference named, and changes nothing.
+        """
+        self._check_belongs(state)
         for name, p in zip(self.names, self.params):
             if name not in state["masks"]:
                 raise ValueError(f"sparsifier state has no mask for {name!r}")
@@ -414,12 +514,18 @@ class Sparsifier:
         extra = sorted(set(state["masks"]) - set(self.names))
         if extra:
             raise ValueError(f"sparsifier state has masks for unknown tensors: {extra}")
-        ever = []
-        for i, (name, p) in enumerate(zip(self.names, self.params)):
-            self._masks[i] = unpack_bits(state["masks"][name].to(p.device), p.shape)
-            ever.append(unpack_bits(state["ever_active"][name].cpu(), p.shape).reshape(-1))
+        masks = [
+            unpack_bits(state["masks"][n].to(p.device), p.shape)
+            for n, p in zip(self.names, self.params)
+        ]
+        ever = [
+            unpack_bits(state["ever_active"][n].cpu(), p.shape).reshape(-1)
+            for n, p in zip(self.names, self.params)
+        ]
+        # nothing below can fail on a well-formed state: only now does anything change
+        self._masks = [m.clone() for m in masks]
         self._ever_active = pack_bits(torch.cat(ever))
-        self._nnz = torch.stack([m.count_nonzero() for m in self._masks]).tolist()
+        self._nnz = [int(m.count_nonzero()) for m in self._masks]
         self._pending = None
         self.step = int(state["step"])
         self._last_round = dict(state["last_round"])
@@ -427,16 +533,43 @@ class Sparsifier:
         for device, gen_state in state["generators"].items():
             if device in here:  # a GPU run's generator is moot when resuming on CPU
                 self._generator(torch.device(device)).set_state(gen_state)
-        self.growth.load_state_dict(state["growth"])
+        scores = state.get("scores", {"growth": state.get("growth", {})})
+        for role, s in (("importance", self.importance), ("growth", self.growth)):
+            if hasattr(s, "load_state_dict") and scores.get(role):
+                s.load_state_dict(scores[role])
         self._target_cache = None
         self._apply()
 
+    def _check_belongs(self, state: dict[str, Any]) -> None:
+        """Raise if ``state`` was saved by another method or with other settings (states that
+        predate the record are taken as they are)."""
+        if "settings" not in state:
+            return
+        mine = {"method": type(self).__name__, **self.algorithm.record()}
+        theirs = {"method": state.get("method"), **state["settings"]}
+        differ = [
+            f"{k}={theirs.get(k)!r} (here {mine.get(k)!r})"
+            for k in mine
+            if theirs.get(k) != mine[k]
+        ]
+        if differ:
+            raise ValueError("sparsifier state belongs to another run: it has " + ", ".join(differ))
+
     def remove(self) -> None:
-        """Detach from the optimizer; the weights keep their zeros."""
+        """Detach from the optimizer and release the tensors; the weights keep their zeros."""
         self._hook.remove()
+        for p in self.params:
+            entry = _HELD.get(id(p))
+            if entry is not None and entry[1]() is self:
+                del _HELD[id(p)]
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(sparsity={self.sparsity():.4f}, step={self.step}, "
             f"layers={len(self.params)})"
         )
+
+
+def _score(spec: Any, registry: dict[str, Any], optimizer: torch.optim.Optimizer) -> Any:
+    """A score given by name (built from ``registry``) or as a callable (used as is)."""
+    return registry[spec](optimizer) if isinstance(spec, str) else spec

@@ -17,12 +17,15 @@ from typing import Any
 import yaml
 
 import granet
+from granet.algorithm import OPTIONS
 from granet.criteria import GROWTH
 from granet.experiment.data import DATASETS
 from granet.experiment.models import MODELS
 from granet.sparsifier import PRUNING
 
 METHOD_CHOICES = (*granet.METHODS, "dense")
+# the settings whose default is each method's own
+METHOD_OWN = tuple(o.name for o in OPTIONS if o.method)
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
 AMP_CHOICES = ("none", "bf16", "fp16")
@@ -81,14 +84,10 @@ class Config:
         values = self.to_dict()
         method = granet.METHODS.get(self.method)
         if method is None:
-            values.update(init_sparsity=None, regrow_fraction=None, growth=None)
+            values.update(dict.fromkeys(METHOD_OWN))
             return values
-        if self.init_sparsity is None:
-            values["init_sparsity"] = method.own_init_sparsity(self.sparsity)
-        if self.regrow_fraction is None:
-            values["regrow_fraction"] = method.default_regrow_fraction
-        if self.growth is None:
-            values["growth"] = method.default_growth
+        own = method.resolve(sparsity=self.sparsity, **{k: values[k] for k in METHOD_OWN})
+        values.update({k: getattr(own, k) for k in METHOD_OWN})
         return values
 
     def resolved(self, total_steps: int) -> Config:

@@ -138,7 +138,7 @@ def _init_sparsity(r: Mapping[str, Any]) -> float | None:
     method = granet.METHODS.get(r["method"])
     if init is None or method is None:
         return None
-    return None if init == method.own_init_sparsity(r["target_sparsity"]) else init
+    return None if init == method.resolve(sparsity=r["target_sparsity"]).init_sparsity else init
 
 
 def summarize(reports: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -159,7 +159,7 @@ def summarize(reports: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for (dataset, model, method, init, sparsity), runs in groups.items():
         label = method
         if len(variants[method]) > 1:
-            default = granet.METHODS[method].default_init_sparsity
+            default = granet.METHODS[method].defaults["init_sparsity"]
             shown = init if init is not None else default
             label = f"{method} (s_i={'s_f' if shown is None else f'{shown:g}'})"
         acc = [r["test_accuracy"] for r in runs]

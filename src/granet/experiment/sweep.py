@@ -26,7 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from granet.experiment.config import Config, make_config, read_config_file, save_config
+from granet.experiment.config import (
+    METHOD_OWN,
+    Config,
+    make_config,
+    read_config_file,
+    save_config,
+)
 from granet.experiment.report import summarize, write_comparison
 from granet.experiment.runs import (
     REPORT_JSON,
@@ -37,8 +43,6 @@ from granet.experiment.runs import (
 )
 from granet.experiment.train import TrainingInterrupted, train
 
-# settings whose method defaults define the methods (RigL = GraNet started at the final sparsity)
-METHOD_DEFINING = ("init_sparsity", "regrow_fraction", "growth")
 SWEEP_KEYS = ("base", "config", "methods", "sparsities", "seeds", "out", "workers")
 # settings a sweep resolves per run (``update_every: null`` becomes a number in config.yaml)
 _RESOLVED_LATER = ("update_every",)
@@ -93,7 +97,7 @@ def load_sweep(path: str | Path) -> Sweep:
     methods = _list(spec, "methods", path)
     sparse = [m for m in methods if m != "dense"]
     if len(set(sparse)) > 1:
-        pinned = [k for k in METHOD_DEFINING if base.get(k) is not None]
+        pinned = [k for k in METHOD_OWN if base.get(k) is not None]
         if pinned:
             raise ValueError(
                 f"sweep file {path}: {', '.join(pinned)} is set for every method, which would "
