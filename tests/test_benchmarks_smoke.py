@@ -90,13 +90,20 @@ def test_gmp_schedule_experiment_starts_dense_and_prunes_from_half():
         sys.path.pop(0)
     import torch
 
+    import granet
     from granet.experiment.config import make_config
     from granet.experiment.models import build_model
 
     config = make_config({"method": "gmp", "model": "mlp", "sparsity": 0.9, "update_every": 10})
     model = build_model("mlp")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    sp = schedule_from(0.5)(model, optimizer, config, 1000)
+    sp = granet.GMP(
+        model,
+        optimizer,
+        total_steps=1000,
+        update_every=10,
+        sparsity_schedule=schedule_from(0.5, config, 1000),
+    )
     assert sp.sparsity() == 0.0  # the masks start dense, as the reference's GMP
     # gradual phase: steps 0-500, 50 rounds; the first round prunes from 50%, not from 0%
     assert sp.sparsity_schedule(10) == pytest.approx(0.9 - 0.4 * (1 - 1 / 50) ** 3)

@@ -9,6 +9,7 @@ import torch
 import yaml
 from torch import nn
 
+import granet
 from granet import criteria
 from granet.experiment.config import KEYS, make_config, resolve_config, save_config
 from granet.experiment.data import DATASETS
@@ -16,7 +17,7 @@ from granet.experiment.flops import count_flops, inference_flops, training_flops
 from granet.experiment.models import MODELS
 from granet.experiment.report import summarize
 from granet.experiment.sweep import _state, load_sweep
-from granet.experiment.train import epoch_batches, lr_factor, make_sparsifier
+from granet.experiment.train import epoch_batches, lr_factor
 
 
 def test_file_overrides_defaults_and_flags_override_file(tmp_path):
@@ -168,7 +169,9 @@ def test_pruning_and_growth_reach_the_sparsifier():
     net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     config = make_config({"method": "granet", "pruning": "uniform", "growth": "random"})
-    sp = make_sparsifier(net, opt, config.resolved(100), total_steps=100)
+    sp = granet.sparsify(
+        net, opt, config.method, total_steps=100, **config.resolved(100).sparsifier_options()
+    )
     assert sp.algorithm.pruning == "uniform" and sp.growth is criteria.random
 
 
@@ -192,7 +195,8 @@ def test_sweep_methods_differ(tmp_path):
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     shape = {}
     for job in load_sweep(sweep).jobs:
-        sp = make_sparsifier(net, opt, job.config.resolved(100), total_steps=100)
+        options = job.config.resolved(100).sparsifier_options()
+        sp = granet.sparsify(net, opt, job.config.method, total_steps=100, **options)
         shape[job.config.method] = (sp.algorithm.init_sparsity, sp.algorithm.regrow_fraction)
         sp.remove()
     assert shape == {

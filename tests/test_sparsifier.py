@@ -112,8 +112,15 @@ def test_uniform_pruning_takes_every_layer_to_the_target_of_its_own_size():
     net = SmallNet(channels=8, hidden=64)
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
     sp = granet.GraNet(
-        net, opt, sparsity=0.9, init_sparsity=0.5, pruning="uniform", regrow_fraction=0.0,
-        total_steps=40, update_every=10, prune_end=20,
+        net,
+        opt,
+        sparsity=0.9,
+        init_sparsity=0.5,
+        pruning="uniform",
+        regrow_fraction=0.0,
+        total_steps=40,
+        update_every=10,
+        prune_end=20,
     )
     start = {n: int(m.sum()) for n, m in sp.masks.items()}
     train(net, opt, 40)
@@ -312,7 +319,12 @@ def test_density_invariants_on_random_mlps(widths, sparsity, method, distributio
         if not sp.sparsity_schedule.prunes_at(sp.step):
             assert new == counts  # drop-and-regrow keeps every layer's count
         else:
-            assert sum(new) == round((1 - sp.sparsity_schedule(sp.step)) * n) or sum(new) == sum(counts)
+            target = sp.sparsity_schedule(sp.step)
+            if pruning == "global":
+                assert sum(new) in (round((1 - target) * n), sum(counts))
+            else:  # every layer to the target of its own size, or left as sparse as it was
+                sizes = [m.numel() for m in sp.masks.values()]
+                assert new == [min(c, k - math.floor(target * k)) for c, k in zip(counts, sizes)]
         for name, p in zip(sp.names, sp.params):
             assert not p[~sp.masks[name]].any()
     assert abs(sp.sparsity() - sparsity) <= len(sp.params) / n + 1e-9

@@ -14,28 +14,26 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+import math
 from pathlib import Path
 
 from granet.experiment import train as training
-from granet.experiment.config import make_config, read_config_file
+from granet.experiment.config import Config, make_config, read_config_file
+from granet.experiment.data import load_dataset
 from granet.schedules import CubicSparsity
-from granet.sparsifier import Sparsifier
 
 REFERENCE = {0.9: 90.34, 0.95: 90.12, 0.98: 90.42}
 
 
-def schedule_from(start: float) -> Callable[..., Sparsifier]:
-    """``make_sparsifier`` with the gradual schedule starting at sparsity ``start``."""
-    make = training.make_sparsifier
-
-    def make_sparsifier(model, optimizer, config, total_steps):
-        sp = make(model, optimizer, config, total_steps)
-        s = sp.schedule
-        sp.schedule = CubicSparsity(start, s.final, s.start, s.end, s.every)
-        return sp
-
-    return make_sparsifier
+def schedule_from(start: float, config: Config, total_steps: int) -> CubicSparsity:
+    """The run's cubic schedule, starting at sparsity ``start`` instead of the masks' own."""
+    return CubicSparsity(
+        start,
+        config.sparsity,
+        round(config.prune_start * total_steps),
+        round(config.prune_end * total_steps),
+        config.update_every,
+    )
 
 
 def read_test_accuracy(run_dir: Path) -> float:
@@ -51,7 +49,6 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     args = parser.parse_args()
 
-    training.make_sparsifier = schedule_from(args.start)
     print(f"| sparsity | seed | ours: cubic from 0% | from {args.start:.0%} | reference code |")
     print("|--:|--:|--:|--:|--:|")
     for sparsity in args.sparsities:
@@ -61,7 +58,15 @@ def main() -> None:
             run_dir = args.out / name
             if not (run_dir / "report.json").exists():
                 run_dir.mkdir(parents=True, exist_ok=True)
-                training.train(config, run_dir, progress=False)
+                data = load_dataset(config.dataset, config.data_root, val_size=config.val_size)
+                total = config.epochs * math.ceil(len(data.train) / config.batch_size)
+                schedule = schedule_from(args.start, config, total)
+                training.train(
+                    config,
+                    run_dir,
+                    progress=False,
+                    sparsifier_options={"sparsity_schedule": schedule},
+                )
             print(
                 f"| {sparsity:.0%} | {seed} | {read_test_accuracy(args.runs / name):.2f} | "
                 f"{read_test_accuracy(run_dir):.2f} | {REFERENCE.get(sparsity, float('nan')):.2f} |"

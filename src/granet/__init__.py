@@ -3,6 +3,7 @@
 GraNet and the methods it is measured against (GMP, RigL, SET, SNFS, static ERK).
 """
 
+from granet.algorithm import Algorithm
 from granet.distributions import DISTRIBUTIONS
 from granet.export import load_sparse, save_sparse
 from granet.inference import sparse_inference
@@ -10,6 +11,7 @@ from granet.methods import GMP, METHODS, SET, SNFS, GraNet, RigL, Static, sparsi
 from granet.sparsifier import Sparsifier
 
 __all__ = [
+    "Algorithm",
     "DISTRIBUTIONS",
     "GMP",
     "METHODS",

@@ -208,6 +208,11 @@ class Algorithm:
             raise ValueError(
                 f"init_sparsity must be in [0, sparsity={self.sparsity}]; got {self.init_sparsity}"
             )
+        fractions = isinstance(self.prune_start, float) and isinstance(self.prune_end, float)
+        if fractions and self.prune_end <= self.prune_start:
+            raise ValueError(
+                f"prune_end ({self.prune_end}) must come after prune_start ({self.prune_start})"
+            )
         if self.total_steps is not None:
             start, end = self.window()
             if end > self.total_steps:

@@ -16,18 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import granet
-from granet.criteria import GROWTH
+from granet.algorithm import OPTION, Option
 from granet.experiment.config import (
     AMP_CHOICES,
-    AUTO_UPDATES_PER_RUN,
+    EXPERIMENT_DEFAULTS,
     METHOD_CHOICES,
     OPTIMIZERS,
     SCHEDULES,
+    SPARSIFIER_KEYS,
     Config,
 )
 from granet.experiment.data import DATASETS
 from granet.experiment.models import MODELS
-from granet.sparsifier import PRUNING
 
 _D = Config()
 
@@ -43,18 +43,6 @@ _TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
         dict(
             metavar=_choices(METHOD_CHOICES),
             help=f"sparse-training method, or dense (default: {_D.method})",
-        ),
-    ),
-    (
-        "--sparsity",
-        dict(type=float, help=f"final sparsity of the sparse layers (default: {_D.sparsity})"),
-    ),
-    (
-        "--init-sparsity",
-        dict(
-            type=float,
-            help="initial sparsity (default: the method's own: "
-            "granet 0.5, gmp 0, others the final sparsity)",
         ),
     ),
     ("--model", dict(metavar=_choices(MODELS), help=f"architecture (default: {_D.model})")),
@@ -118,71 +106,6 @@ _TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--warmup-epochs", dict(type=float, help="linear LR warmup (default: 0)")),
     ("--label-smoothing", dict(type=float, help="(default: 0)")),
     (
-        "--update-every",
-        dict(
-            type=int,
-            metavar="STEPS",
-            help="optimizer steps between topology updates (default: about "
-            f"{AUTO_UPDATES_PER_RUN} updates per run)",
-        ),
-    ),
-    (
-        "--regrow-fraction",
-        dict(
-            type=float,
-            help="initial fraction of each layer's weights "
-            "dropped and regrown per update (default: the "
-            "method's own: 0.5; gmp and static 0)",
-        ),
-    ),
-    (
-        "--prune-start",
-        dict(
-            type=float,
-            metavar="FRACTION",
-            help=f"gradual pruning starts (default: {_D.prune_start})",
-        ),
-    ),
-    (
-        "--prune-end",
-        dict(
-            type=float,
-            metavar="FRACTION",
-            help=f"gradual pruning reaches the final sparsity (default: {_D.prune_end})",
-        ),
-    ),
-    (
-        "--distribution",
-        dict(
-            metavar=_choices(granet.DISTRIBUTIONS),
-            help=f"layer-wise sparsity distribution (default: {_D.distribution})",
-        ),
-    ),
-    (
-        "--pruning",
-        dict(
-            metavar=_choices(PRUNING),
-            help=f"gradual pruning: one global magnitude threshold, or the same rate in every "
-            f"layer (default: {_D.pruning})",
-        ),
-    ),
-    (
-        "--growth",
-        dict(
-            metavar=_choices(GROWTH),
-            help="what regrows: |gradient|, |gradient momentum| or random (default: the "
-            "method's own: gradient; set random, snfs momentum)",
-        ),
-    ),
-    (
-        "--scale-init",
-        dict(
-            action=argparse.BooleanOptionalAction,
-            help="scale each sparse layer's initial weights by sqrt(1 / density), for the "
-            "sparse fan-in (default: off, as the reference code)",
-        ),
-    ),
-    (
         "--exclude",
         dict(
             nargs="*",
@@ -201,6 +124,48 @@ _TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ),
     ("--workers", dict(type=int, help="data-loading processes (default: 0)")),
 ]
+
+
+def method_defaults(name: str) -> str:
+    """Each method's own default for option ``name``, e.g. ``granet 0.5, gmp 0, rigl/set/snfs/
+    static the final sparsity``."""
+    by_value: dict[Any, list[str]] = {}
+    for method, cls in granet.METHODS.items():
+        value = cls.defaults[name]
+        by_value.setdefault(value, []).append(method)
+    shown = (
+        "the final sparsity"
+        if v is None and name == "init_sparsity"
+        else f"{v:g}"
+        if isinstance(v, float)
+        else str(v)
+        for v in by_value
+    )
+    return ", ".join(f"{'/'.join(ms)} {v}" for ms, v in zip(by_value.values(), shown))
+
+
+def option_flag(option: Option) -> tuple[str, dict[str, Any]]:
+    """The ``granet train`` flag of a sparsifier option, from its declaration."""
+    if option.name in EXPERIMENT_DEFAULTS:
+        default = EXPERIMENT_DEFAULTS[option.name][1]
+    elif option.method:
+        default = "the method's own: " + method_defaults(option.name)
+    elif option.kind is bool:
+        default = "on" if option.default else "off"
+    else:
+        default = f"{option.default}"
+    kwargs: dict[str, Any] = {"help": f"{option.help} (default: {default})"}
+    if option.kind is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif option.choices:
+        kwargs["metavar"] = _choices(option.choices)
+    else:
+        kwargs["type"] = option.kind
+    return "--" + option.name.replace("_", "-"), kwargs
+
+
+def _sparsifier_flags() -> list[tuple[str, dict[str, Any]]]:
+    return [option_flag(OPTION[k]) for k in SPARSIFIER_KEYS if k != "seed"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     settings = train.add_argument_group("settings (override --config)")
     for flag, kwargs in _TRAIN_FLAGS:
         settings.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
+    sparse = train.add_argument_group("sparse training (override --config)")
+    for flag, kwargs in _sparsifier_flags():
+        sparse.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
 
     sweep = sub.add_parser(
         "sweep",

@@ -10,18 +10,17 @@ from __future__ import annotations
 import math
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 import granet
-from granet.algorithm import OPTIONS
-from granet.criteria import GROWTH
+from granet import checks
+from granet.algorithm import OPTIONS, cli_options
 from granet.experiment.data import DATASETS
 from granet.experiment.models import MODELS
-from granet.sparsifier import PRUNING
 
 METHOD_CHOICES = (*granet.METHODS, "dense")
 # the settings whose default is each method's own
@@ -36,13 +35,11 @@ AUTO_UPDATES_PER_RUN = 60
 
 
 @dataclass(frozen=True)
-class Config:
-    """Every setting of one training run (see ``granet train --help`` for each one)."""
+class RunSettings:
+    """The settings of a run that are not the sparsifier's options."""
 
     # what to train
     method: str = "granet"
-    sparsity: float = 0.9
-    init_sparsity: float | None = None  # None: the method's own (GraNet 0.5, GMP 0, others s_f)
     model: str = "mlp"
     dataset: str = "fashion-mnist"
     data_root: str | None = None
@@ -59,17 +56,9 @@ class Config:
     lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
-    # sparse training
-    update_every: int | None = None  # None: about AUTO_UPDATES_PER_RUN updates per run
-    regrow_fraction: float | None = None  # None: the method's own (0.5; 0 for gmp, static)
-    prune_start: float = 0.0
-    prune_end: float = 0.5
-    distribution: str = "erk"
-    pruning: str = "global"
-    growth: str | None = None  # None: the method's own (gradient; set random, snfs momentum)
-    scale_init: bool = False
+    # which tensors stay dense
     exclude: list[str] = field(default_factory=list)
-    # where and how
+    # where and how (the seed also seeds the sparsifier)
     seed: int = 0
     device: str = "auto"
     amp: str = "none"
@@ -86,7 +75,7 @@ class Config:
         if method is None:
             values.update(dict.fromkeys(METHOD_OWN))
             return values
-        own = method.resolve(sparsity=self.sparsity, **{k: values[k] for k in METHOD_OWN})
+        own = method.resolve(sparsity=values["sparsity"], **{k: values[k] for k in METHOD_OWN})
         values.update({k: getattr(own, k) for k in METHOD_OWN})
         return values
 
@@ -95,14 +84,48 @@ class Config:
         every = self.update_every or max(1, round(total_steps / AUTO_UPDATES_PER_RUN))
         return replace(self, update_every=every)
 
+    def sparsifier_options(self) -> dict[str, Any]:
+        """The sparsifier's options as this run sets them (unset ones: the method's own)."""
+        values = {k: getattr(self, k) for k in SPARSIFIER_KEYS}
+        return {k: v for k, v in values.items() if v is not None}
+
+
+# Sparsifier options whose experiment default differs from the library's, with the reason shown
+# in ``--help``: the library's ``update_every`` is a step count, a run's defaults to its length.
+EXPERIMENT_DEFAULTS: dict[str, tuple[Any, str]] = {
+    "update_every": (None, f"about {AUTO_UPDATES_PER_RUN} rounds per run"),
+}
+
+
+def _sparsifier_fields() -> list[tuple[str, Any, Any]]:
+    """The config fields of the sparsifier's options, derived from their one declaration."""
+    own = {f.name for f in fields(RunSettings)}
+    result = []
+    for option in cli_options():
+        if option.name in own:
+            continue
+        default = EXPERIMENT_DEFAULTS.get(option.name, (option.default,))[0]
+        kind = option.kind | None if default is None else option.kind
+        result.append((option.name, kind, field(default=default)))
+    return result
+
+
+Config = make_dataclass(
+    "Config",
+    _sparsifier_fields(),
+    bases=(RunSettings,),
+    frozen=True,
+    namespace={"__doc__": "Every setting of one training run (see ``granet train --help``)."},
+)
+Config.__module__ = __name__
+SPARSIFIER_KEYS = (
+    *(name for name, _, _ in _sparsifier_fields()),
+    *(o.name for o in cli_options() if o.name in {f.name for f in fields(RunSettings)}),
+)
+
 
 KEYS = tuple(f.name for f in fields(Config))
 _HINTS = typing.get_type_hints(Config)
-
-
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def _typed(name: str, value: Any) -> Any:
@@ -144,19 +167,16 @@ def _check_ranges(c: Config) -> None:
         if not ok:
             raise ValueError(f"{name} must be {rule}; got {getattr(c, name)!r}")
 
-    _choice("method", c.method, METHOD_CHOICES)
-    _choice("model", c.model, MODELS)
-    _choice("dataset", c.dataset, DATASETS)
-    _choice("optimizer", c.optimizer, OPTIMIZERS)
-    _choice("schedule", c.schedule, SCHEDULES)
-    _choice("amp", c.amp, AMP_CHOICES)
-    _choice("distribution", c.distribution, tuple(granet.DISTRIBUTIONS))
-    _choice("pruning", c.pruning, PRUNING)
-    if c.growth is not None:
-        _choice("growth", c.growth, GROWTH)
-    need(0.0 <= c.sparsity < 1.0, "sparsity", "in [0, 1)")
-    if c.init_sparsity is not None:
-        need(0.0 <= c.init_sparsity <= c.sparsity, "init_sparsity", f"in [0, {c.sparsity}]")
+    for name, registry in (
+        ("method", METHOD_CHOICES),
+        ("model", MODELS),
+        ("dataset", DATASETS),
+        ("optimizer", OPTIMIZERS),
+        ("schedule", SCHEDULES),
+        ("amp", AMP_CHOICES),
+    ):
+        checks.choice(name, getattr(c, name), dict.fromkeys(registry))
+    granet.Algorithm(**c.sparsifier_options())  # the library's own checks of its options
     need(0.0 <= c.val_size < 1.0, "val_size", "in [0, 1)")
     need(c.epochs >= 1, "epochs", ">= 1")
     need(c.batch_size >= 1, "batch_size", ">= 1")
@@ -170,16 +190,6 @@ def _check_ranges(c: Config) -> None:
     )
     need(0 <= c.warmup_epochs < c.epochs, "warmup_epochs", f"in [0, epochs={c.epochs})")
     need(0.0 <= c.label_smoothing < 1.0, "label_smoothing", "in [0, 1)")
-    if c.update_every is not None:
-        need(c.update_every >= 1, "update_every", ">= 1 (or null for automatic)")
-    if c.regrow_fraction is not None:
-        need(0.0 <= c.regrow_fraction <= 1.0, "regrow_fraction", "in [0, 1]")
-    need(0.0 <= c.prune_start < 1.0, "prune_start", "a fraction of training in [0, 1)")
-    need(
-        c.prune_start < c.prune_end <= 1.0,
-        "prune_end",
-        f"a fraction of training in (prune_start={c.prune_start}, 1]",
-    )
     need(c.workers >= 0, "workers", ">= 0")
 
 

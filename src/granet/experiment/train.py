@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -112,36 +112,6 @@ def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
             weight_decay=config.weight_decay,
         )
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-
-def make_sparsifier(
-    model: nn.Module, optimizer: torch.optim.Optimizer, config: Config, total_steps: int
-) -> granet.Sparsifier | None:
-    """The sparsifier for ``config.method`` (None for ``dense``); unset values keep the
-    method's own defaults."""
-    if config.method == "dense":
-        return None
-    optional = {
-        "init_sparsity": config.init_sparsity,
-        "regrow_fraction": config.regrow_fraction,
-        "growth": config.growth,
-    }
-    return granet.sparsify(
-        model,
-        optimizer,
-        method=config.method,
-        sparsity=config.sparsity,
-        total_steps=total_steps,
-        prune_start=float(config.prune_start),
-        prune_end=float(config.prune_end),
-        update_every=config.update_every,
-        distribution=config.distribution,
-        pruning=config.pruning,
-        scale_init=config.scale_init,
-        seed=config.seed,
-        exclude=tuple(config.exclude),
-        **{k: v for k, v in optional.items() if v is not None},
-    )
 
 
 def lr_factor(step: int, total_steps: int, steps_per_epoch: int, config: Config) -> float:
@@ -308,7 +278,14 @@ class _Run:
     checkpoint process 0 writes resumes on any number of processes.
     """
 
-    def __init__(self, config: Config, run_dir: Path, data: DataBundle, device: torch.device):
+    def __init__(
+        self,
+        config: Config,
+        run_dir: Path,
+        data: DataBundle,
+        device: torch.device,
+        sparsifier_options: Mapping[str, Any],
+    ):
         self.config, self.run_dir, self.data, self.device = config, run_dir, data, device
         self.ranks = parallel.current()
         self.steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
@@ -324,7 +301,16 @@ class _Run:
             ids = [device.index] if device.type == "cuda" else None
             self.trained = DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = make_optimizer(self.model, config)
-        self.sp = make_sparsifier(self.trained, self.optimizer, config, self.total_steps)
+        self.sp = None
+        if config.method != "dense":
+            self.sp = granet.sparsify(
+                self.trained,
+                self.optimizer,
+                config.method,
+                total_steps=self.total_steps,
+                exclude=tuple(config.exclude),
+                **{**config.sparsifier_options(), **sparsifier_options},
+            )
         self.scaler = torch.amp.GradScaler(
             device.type, enabled=config.amp == "fp16" and device.type == "cuda"
         )
@@ -682,12 +668,15 @@ def train(
     resume: bool = False,
     progress: bool | None = None,
     on_step: Callable[[int], None] | None = None,
+    sparsifier_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Train one run into ``run_dir`` (which must exist) and return its report.
 
     ``resume`` continues from ``checkpoints/last.pt`` when there is one. ``progress`` shows a
     tqdm bar (default: when stderr is a terminal); otherwise one log line per epoch. ``on_step``
-    is called with the global step after every optimizer step. Raises
+    is called with the global step after every optimizer step. ``sparsifier_options`` go to the
+    sparsifier on top of the config's: the options a file cannot hold (a score or schedule given
+    as a Python callable). Raises
     :class:`TrainingInterrupted` after saving a checkpoint on Ctrl-C / SIGTERM.
 
     Inside a torchrun process group (see :mod:`granet.experiment.parallel`) every process calls
@@ -718,7 +707,7 @@ def train(
     _check_shares(len(data.train), config.batch_size, ranks.world)
     steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
     config = config.resolved(config.epochs * steps_per_epoch)
-    run = _Run(config, run_dir, data, device)
+    run = _Run(config, run_dir, data, device, sparsifier_options or {})
     last = checkpoint_path(run_dir, "last")
     if resume and _seen_by_all(last, ranks, device):
         run.restore(load_checkpoint(last, device))
