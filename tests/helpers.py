@@ -32,3 +32,13 @@ def train(model, optimizer, steps: int, start: int = 0) -> None:
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
+
+
+def masked_zero(sp, optimizer):
+    """Every masked weight and every masked optimizer-state entry is exactly zero."""
+    for name, p in zip(sp.names, sp.params):
+        mask = sp.masks[name]
+        assert not p[~mask].any(), name
+        for value in optimizer.state[p].values():
+            if torch.is_tensor(value) and value.shape == p.shape:
+                assert not value[~mask].any(), name

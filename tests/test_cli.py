@@ -221,3 +221,47 @@ def test_sweep_table_and_redrawn_reports(tmp_path):
     assert all((one / name).is_file() for name in ("report.md", *PNGS))
     assert (tmp_path / "again" / "comparison.md").read_text() == table
     assert table.strip() in out
+
+
+def test_every_sparsifier_option_is_a_flag_a_setting_and_a_docs_row():
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from granet.algorithm import cli_options
+    from granet.cli import build_parser, options_table
+    from granet.experiment.config import Config
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    flags = {s for a in train._actions for s in a.option_strings}
+    keys = {f.name for f in dataclasses.fields(Config)}
+    for option in cli_options():
+        assert "--" + option.name.replace("_", "-") in flags, option.name
+        assert option.name in keys, option.name
+    doc = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    table = re.search(r"<!-- options:begin -->\n(.*?)\n<!-- options:end -->", doc, re.S)
+    assert table and table.group(1) == options_table(), "regenerate: granet.cli.options_table()"
+
+
+def test_sparsifier_flags_reach_the_run(tmp_path):
+    code, _, err = run_cli(
+        "train",
+        *TINY,
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+        "--method",
+        "rigl",
+        "--init",
+        "magnitude",
+        "--importance",
+        "magnitude",
+        "--pruning",
+        "uniform",
+    )
+    assert code == 0, err
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["init"] == "magnitude" and config["pruning"] == "uniform"
+    settings = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["sparsifier"]
+    assert settings["settings"]["init"] == "magnitude"

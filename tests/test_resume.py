@@ -63,3 +63,48 @@ def test_load_names_missing_and_misshaped_tensors():
     shaped = {**state, "shapes": {**state["shapes"], "conv2.weight": [1, 2, 3]}}
     with pytest.raises(ValueError, match=r"'conv2.weight' has shape \(1, 2, 3\)"):
         fresh.load_state_dict(shaped)
+
+
+def test_state_knows_its_method_and_settings():
+    _, _, sp = build("snfs")
+    state = sp.state_dict()
+    assert state["method"] == "SNFS"
+    assert state["settings"]["sparsity"] == 0.9 and state["settings"]["growth"] == "momentum"
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True)["settings"] == state["settings"]
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        (dict(method="set"), "method='SNFS' .here 'SET'., growth='momentum' .here 'random'."),
+        (dict(sparsity=0.95), r"sparsity=0.9 \(here 0.95\)"),
+        (dict(update_every=8), r"update_every=4 \(here 8\)"),
+    ],
+)
+def test_a_state_of_another_run_is_refused(other, message):
+    net, opt, sp = build("snfs")
+    train(net, opt, 10)
+    state = sp.state_dict()
+    torch.manual_seed(0)
+    fresh_net = SmallNet()
+    fresh_opt = torch.optim.SGD(fresh_net.parameters(), lr=0.05, momentum=0.9)
+    kw = {**KW, **{k: v for k, v in other.items() if k != "method"}}
+    fresh = granet.sparsify(fresh_net, fresh_opt, other.get("method", "snfs"), **kw)
+    with pytest.raises(ValueError, match="belongs to another run: it has " + message):
+        fresh.load_state_dict(state)
+
+
+def test_a_failed_load_changes_nothing():
+    net, opt, sp = build("rigl")
+    train(net, opt, 9)
+    state = sp.state_dict()
+    _, _, fresh = build("rigl", seed=3)
+    masks = {n: m.clone() for n, m in fresh.masks.items()}
+    broken = {**state, "masks": {**state["masks"], "fc2.weight": torch.zeros(3, dtype=torch.uint8)}}
+    with pytest.raises(ValueError, match="packed mask has 3 bytes"):
+        fresh.load_state_dict(broken)
+    assert fresh.step == 0
+    assert all(torch.equal(masks[n], m) for n, m in fresh.masks.items())

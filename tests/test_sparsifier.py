@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import SmallNet, batch, train
+from helpers import SmallNet, batch, masked_zero, train
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -12,16 +12,6 @@ import granet
 from granet.masks import unpack_bits
 
 KW = dict(total_steps=60, update_every=5)
-
-
-def masked_zero(sp, optimizer):
-    """Every masked weight and every masked optimizer-state entry is exactly zero."""
-    for name, p in zip(sp.names, sp.params):
-        mask = sp.masks[name]
-        assert not p[~mask].any(), name
-        for value in optimizer.state[p].values():
-            if torch.is_tensor(value) and value.shape == p.shape:
-                assert not value[~mask].any(), name
 
 
 def test_default_selection_is_conv_and_linear_weights(net):
@@ -129,45 +119,6 @@ def test_uniform_pruning_takes_every_layer_to_the_target_of_its_own_size():
         assert int(mask.sum()) == min(start[name], numel - math.floor(0.9 * numel)), name
 
 
-def test_granet_without_regrowth_from_dense_is_gmp():
-    results = []
-    for cls, kw in [
-        (granet.GraNet, dict(init_sparsity=0.0, regrow_fraction=0.0)),
-        (granet.GMP, {}),
-    ]:
-        torch.manual_seed(3)
-        net = SmallNet()
-        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-        sp = cls(net, opt, sparsity=0.9, **KW, **kw)
-        train(net, opt, 60)
-        results.append(({n: m.clone() for n, m in sp.masks.items()}, net.state_dict()))
-    (m1, w1), (m2, w2) = results
-    assert all(torch.equal(m1[n], m2[n]) for n in m1)
-    assert all(torch.equal(w1[k], w2[k]) for k in w1)
-
-
-def test_granet_with_init_equal_final_is_rigl():
-    results = []
-    for cls, kw in [(granet.GraNet, dict(init_sparsity=0.9)), (granet.RigL, {})]:
-        torch.manual_seed(4)
-        net = SmallNet()
-        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-        sp = cls(net, opt, sparsity=0.9, **KW, **kw)
-        train(net, opt, 40)
-        results.append({n: m.clone() for n, m in sp.masks.items()})
-    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
-
-
-def test_static_masks_never_change(net):
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    sp = granet.Static(net, opt, sparsity=0.9, **KW)
-    masks = {n: m.clone() for n, m in sp.masks.items()}
-    train(net, opt, 30)
-    assert all(torch.equal(masks[n], m) for n, m in sp.masks.items())
-    assert sp.stats()["next_update"] is None
-    assert sp.itop_rate() == pytest.approx(1 - sp.sparsity())
-
-
 def test_gradient_accumulation_counts_optimizer_steps(net):
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     sp = granet.RigL(net, opt, sparsity=0.8, **KW)
@@ -244,31 +195,6 @@ def test_nan_weights_skip_the_round_with_a_warning(net):
     assert all(torch.equal(masks[n], m) for n, m in sp.masks.items())
 
 
-def test_random_growth_ignores_global_rng(net):
-    def run(noise):
-        torch.manual_seed(5)
-        net = SmallNet()
-        opt = torch.optim.SGD(net.parameters(), lr=0.05)
-        sp = granet.SET(net, opt, sparsity=0.9, seed=7, **KW)
-        for i in range(20):
-            train(net, opt, 1, i)
-            if noise:
-                torch.rand(100)
-        return sp.masks
-
-    a, b = run(False), run(True)
-    assert all(torch.equal(a[n], b[n]) for n in a)
-
-
-def test_snfs_grows_by_momentum(net):
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    sp = granet.SNFS(net, opt, sparsity=0.9, **KW)
-    assert sp.growth.beta == 0.9
-    train(net, opt, 20)
-    assert sp.last_round["regrown"] > 0
-    masked_zero(sp, opt)
-
-
 def test_stats_and_remove(net):
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     sp = granet.GraNet(net, opt, sparsity=0.9, **KW)
@@ -330,14 +256,6 @@ def test_density_invariants_on_random_mlps(widths, sparsity, method, distributio
     assert abs(sp.sparsity() - sparsity) <= len(sp.params) / n + 1e-9
 
 
-def test_sparsify_rejects_unknown_method(net):
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    with pytest.raises(
-        ValueError, match="method must be one of granet, gmp, rigl, set, snfs, static"
-    ):
-        granet.sparsify(net, opt, "magic", total_steps=10)
-
-
 def test_packed_ever_active_matches_masks(net):
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     sp = granet.SET(net, opt, sparsity=0.9, **KW)
@@ -386,3 +304,74 @@ def test_scale_init_scales_each_layer_for_its_sparse_fan_in():
         w, w0 = scaled.get_parameter(name), plain.get_parameter(name)
         assert torch.allclose(w, w0 * gain) and not w[~mask].any()
     assert torch.equal(scaled.fc1.bias, plain.fc1.bias)  # dense tensors are left alone
+
+
+# ------------------------------------------------------------- the reference's round, exactly
+def test_a_weight_pruned_and_regrown_in_one_round_restarts_at_zero():
+    torch.manual_seed(0)
+    net = SmallNet()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    # huge regrowth: many weights pruned by the gradual prune come straight back by gradient
+    sp = granet.GraNet(net, opt, sparsity=0.9, init_sparsity=0.0, regrow_fraction=1.0, **KW)
+    train(net, opt, 4)
+    before = {n: m.clone() for n, m in sp.masks.items()}
+    values = {n: p.detach().clone() for n, p in zip(sp.names, sp.params)}
+    train(net, opt, 1, 4)  # step 5: prune, drop and regrow
+    assert sp.last_round["pruned"] > 0
+    back = 0
+    for name, p in zip(sp.names, sp.params):
+        kept = before[name] & sp.masks[name] & (p.detach() == 0) & (values[name] != 0)
+        back += int(kept.sum())
+        restarted = before[name] & sp.masks[name] & (p.detach() == 0)
+        assert not opt.state[p]["momentum_buffer"][restarted].any()
+    assert back > 0  # pruned, regrown, and restarted from zero
+
+
+def test_granet_makes_no_topology_change_before_prune_start(net):
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    sp = granet.GraNet(net, opt, sparsity=0.9, prune_start=20, prune_end=40, **KW)
+    masks = {n: m.clone() for n, m in sp.masks.items()}
+    assert sp.stats()["next_update"] == 20
+    train(net, opt, 19)
+    assert all(torch.equal(masks[n], m) for n, m in sp.masks.items())
+    assert sp.last_round == {"pruned": 0, "dropped": 0, "regrown": 0}
+    train(net, opt, 1, 19)
+    assert sp.last_round["dropped"] > 0
+
+
+def test_a_round_without_gradient_still_prunes(net):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = granet.GraNet(net, opt, sparsity=0.9, **KW)
+    sp.step = 10  # inside the gradual phase, before any backward pass
+    with pytest.warns(RuntimeWarning, match="skipped the regrowth at step 10"):
+        sp.update_topology()
+    n = sum(p.numel() for p in sp.params)
+    assert sum(int(m.sum()) for m in sp.masks.values()) == round((1 - sp.sparsity_schedule(10)) * n)
+    assert sp.last_round["pruned"] > 0 and sp.last_round["regrown"] == 0
+
+
+def test_masks_reach_a_state_tensor_the_optimizer_replaced(net):
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    sp = granet.Static(net, opt, sparsity=0.9, **KW)
+    train(net, opt, 2)
+    for p in sp.params:  # same number of state entries, new tensors
+        opt.state[p]["momentum_buffer"] = torch.ones_like(p)
+    train(net, opt, 1, 2)
+    masked_zero(sp, opt)
+
+
+def test_a_second_sparsifier_on_held_tensors_is_refused(net):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = granet.RigL(net, opt, **KW)
+    with pytest.raises(ValueError, match="another sparsifier already holds conv1.weight"):
+        granet.GraNet(net, opt, **KW)
+    granet.RigL(net, opt, include=["bn.weight"], **KW).remove()  # other tensors are free
+    sp.remove()
+    granet.GraNet(net, opt, **KW)
+
+
+def test_a_layer_left_without_weights_is_named():
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1, bias=False))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning, match="start leaves no active weights in 2.weight"):
+        granet.Static(net, opt, sparsity=0.995, distribution="uniform", **KW)

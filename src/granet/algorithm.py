@@ -154,16 +154,16 @@ class Algorithm:
     )
     importance: str | Callable[..., Any] = _option(
         "magnitude",
-        "score of active weights: the lowest are pruned and dropped (a name, or in Python "
-        "any fn(weight, grad, **context))",
+        "score of active weights: the lowest are pruned and dropped; from Python also any "
+        "callable (docs/extending.md)",
         str,
         _registered(IMPORTANCE),
         choices=tuple(IMPORTANCE),
     )
     growth: str | Callable[..., Any] | None = _option(
         None,
-        "score of inactive positions: the highest regrow (|gradient|, |gradient momentum|, "
-        "random; in Python any fn(weight, grad, **context))",
+        "score of inactive positions: the highest regrow (gradient magnitude, gradient "
+        "momentum, random); from Python also any callable (docs/extending.md)",
         str,
         _optional(_registered(GROWTH)),
         choices=tuple(GROWTH),

@@ -144,17 +144,19 @@ def method_defaults(name: str) -> str:
     return ", ".join(f"{'/'.join(ms)} {v}" for ms, v in zip(by_value.values(), shown))
 
 
+def _default_text(option: Option) -> str:
+    if option.name in EXPERIMENT_DEFAULTS:
+        return EXPERIMENT_DEFAULTS[option.name][1]
+    if option.method:
+        return "the method's own: " + method_defaults(option.name)
+    if option.kind is bool:
+        return "on" if option.default else "off"
+    return f"{option.default}"
+
+
 def option_flag(option: Option) -> tuple[str, dict[str, Any]]:
     """The ``granet train`` flag of a sparsifier option, from its declaration."""
-    if option.name in EXPERIMENT_DEFAULTS:
-        default = EXPERIMENT_DEFAULTS[option.name][1]
-    elif option.method:
-        default = "the method's own: " + method_defaults(option.name)
-    elif option.kind is bool:
-        default = "on" if option.default else "off"
-    else:
-        default = f"{option.default}"
-    kwargs: dict[str, Any] = {"help": f"{option.help} (default: {default})"}
+    kwargs: dict[str, Any] = {"help": f"{option.help} (default: {_default_text(option)})"}
     if option.kind is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif option.choices:
@@ -162,6 +164,19 @@ def option_flag(option: Option) -> tuple[str, dict[str, Any]]:
     else:
         kwargs["type"] = option.kind
     return "--" + option.name.replace("_", "-"), kwargs
+
+
+def options_table() -> str:
+    """The markdown table of the sparse-training flags, as ``docs/cli.md`` shows it."""
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for key in SPARSIFIER_KEYS:
+        if key == "seed":
+            continue
+        option = OPTION[key]
+        flag, _ = option_flag(option)
+        choices = f" (`{'`, `'.join(option.choices)}`)" if option.choices else ""
+        rows.append(f"| `{flag}` | {_default_text(option)} | {option.help}{choices} |")
+    return "\n".join(rows)
 
 
 def _sparsifier_flags() -> list[tuple[str, dict[str, Any]]]:

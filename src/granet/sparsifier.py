@@ -38,8 +38,8 @@ _HELD: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 class Sparsifier:
     """Sparse training attached to an unchanged training loop.
 
-    ``defaults`` gives each method its own values for the options that are ``None`` in
-    :class:`Algorithm`; a subclass states only what differs from its parent. An
+    ``defaults`` gives each method its own values for options (at least those that are
+    ``None`` in :class:`Algorithm`); a subclass states only what differs from its parent. An
     ``init_sparsity`` of ``None`` means "start at the final sparsity" (no gradual phase).
     """
 
@@ -63,7 +63,10 @@ class Sparsifier:
         if unknown:
             raise ValueError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTION)}")
         given = replace(algorithm or Algorithm(), **options)
-        own = {k: v for k, v in cls.defaults.items() if getattr(given, k) is None}
+        if algorithm is None:  # every option not passed takes the method's default
+            own = {k: v for k, v in cls.defaults.items() if options.get(k) is None}
+        else:  # an Algorithm value is taken as given, but for its None fields
+            own = {k: v for k, v in cls.defaults.items() if getattr(given, k) is None}
         if "init_sparsity" in own:
             default = own["init_sparsity"]
             own["init_sparsity"] = (
@@ -108,6 +111,8 @@ class Sparsifier:
         self.params = [p for _, p in chosen]
         self._numel = sum(p.numel() for p in self.params)
 
+        if algorithm is not None and not isinstance(algorithm, Algorithm):
+            raise ValueError(f"algorithm must be a granet.Algorithm; got {algorithm!r}")
         if options.get("init", algorithm and algorithm.init) == "existing":
             options = self._existing_sparsity(options)
         alg = self.resolve(algorithm, **options)
