@@ -114,7 +114,7 @@ class Sparsifier:
         if algorithm is not None and not isinstance(algorithm, Algorithm):
             raise ValueError(f"algorithm must be a granet.Algorithm; got {algorithm!r}")
         if options.get("init", algorithm and algorithm.init) == "existing":
-            options = self._existing_sparsity(options)
+            options = self._existing_sparsity(options, algorithm)
         alg = self.resolve(algorithm, **options)
         if alg.total_steps is None:
             raise ValueError("total_steps must be an integer >= 1; got None")
@@ -166,23 +166,26 @@ class Sparsifier:
         self._verify()
         self._hook = optimizer.register_step_post_hook(self._on_step)
 
-    def _existing_sparsity(self, options: dict[str, Any]) -> dict[str, Any]:
+    def _existing_sparsity(
+        self, options: dict[str, Any], algorithm: Algorithm | None
+    ) -> dict[str, Any]:
         """With ``init="existing"``, the model's own sparsity starts the run and, unless
         given, is also the final one."""
         nnz = sum(int(p.count_nonzero()) for p in self.params)
         existing = 1.0 - nnz / self._numel
-        given = options.get("init_sparsity")
+        given = options.get("init_sparsity", algorithm and algorithm.init_sparsity)
         if given is not None and abs(given - existing) > 1.0 / self._numel:
             raise ValueError(
                 f"init_sparsity={given} contradicts init='existing': the weights are at "
                 f"sparsity {existing:.6f}"
             )
-        if options.get("sparsity", existing) < existing:
+        sparsity = options.get("sparsity", algorithm.sparsity if algorithm else existing)
+        if sparsity < existing:
             raise ValueError(
-                f"sparsity={options['sparsity']} is below the model's existing sparsity "
-                f"{existing:.6f} (init='existing' never regrows the network denser)"
+                f"sparsity={sparsity} is below the model's existing sparsity {existing:.6f} "
+                "(init='existing' never makes the network denser)"
             )
-        return {"sparsity": existing, **options, "init_sparsity": existing}
+        return {**options, "sparsity": sparsity, "init_sparsity": existing}
 
     def _check_reachable(self, gradual: bool) -> None:
         """Refuse a schedule whose last topology round comes before it reaches the target."""
