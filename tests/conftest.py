@@ -1,5 +1,4 @@
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -7,7 +6,7 @@ from helpers import SmallNet
 
 from granet.experiment import train as training
 from granet.experiment.config import make_config
-from granet.experiment.runs import load_checkpoint, prepare_run_dir
+from granet.experiment.runs import prepare_run_dir
 
 # The test models are tiny: one thread avoids OpenMP contention on small (and shared) machines.
 torch.set_num_threads(1)
@@ -26,17 +25,3 @@ def reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     run_dir = prepare_run_dir(tmp_path_factory.mktemp("reference") / "run")
     training.train(make_config(request.module.SETTINGS), run_dir, progress=False)
     return run_dir
-
-
-def final_checkpoints(run_dir: Path, reference: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The last checkpoints of two runs, checked to stand at the same position with the same
-    masks and ever-active bits."""
-    a = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    b = load_checkpoint(reference / "checkpoints" / "last.pt")
-    assert a["position"] == b["position"]
-    for name, packed in b["sparsifier"]["masks"].items():
-        assert torch.equal(a["sparsifier"]["masks"][name], packed), name
-        assert torch.equal(
-            a["sparsifier"]["ever_active"][name], b["sparsifier"]["ever_active"][name]
-        )
-    return a, b

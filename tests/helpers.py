@@ -1,7 +1,12 @@
-"""Helpers shared by the library tests: a small model, deterministic batches, a training loop."""
+"""Helpers shared by the tests: a small model, deterministic batches, a training loop, checkpoint comparison."""
+
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+from granet.experiment.runs import load_checkpoint
 
 
 class SmallNet(nn.Module):
@@ -42,3 +47,17 @@ def masked_zero(sp, optimizer):
         for value in optimizer.state[p].values():
             if torch.is_tensor(value) and value.shape == p.shape:
                 assert not value[~mask].any(), name
+
+
+def final_checkpoints(run_dir: Path, reference: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The last checkpoints of two runs, checked to stand at the same position with the same
+    masks and ever-active bits."""
+    a = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    b = load_checkpoint(reference / "checkpoints" / "last.pt")
+    assert a["position"] == b["position"]
+    for name, packed in b["sparsifier"]["masks"].items():
+        assert torch.equal(a["sparsifier"]["masks"][name], packed), name
+        assert torch.equal(
+            a["sparsifier"]["ever_active"][name], b["sparsifier"]["ever_active"][name]
+        )
+    return a, b

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import final_checkpoints
+from helpers import final_checkpoints
 
 from granet.cli import main
 from granet.experiment import parallel

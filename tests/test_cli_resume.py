@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import final_checkpoints
+from helpers import final_checkpoints
 
 from granet.cli import main
 from granet.experiment.config import make_config
