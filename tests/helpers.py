@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: a small model, deterministic batches, a training loop, checkpoint comparison."""
+"""Shared test helpers: a small model, batches, a training loop, checkpoint comparison."""
 
 from pathlib import Path
 from typing import Any
