@@ -1,5 +1,8 @@
-"""Shared test helpers: a small model, batches, a training loop, checkpoint comparison."""
+"""Shared test helpers: a small model, batches, a training loop, checkpoint comparison, a
+trainer hook that sends a signal."""
 
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -7,6 +10,7 @@ import torch
 from torch import nn
 
 from granet.experiment.runs import load_checkpoint
+from granet.experiment.trainer import Callbacks
 
 
 class SmallNet(nn.Module):
@@ -61,3 +65,14 @@ def final_checkpoints(run_dir: Path, reference: Path) -> tuple[dict[str, Any], d
             a["sparsifier"]["ever_active"][name], b["sparsifier"]["ever_active"][name]
         )
     return a, b
+
+
+class SignalAt(Callbacks):
+    """Send SIGTERM to this process right after optimizer step ``step`` (a trainer hook)."""
+
+    def __init__(self, step: int, when: bool = True) -> None:
+        self.step, self.when = step, when
+
+    def on_step(self, trainer) -> None:
+        if self.when and trainer.step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)

@@ -5,7 +5,6 @@ on another number of processes."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,13 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import final_checkpoints
+from helpers import SignalAt, final_checkpoints
 
 from granet.cli import main
 from granet.experiment import parallel
 from granet.experiment.config import make_config
-from granet.experiment.runs import load_checkpoint, prepare_run_dir, read_metrics, read_report
-from granet.experiment.train import TrainingInterrupted, _check_shares, eval_loader, train
+from granet.experiment.runs import load_checkpoint, read_metrics, read_report
+from granet.experiment.signals import Interrupted
+from granet.experiment.train import train
+from granet.experiment.trainer import check_shares, eval_loader
 
 # Topology updates every step (automatic cadence on a 27-step run): many rounds to agree on.
 SETTINGS = {
@@ -67,20 +68,16 @@ def worker(rank: int, port: int, run_dir: Path, signalled: int, at_step: int) ->
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-
-    def kill_at(step: int) -> None:
-        if rank == signalled and step == at_step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
+    kill = SignalAt(at_step, when=rank == signalled)
     with parallel.process_group("cpu"):
         try:
-            train(make_config(SETTINGS), run_dir, progress=False, on_step=kill_at)
-        except TrainingInterrupted as stopped:
+            train(make_config(SETTINGS), run_dir, progress=False, callbacks=[kill])
+        except Interrupted as stopped:
             (run_dir / f"stopped-{rank}").write_text(str(stopped.step))
 
 
 def test_a_signal_to_one_process_stops_both_then_resume_on_one(reference, tmp_path):
-    run_dir = prepare_run_dir(tmp_path / "run")
+    run_dir = tmp_path / "run"
     mp.spawn(worker, args=(free_port(), run_dir, 1, 2 * STEPS_PER_EPOCH + 1), nprocs=2)
     # the shared decision comes at the next multiple of 10 steps: step 20, mid-epoch 3
     assert [(run_dir / f"stopped-{r}").read_text() for r in range(2)] == ["20", "20"]
@@ -94,14 +91,14 @@ def test_a_signal_to_one_process_stops_both_then_resume_on_one(reference, tmp_pa
 
 
 def test_torchrun_resumes_a_one_process_run_on_two(reference, tmp_path):
-    run_dir = prepare_run_dir(tmp_path / "run")
-
-    def kill_at(step: int) -> None:
-        if step == STEPS_PER_EPOCH + 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with pytest.raises(TrainingInterrupted):
-        train(make_config(SETTINGS), run_dir, progress=False, on_step=kill_at)
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        train(
+            make_config(SETTINGS),
+            run_dir,
+            progress=False,
+            callbacks=[SignalAt(STEPS_PER_EPOCH + 4)],
+        )
 
     src = str(Path(__file__).parents[1] / "src")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -124,11 +121,11 @@ def test_torchrun_resumes_a_one_process_run_on_two(reference, tmp_path):
 
 
 def test_every_process_needs_a_share_of_every_batch():
-    _check_shares(examples=900, batch_size=100, processes=8)
+    check_shares(examples=900, batch_size=100, processes=8)
     with pytest.raises(ValueError, match="leaves a batch of 1 example"):
-        _check_shares(examples=901, batch_size=100, processes=2)
+        check_shares(examples=901, batch_size=100, processes=2)
     with pytest.raises(ValueError, match="batch_size 2 .* 4 processes"):
-        _check_shares(examples=900, batch_size=2, processes=4)
+        check_shares(examples=900, batch_size=2, processes=4)
 
 
 def test_shares_partition_the_batches_and_the_evaluation_set():

@@ -89,13 +89,12 @@ def sum_across(values: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     return values
 
 
-def any_across(flag: bool, ranks: Ranks, device: torch.device) -> bool:
-    """True on every process if ``flag`` is True on any one (for decisions all must share)."""
-    if ranks.world == 1:
-        return flag
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+def max_across(values: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """The element-wise maximum of ``values`` over all processes (in place): a flag set on any
+    one process is set on all, for decisions all must share."""
+    if ranks.world > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
 
 
 def broadcast(value: T, ranks: Ranks) -> T:
