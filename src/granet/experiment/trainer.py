@@ -364,6 +364,8 @@ class Trainer:
             if start.optimizer is not None:
                 self.optimizer.load_state_dict(start.optimizer)
             if start.sparsifier is not None and self.sparsifier is not None:
+                # the fresh sparsifier's own initial masks zeroed weights the state keeps
+                self.model.load_state_dict(start.model)
                 self.sparsifier.load_state_dict(start.sparsifier)
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.config.amp == "fp16" and self.device.type == "cuda"
