@@ -63,3 +63,21 @@ def test_random_crop_flip_takes_windows_of_the_padded_image():
     for n in range(16):
         assert any(torch.equal(out[n], w[n]) or torch.equal(out[n], w[n].flip(-1)) for w in windows)
     assert not torch.equal(out, images)
+
+
+def test_train_size_draws_a_seeded_subset_of_the_training_split():
+    from granet.experiment.config import make_config
+    from granet.experiment.trainer import load_data
+
+    def train_rows(**settings):
+        data = load_data(make_config({"dataset": "synthetic", **settings}))
+        return data, {tuple(x.flatten().tolist()[:8]) for x, _ in data.train}
+
+    full, all_rows = train_rows()
+    part, rows = train_rows(train_size=100)
+    assert len(part.train) == 100 and rows <= all_rows
+    assert "training on 100 of its 900 training examples" in part.source
+    assert train_rows(train_size=100)[1] == rows  # the same draw again
+    assert len(train_rows(train_size=5000)[0].train) == 900  # at most: all there is
+    with pytest.raises(ValueError, match="train_size must be >= 1"):
+        make_config({"train_size": 0})

@@ -69,6 +69,15 @@ _TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
         ),
     ),
     (
+        "--train-size",
+        dict(
+            type=int,
+            metavar="N",
+            help="train on at most N examples of the training split, drawn with the seed "
+            "(default: all)",
+        ),
+    ),
+    (
         "--augment",
         dict(
             action=argparse.BooleanOptionalAction,

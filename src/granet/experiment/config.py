@@ -44,6 +44,7 @@ class RunSettings:
     dataset: str = "fashion-mnist"
     data_root: str | None = None
     val_size: float = 0.1
+    train_size: int | None = None  # at most this many training examples; None: all
     augment: bool = False
     # optimisation
     epochs: int = 10
@@ -180,6 +181,7 @@ def _check_ranges(c: Config) -> None:
         checks.choice(name, getattr(c, name), dict.fromkeys(registry))
     granet.Algorithm(**c.sparsifier_options())  # the library's own checks of its options
     need(0.0 <= c.val_size < 1.0, "val_size", "in [0, 1)")
+    need(c.train_size is None or c.train_size >= 1, "train_size", ">= 1 (or null: all)")
     need(c.epochs >= 1, "epochs", ">= 1")
     need(c.batch_size >= 1, "batch_size", ">= 1")
     need(c.lr is not None and c.lr > 0, "lr", "> 0")

@@ -141,7 +141,7 @@ def check_schedules(sweep: Sweep) -> None:
     sizes: dict[tuple, int] = {}
     for job in sweep.jobs:
         c = job.config
-        key = (c.dataset, c.data_root, c.val_size)
+        key = (c.dataset, c.data_root, c.val_size, c.train_size)
         if key not in sizes:
             sizes[key] = len(load_data(c).train)
         try:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import granet
@@ -222,8 +222,9 @@ def check_schedule(config: Config, train_size: int) -> None:
 
 
 def load_data(config: Config, ranks: parallel.Ranks = parallel.SINGLE) -> DataBundle:
-    """The run's data set (on several processes, loaded by one per cache at a time)."""
-    return parallel.staged(
+    """The run's data set (on several processes, loaded by one per cache at a time); with
+    ``train_size``, at most that many examples of the training split, drawn with the seed."""
+    data = parallel.staged(
         lambda: load_dataset(
             config.dataset,
             config.data_root,
@@ -233,6 +234,13 @@ def load_data(config: Config, ranks: parallel.Ranks = parallel.SINGLE) -> DataBu
         ),
         ranks,
     )
+    if config.train_size is not None and config.train_size < len(data.train):
+        order = torch.randperm(
+            len(data.train), generator=torch.Generator().manual_seed(config.seed)
+        )
+        data.train = Subset(data.train, order[: config.train_size].sort().values.tolist())
+        data.source += f"; training on {config.train_size} of its {len(order)} training examples"
+    return data
 
 
 def log(message: str) -> None:
