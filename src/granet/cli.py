@@ -1,4 +1,4 @@
-"""The ``granet`` command: train, sweep, report, export, bench-inference.
+"""The ``granet`` command: train, sweep, plasticity, report, export, bench-inference.
 
 ``granet train`` with no arguments trains GraNet at 90% sparsity on Fashion-MNIST and prints the
 report. Settings come from the built-in defaults, then ``--config FILE.yaml``, then the flags.
@@ -276,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", metavar="DIR", help="where the comparison goes (default: the runs' common parent)"
     )
 
+    _plasticity_parser(sub, debug)
+
     export = sub.add_parser("export", parents=[debug], help="export a run's trained sparse model")
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("--out", metavar="FILE", required=True, help="file to write")
@@ -288,6 +290,103 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-sizes", type=int, nargs="+", default=[1, 128], metavar="N", help="(default: 1 128)"
     )
     return parser
+
+
+def _plasticity_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
+    from granet.experiment.plasticity import BASE_DEFAULTS, CONTINUATIONS, VARIANTS
+
+    p = sub.add_parser(
+        "plasticity",
+        parents=[debug],
+        help="pruning plasticity: prune one-shot at several epochs and rates, continue, tabulate",
+        description="Train a base run (dense by default), prune its checkpoint after each "
+        "--prune-epochs epoch one-shot by magnitude at each --rates, continue training each "
+        "pruned network (--variants), and write plasticity.csv, plasticity.md and "
+        "plasticity.png: plasticity = t_continue / t_pre. Running the same command again "
+        "resumes the study. The base run's settings: the defaults below, then --config, then "
+        "the flags.",
+    )
+    p.add_argument("--config", metavar="FILE.yaml", help="the base run's settings (flags win)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="study folder (default: runs/plasticity-<dataset>-<model>-<method>-seed<seed>)",
+    )
+    p.add_argument(
+        "--prune-epochs",
+        type=int,
+        nargs="+",
+        metavar="EPOCH",
+        help="prune after these epochs of the base run, increasing (default: every 10%% of "
+        "training)",
+    )
+    p.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        metavar="RATE",
+        help="fractions of the remaining weights pruned (default: 0.2 0.5 0.9)",
+    )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="VARIANT",
+        help="after the prune: "
+        + "; ".join(f"{name}: {v.summary}" for name, v in VARIANTS.items())
+        + " (default: prune prune+regrow)",
+    )
+    p.add_argument(
+        "--pruning",
+        metavar="{global,uniform}",
+        help="one-shot magnitude pruning: one threshold over all layers, or every layer by "
+        "the rate (default: global)",
+    )
+    p.add_argument(
+        "--continue",
+        dest="continuation",
+        metavar=_choices(CONTINUATIONS),
+        help="schedule: train the rest of the base schedule; rewind: --continue-epochs epochs "
+        "with a fresh optimizer and the schedule rewound to its start (default: schedule)",
+    )
+    p.add_argument(
+        "--continue-epochs", type=int, metavar="N", help="the budget of --continue rewind"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="continuations trained at a time, each in its own process (default: 1)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="delete the study at --out and start again"
+    )
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep the continuations' checkpoints (default: removed once each has finished)",
+    )
+    own = {
+        "--method": f"the base run's method, or dense (default: {BASE_DEFAULTS['method']})",
+        "--val-size": "fraction of the training set held out for validation (default: 0: none, "
+        "the last epoch is tested)",
+        "--train-size": "train on at most N examples of the training split, drawn with the "
+        f"seed (default: {BASE_DEFAULTS['train_size']})",
+    }
+    base = p.add_argument_group("the base run (override --config)")
+    for flag, kwargs in _TRAIN_FLAGS:
+        if flag != "--workers":  # here: continuations at a time; data loaders from --config
+            base.add_argument(flag, default=argparse.SUPPRESS, **{**kwargs, **_help(own, flag)})
+    sparse = p.add_argument_group(
+        "the base run's sparse training, for a sparse base (override --config; the base's "
+        "gradual pruning option from --config)"
+    )
+    for flag, kwargs in _sparsifier_flags():
+        if flag != "--pruning":
+            sparse.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
+
+
+def _help(texts: dict[str, str], flag: str) -> dict[str, str]:
+    return {"help": texts[flag]} if flag in texts else {}
 
 
 # ------------------------------------------------------------------------------- commands
@@ -342,6 +441,32 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     )
     print(comparison_markdown(rows))
     print("written: " + ", ".join(map(str, paths)))
+    return 0
+
+
+_STUDY_ARGS = ("prune_epochs", "rates", "variants", "pruning", "continuation", "continue_epochs")
+_STUDY_RUN = ("workers", "overwrite", "keep_checkpoints")
+
+
+def cmd_plasticity(args: argparse.Namespace) -> int:
+    from granet.experiment.plasticity import MD_FILE, Study, base_config, default_out, run_study
+    from granet.experiment.trainer import resolve_device
+
+    skip = {*_NOT_SETTINGS, *_STUDY_ARGS, *_STUDY_RUN}
+    flags = {k: v for k, v in vars(args).items() if k not in skip}
+    config = base_config(args.config, flags)
+    resolve_device(config.device)
+    given = {k: getattr(args, k) for k in _STUDY_ARGS if getattr(args, k) is not None}
+    study = Study(config, **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+    out = Path(args.out) if args.out else default_out(config)
+    run_study(
+        study,
+        out,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        keep_checkpoints=args.keep_checkpoints,
+    )
+    print((out / MD_FILE).read_text())
     return 0
 
 
@@ -403,6 +528,7 @@ def _fmt(value: Any) -> str:
 COMMANDS = {
     "train": cmd_train,
     "sweep": cmd_sweep,
+    "plasticity": cmd_plasticity,
     "report": cmd_report,
     "export": cmd_export,
     "bench-inference": cmd_bench_inference,

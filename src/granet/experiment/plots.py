@@ -122,3 +122,39 @@ def plot_accuracy_vs_sparsity(rows: Sequence[Mapping[str, Any]], path: Path, tit
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def plot_plasticity(
+    rows: Sequence[Mapping[str, Any]],
+    path: Path,
+    variants: Sequence[str],
+    decays: Sequence[float],
+    title: str,
+) -> Path:
+    """Pruning plasticity against the pruning epoch, one line per pruning rate, one panel per
+    variant (the paper's figure); the epochs where the learning rate decays as dotted lines."""
+    fig = Figure(figsize=(1.0 + 4.2 * len(variants), 3.8))
+    axes = fig.subplots(1, len(variants), sharey=True, squeeze=False)[0]
+    rates = sorted({r["rate"] for r in rows})
+    for ax, variant in zip(axes, variants):
+        for i, rate in enumerate(rates):
+            mine = sorted(
+                (r for r in rows if r["variant"] == variant and r["rate"] == rate),
+                key=lambda r: r["prune_epoch"],
+            )
+            ax.plot(
+                [r["prune_epoch"] for r in mine],
+                [r["plasticity"] for r in mine],
+                marker="o",
+                color=f"C{i}",
+                label=f"rate {rate:g}",
+            )
+        for j, epoch in enumerate(decays):
+            ax.axvline(epoch, color="k", linestyle=":", label="LR decay" if j == 0 else None)
+        ax.axhline(1.0, color="0.6", linewidth=0.8)
+        ax.set(xlabel="pruning epoch", title=variant)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("plasticity (t_continue / t_pre)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)

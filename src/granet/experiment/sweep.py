@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,7 +196,7 @@ def run_sweep(
         if workers == 1:
             _run_here(todo, overwrite)
         else:
-            _run_processes(todo, workers, overwrite, sweep.out)
+            run_processes(todo, workers, overwrite, sweep.out)
         rows = summarize(read_report(job.run_dir) for job in sweep.jobs)
         return rows, write_comparison(rows, sweep.out)
 
@@ -223,10 +224,18 @@ def _command(job: Job, resume: bool, overwrite: bool, out: Path) -> list[str]:
     return [*cmd, "--overwrite"] if overwrite else cmd
 
 
-def _run_processes(todo: list[tuple[Job, bool]], workers: int, overwrite: bool, out: Path) -> None:
-    """At most ``workers`` training processes at a time. Ctrl-C / SIGTERM is passed on to the
-    running ones as SIGTERM (they checkpoint and stop; a second one makes them stop at once);
-    nothing new starts."""
+def run_processes(
+    todo: list[tuple[Job, bool]],
+    workers: int,
+    overwrite: bool,
+    out: Path,
+    command: Callable[[Job, bool, bool, Path], list[str]] = _command,
+) -> None:
+    """At most ``workers`` training processes at a time, each logging to ``OUT/<name>.log``.
+    Ctrl-C / SIGTERM is passed on to the running ones as SIGTERM (they checkpoint and stop; a
+    second one makes them stop at once); nothing new starts. ``command(job, resume, overwrite,
+    out)`` is a job's command line (default: ``granet train`` new or ``--resume``), called
+    just before the job starts."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     pending = list(todo)
@@ -245,7 +254,7 @@ def _run_processes(todo: list[tuple[Job, bool]], workers: int, overwrite: bool, 
                 print(f"[sweep] started {job.name} (log: {log.name})", file=sys.stderr)
                 running[
                     subprocess.Popen(
-                        _command(job, resume, overwrite, out),
+                        command(job, resume, overwrite, out),
                         stdout=log,
                         stderr=subprocess.STDOUT,
                         env=env,
