@@ -77,10 +77,22 @@ def _rows(out: Path, model: str, base: str) -> list[dict[str, str]]:
 
 
 def _mean(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _study(rows: list[dict[str, str]]) -> dict[tuple, list[float]]:
+    """(variant, rate, epoch, column) -> the values over seeds."""
+    cells: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        for column in ("plasticity", "t_pre", "t_after_prune", "t_continue", "final_gap"):
+            key = (r["variant"], float(r["rate"]), int(r["prune_epoch"]), column)
+            cells[key].append(float(r[column]))
+    return cells
+
+
 def summary(out: Path, figures: Path) -> None:
+    """Print the docs' tables and findings; draw the figures."""
     sys.path.insert(0, str(ROOT / "src"))
     from granet.experiment.plots import plot_plasticity
 
@@ -90,56 +102,57 @@ def summary(out: Path, figures: Path) -> None:
             if not rows:
                 continue
             seeds = sorted({r["seed"] for r in rows})
-            cells: dict[tuple, list[dict[str, str]]] = defaultdict(list)
-            for r in rows:
-                cells[(r["variant"], float(r["rate"]), int(r["prune_epoch"]))].append(r)
-            t_final = _mean(
-                [float(r["t_final"]) for r in rows if r["cell"].startswith("e2-r0.2-prune")]
-            )
-            print(f"\n### {model}, {base} base (seeds {', '.join(seeds)})\n")
-            print(
-                f"Unpruned run's final test accuracy: {100 * t_final[0]:.2f} ± {100 * t_final[1]:.2f}%\n"
-            )
-            variants = sorted(
-                {k[0] for k in cells}, key=["prune", "prune+regrow", "prune+regrow-once"].index
-            )
+            finals = {r["seed"]: float(r["t_final"]) for r in rows}
+            cells = _study(rows)
+            variants = [v for v in ("prune", "prune+regrow") if any(k[0] == v for k in cells)]
             rates = sorted({k[1] for k in cells})
             epochs = sorted({k[2] for k in cells})
-            head = "| epoch | lr | t_pre |" + "".join(
-                f" {v} {r:g} |" for r in rates for v in variants
-            )
-            print(head)
-            print("|" + "---|" * (3 + len(rates) * len(variants)))
+            lr = {int(r["prune_epoch"]): float(r["lr_at_prune"]) for r in rows}
+            t_final = _mean(list(finals.values()))
+            print(f"\n### {model}, {base} base (seeds {', '.join(seeds)})\n")
+            print(f"t_final {100 * t_final[0]:.2f} ± {100 * t_final[1]:.2f}%\n")
+            head = "| epoch | lr after | t_pre (%) |"
+            head += "".join(f" {v} {r:g} |" for r in rates for v in variants)
+            print(head + "\n|" + "---|" * (3 + len(rates) * len(variants)))
             means = []
             for e in epochs:
-                some = cells[(variants[0], rates[0], e)]
-                t_pre = _mean([float(r["t_pre"]) for r in some])
-                line = f"| {e} | {float(some[0]['lr_at_prune']):.3g} | {100 * t_pre[0]:.1f} |"
+                t_pre = _mean(cells[(variants[0], rates[0], e, "t_pre")])
+                line = f"| {e} | {lr[e]:.3g} | {100 * t_pre[0]:.1f} |"
                 for r in rates:
                     for v in variants:
-                        group = cells[(v, r, e)]
-                        p = _mean([float(x["plasticity"]) for x in group])
+                        p = _mean(cells[(v, r, e, "plasticity")])
                         line += f" {p[0]:.3f} ± {p[1]:.3f} |"
                         means.append(
                             {"variant": v, "rate": r, "prune_epoch": e, "plasticity": p[0]}
                         )
                 print(line)
-            print("\nRegeneration (prune+regrow minus prune plasticity, mean over seeds):\n")
+            print("\nAccuracy right after the prune (%), mean over seeds:")
             for r in rates:
-                diffs = []
+                after = [_mean(cells[("prune", r, e, "t_after_prune")])[0] for e in epochs]
+                print(
+                    f"- rate {r:g}: "
+                    + ", ".join(f"e{e} {100 * a:.1f}" for e, a in zip(epochs, after))
+                )
+            print("\nRegeneration gain (prune+regrow minus prune plasticity, mean over seeds):")
+            wins = total = 0
+            for r in rates:
+                gains = []
                 for e in epochs:
-                    a = _mean([float(x["plasticity"]) for x in cells[("prune+regrow", r, e)]])[0]
-                    b = _mean([float(x["plasticity"]) for x in cells[("prune", r, e)]])[0]
-                    diffs.append(f"e{e} {a - b:+.3f}")
-                print(f"- rate {r:g}: " + ", ".join(diffs))
-            decays = [5.0, 7.5]
+                    a, b = (cells[(v, r, e, "plasticity")] for v in ("prune+regrow", "prune"))
+                    gains.append(statistics.fmean(a) - statistics.fmean(b))
+                    wins += sum(x > y for x, y in zip(a, b))
+                    total += len(a)
+                print(
+                    f"- rate {r:g}: " + ", ".join(f"e{e} {g:+.3f}" for e, g in zip(epochs, gains))
+                )
+            print(f"- prune+regrow above prune in {wins} of {total} (epoch, rate, seed) cells")
             title = f"{model} on Fashion-MNIST, {base} base, mean of seeds {', '.join(seeds)}"
             path = figures / f"plasticity_{model}_{base}.png"
-            plot_plasticity(means, path, variants, decays, title)
-            print(f"\n![plasticity]({path.relative_to(ROOT / 'docs')})")
+            plot_plasticity(means, path, variants, [5.0, 7.5], title)
+            print(f"\n![plasticity, {model}, {base} base]({os.path.relpath(path, ROOT / 'docs')})")
     times = out / "times.jsonl"
     if times.is_file():
-        print("\nWall-clock times:\n")
+        print("\nWall-clock times:")
         for line in times.read_text().splitlines():
             t = json.loads(line)
             print(f"- {t['study']}: {t['seconds'] / 60:.0f} min (exit {t['exit']})")

@@ -38,16 +38,9 @@ from granet.experiment.runs import load_checkpoint, read_metrics, save_checkpoin
 from granet.experiment.signals import Interrupted
 from granet.experiment.trainer import Callbacks, StartFrom, Trainer
 
-REQUIRED = (
-    "prune_epoch",
-    "rate",
-    "variant",
-    "t_pre",
-    "t_after_prune",
-    "t_continue",
-    "plasticity",
-    "final_gap",
-)
+# issue 12's interface: these columns first, in this order
+REQUIRED = ("prune_epoch", "rate", "variant", "t_pre")
+REQUIRED += ("t_after_prune", "t_continue", "plasticity", "final_gap")
 SMALL = {
     "dataset": "synthetic",
     "model": "lenet5",

@@ -367,6 +367,7 @@ def _plasticity_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
     )
     own = {
         "--method": f"the base run's method, or dense (default: {BASE_DEFAULTS['method']})",
+        "--model": f"architecture (default: {BASE_DEFAULTS['model']})",
         "--val-size": "fraction of the training set held out for validation (default: 0: none, "
         "the last epoch is tested)",
         "--train-size": "train on at most N examples of the training split, drawn with the "
