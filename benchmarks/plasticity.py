@@ -2,6 +2,7 @@
 base and a 50% sparse (RigL) base, seeds 0 and 1, each a ``granet plasticity`` run.
 
     python benchmarks/plasticity.py run [--streams 2]     # the 8 studies, 2 at a time (hours)
+    python benchmarks/plasticity.py run --studies lenet5-dense-seed0 ...   # some of them
     python benchmarks/plasticity.py summary               # the tables and figures of the docs
 
 ``run`` starts the studies as separate ``granet plasticity`` processes (one thread each), logs
@@ -38,13 +39,23 @@ STUDIES = {
     for model in MODELS
     for base, flags in BASES.items()
 }
+# the paper's one-shot regrowth, on LeNet-5 only (its base runs are those above, trained again)
+ONCE = {
+    f"lenet5-{base}-seed0-once": [
+        *STUDIES[f"lenet5-{base}-seed0"],
+        *("--variants", "prune+regrow-once"),
+    ]
+    for base in BASES
+}
+STUDIES |= ONCE
+MAIN = [name for name in STUDIES if name not in ONCE]
 
 
-def run(out: Path, streams: int) -> None:
+def run(out: Path, streams: int, studies: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
-    pending, running = list(STUDIES), {}
+    pending, running = list(studies), {}
     while pending or running:
         while pending and len(running) < streams:
             name = pending.pop(0)
@@ -146,10 +157,39 @@ def summary(out: Path, figures: Path) -> None:
                     f"- rate {r:g}: " + ", ".join(f"e{e} {g:+.3f}" for e, g in zip(epochs, gains))
                 )
             print(f"- prune+regrow above prune in {wins} of {total} (epoch, rate, seed) cells")
+            print("\nFinal gap t_continue - t_final (points), mean over seeds:")
+            for v in variants:
+                for r in rates:
+                    gaps = [_mean(cells[(v, r, e, "final_gap")])[0] for e in epochs]
+                    text = ", ".join(f"e{e} {100 * g:+.2f}" for e, g in zip(epochs, gaps))
+                    print(f"- {v}, rate {r:g}: {text}")
             title = f"{model} on Fashion-MNIST, {base} base, mean of seeds {', '.join(seeds)}"
             path = figures / f"plasticity_{model}_{base}.png"
             plot_plasticity(means, path, variants, [5.0, 7.5], title)
             print(f"\n![plasticity, {model}, {base} base]({os.path.relpath(path, ROOT / 'docs')})")
+    for name in ONCE:
+        path = out / name / "plasticity.csv"
+        if not path.is_file():
+            continue
+        with path.open() as f:
+            once = {(float(r["rate"]), int(r["prune_epoch"])): r for r in csv.DictReader(f)}
+        with (out / name.removesuffix("-once") / "plasticity.csv").open() as f:
+            pruned = {
+                (float(r["rate"]), int(r["prune_epoch"])): r
+                for r in csv.DictReader(f)
+                if r["variant"] == "prune"
+            }
+        print(f"\n### {name}: prune+regrow-once against prune (same seed)\n")
+        print("| epoch |" + "".join(f" prune {r:g} | once {r:g} |" for r in (0.2, 0.5, 0.9)))
+        print("|" + "---|" * 7)
+        for e in sorted({k[1] for k in once}):
+            line = f"| {e} |"
+            for r in (0.2, 0.5, 0.9):
+                line += f" {float(pruned[(r, e)]['plasticity']):.3f} |"
+                line += f" {float(once[(r, e)]['plasticity']):.3f} |"
+            print(line)
+        same = all(pruned[k]["t_final"] == once[k]["t_final"] for k in once)
+        print(f"\n(base runs trained twice, identical final accuracy: {same})")
     times = out / "times.jsonl"
     if times.is_file():
         print("\nWall-clock times:")
@@ -164,9 +204,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "plasticity")
     parser.add_argument("--streams", type=int, default=2, help="studies at a time")
     parser.add_argument("--figures", type=Path, default=ROOT / "docs" / "img")
+    parser.add_argument(
+        "--studies", nargs="+", choices=list(STUDIES), default=MAIN, help="(default: the 8)"
+    )
     args = parser.parse_args()
     if args.what == "run":
-        run(args.out, args.streams)
+        run(args.out, args.streams, args.studies)
     else:
         summary(args.out, args.figures)
 

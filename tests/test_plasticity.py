@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -223,6 +224,19 @@ def test_a_stopped_study_resumes_to_the_same_numbers(reference, tmp_path, stop):
         run_study(small_study(), out, callbacks=[stop], progress=False)
     assert not (out / "plasticity.csv").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    rows = run_study(small_study(), out, progress=False)
+    assert numbers(rows) == numbers(reference[1])
+
+
+def test_a_base_run_killed_before_keeping_its_prune_point_recovers_it(reference, tmp_path):
+    """SIGKILL between the epoch's last.pt and its prune point: last.pt is that point."""
+    out = tmp_path / "study"
+    with pytest.raises(Interrupted):
+        run_study(small_study(), out, callbacks=[SignalAt(6)], progress=False)
+    checkpoints = out / "base" / "checkpoints"
+    shutil.copy(checkpoints / "epoch-1.pt", checkpoints / "last.pt")  # the state after epoch 1
+    (checkpoints / "epoch-1.pt").unlink()
+    (checkpoints / "epoch-1.json").unlink()
     rows = run_study(small_study(), out, progress=False)
     assert numbers(rows) == numbers(reference[1])
 

@@ -504,7 +504,7 @@ def prepare_cell(study: Study, out: Path, cell: Cell, data: DataBundle) -> dict[
     if point.get("sparsifier") is not None:
         sp = point["sparsifier"]
         masks = {n: unpack_bits(m, sp["shapes"][n]) for n, m in sp["masks"].items()}
-    before = (
+    density = (  # of the base checkpoint's sparse tensors
         1.0
         if masks is None
         else sum(int(m.count_nonzero()) for m in masks.values())
@@ -542,7 +542,7 @@ def prepare_cell(study: Study, out: Path, cell: Cell, data: DataBundle) -> dict[
             "continue": study.continuation,
             "t_after_prune": accuracy,
             "test_loss_after_prune": loss,
-            "sparsity_before": 1.0 - before,
+            "sparsity_before": 1.0 - density,
             "sparsity_after_prune": after_prune,
             "sparsity": pruned.sparsity(),
             "base_checkpoint": str(point_path),
@@ -551,7 +551,7 @@ def prepare_cell(study: Study, out: Path, cell: Cell, data: DataBundle) -> dict[
         trainer.save(checkpoint_path(run_dir))  # last: the cell counts as prepared
         trainer.sparsifier.remove()
     log(
-        f"[plasticity] {cell.name}: sparsity {1.0 - before:.4f} -> {after_prune:.4f}"
+        f"[plasticity] {cell.name}: sparsity {1.0 - density:.4f} -> {after_prune:.4f}"
         f"{f' (regrown: {pruned.sparsity():.4f})' if pruned.sparsity() != after_prune else ''}, "
         f"test accuracy after the prune {percent(accuracy)}"
     )
