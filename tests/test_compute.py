@@ -41,8 +41,8 @@ def side_by_side(method, make_opt, dtype=torch.float64, model=net64, **kw):
     return runs
 
 
-def step(net, opt, i, dtype=torch.float64, micro=1):
-    opt.zero_grad()
+def step(net, opt, i, dtype=torch.float64, micro=1, set_to_none=True):
+    opt.zero_grad(set_to_none=set_to_none)
     for j in range(micro):
         x, y = batch(10 * i + j)
         (nn.functional.cross_entropy(net(x.to(dtype)), y) / micro).backward()
@@ -112,7 +112,7 @@ def test_growth_by_momentum_sees_the_dense_gradient_every_step():
     assert all(p.grad[~m].any() for p, m in zip(s_sp.params, s_sp.masks.values()))
 
 
-def test_gradient_accumulation_and_a_layer_called_twice():
+def test_gradient_accumulation_zeroed_gradients_and_a_layer_called_twice():
     class Twice(nn.Module):
         def __init__(self, dtype):
             super().__init__()
@@ -126,8 +126,8 @@ def test_gradient_accumulation_and_a_layer_called_twice():
 
     (dense, d_opt, _), (sparse, s_opt, _) = side_by_side("granet", OPTIMIZERS["adamw"], model=Twice)
     for i in range(KW["total_steps"]):
-        step(dense, d_opt, i, micro=3)
-        step(sparse, s_opt, i, micro=3)
+        step(dense, d_opt, i, micro=3, set_to_none=i % 2 == 0)
+        step(sparse, s_opt, i, micro=3, set_to_none=i % 2 == 0)
         assert gap(dense, sparse) < 1e-12, i
 
 
@@ -189,7 +189,7 @@ def test_a_closure_step_runs_the_optimizer_on_the_whole_gradient():
 
 def test_auto_follows_the_rule_and_decides_again_after_every_round():
     torch.manual_seed(0)
-    net = mlp(64, 10, hidden=(256, 128)).double()  # fc2: 32768 weights, the rule's minimum
+    net = mlp(64, 10, hidden=(512, 512)).double()  # fc2: 2**18 weights, the rule's minimum
     opt = OPTIMIZERS["sgd"](net.parameters())
     sp = granet.GraNet(
         net, opt, sparsity=0.95, init_sparsity=0.5, total_steps=40, update_every=5, compute="auto"
@@ -202,7 +202,7 @@ def test_auto_follows_the_rule_and_decides_again_after_every_round():
         density = stats["fc2.weight"]["density"]
         decisions.append(stats["fc2.weight"]["compute"])
         assert decisions[-1] == ("sparse" if density <= compute.AUTO_MAX_DENSITY else "dense")
-        assert stats["fc1.weight"]["compute"] == "dense"  # 16384 weights: below the minimum
+        assert stats["fc1.weight"]["compute"] == "dense"  # 32768 weights: below the minimum
     assert decisions[0] == "dense" and decisions[-1] == "sparse"
 
 
@@ -320,3 +320,24 @@ def test_granet_train_compute_flag_reaches_the_sparsifier(tmp_path):
         "fc2.weight": "sparse",
         "fc3.weight": "sparse",
     }
+
+
+def test_weights_changed_between_steps_are_seen_by_the_next_forward():
+    (dense, d_opt, _), (sparse, s_opt, _) = side_by_side("static", OPTIMIZERS["sgd"])
+    for i in range(3):
+        step(dense, d_opt, i)
+        step(sparse, s_opt, i)
+    x, _ = batch(99)
+    x = x.double()
+    for net in (dense, sparse):
+        with torch.no_grad():  # an in-place write: the version counter moves
+            net.fc1.weight.mul_(2.0)
+    assert torch.allclose(dense(x), sparse(x), atol=1e-12)
+    averaged = [p.detach() * 0.5 for p in dense.parameters()]
+    for net in (dense, sparse):
+        for p, a in zip(net.parameters(), averaged):  # a swap through .data: the probe sees it
+            p.data.copy_(a)
+    assert torch.allclose(dense(x), sparse(x), atol=1e-12)
+    step(dense, d_opt, 3)
+    step(sparse, s_opt, 3)
+    assert gap(dense, sparse) < 1e-12

@@ -54,8 +54,9 @@ COMPUTE: dict[str, str] = {
     "auto": "CSR kernels for the CPU nn.Linear layers sparse and large enough, decided again "
     "after every topology round",
 }
-AUTO_MAX_DENSITY = 0.2
-AUTO_MIN_NUMEL = 2**15
+AUTO_MAX_DENSITY = 0.1
+AUTO_MIN_NUMEL = 2**18
+PROBES = 16  # entries that check a kept copy of a tensor's active entries
 CSR_DTYPES = (torch.float32, torch.float64)
 
 # module -> its _Layer, for the installed forward; a copy of the module finds none and runs dense
@@ -75,16 +76,17 @@ class _Positions:
         order = torch.argsort(cols, stable=True)
         self.shape = (rows_n, cols_n)
         self.flat = flat
+        # a few entries, evenly spread, that a kept copy is checked against (see _Layer.gather)
+        self.probe = torch.linspace(0, flat.numel() - 1, PROBES).long().unique()[: flat.numel()]
+        self.probe_flat = flat[self.probe]
         self.crow = _crow(rows, rows_n, index)
         self.col = cols.to(index)
         self.order_t = order  # W.T's CSR values are W's CSR values at these places
         self.crow_t = _crow(cols, cols_n, index)
         self.col_t = rows[order].to(index)
         self._patterns: dict[torch.dtype, torch.Tensor] = {}
-
-    def values(self, w: torch.Tensor) -> torch.Tensor:
-        """``w``'s active entries in CSR order."""
-        return w.reshape(-1).index_select(0, self.flat)
+        with _quiet_csr():  # torch warns once per process that CSR tensors are in beta
+            self.pattern(torch.float32)
 
     def csr(self, values: torch.Tensor) -> torch.Tensor:
         """The CSR matrix ``W`` of :meth:`values`."""
@@ -108,8 +110,7 @@ def _crow(rows: torch.Tensor, n: int, index: torch.dtype) -> torch.Tensor:
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: Any) -> torch.Tensor:
-    with _quiet_csr():
-        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+    return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
 class _SparseLinear(torch.autograd.Function):
@@ -134,7 +135,7 @@ class _SparseLinear(torch.autograd.Function):
         xt = x.reshape(-1, weight.shape[1]).t()
         if not xt.is_contiguous():  # a copy is faster than the product on a strided input
             xt = xt.contiguous()
-        values = positions.values(weight)
+        values = layer.gather("weight", weight)
         w = positions.csr(values)
         out = torch.sparse.mm(w, xt) if bias is None else torch.addmm(bias.unsqueeze(1), w, xt)
         ctx.save_for_backward(xt, values)  # the weights this forward used, for its backward
@@ -180,14 +181,54 @@ class _Layer:
     def __init__(self, engine: SparseCompute, index: int, name: str, module: nn.Linear) -> None:
         self.engine, self.index, self.name, self.module = engine, index, name, module
         self.param = module.weight
-        self.mask: torch.Tensor | None = None
-        self._sparse: bool | None = None  # by mode and density, decided after a mask change
+        self._buffer_free = True
+        self.refresh(None)
+
+    def refresh(self, mask: torch.Tensor | None) -> None:
+        """A new mask: the decision, positions, gradient buffer and kept entries start over."""
+        self.mask = mask
+        self._sparse: bool | None = None  # by mode and density
         self._positions: _Positions | None = None
         self._buffer: torch.Tensor | None = None
-        self._buffer_free = True
+        self._kept: dict[str, tuple[torch.Tensor, int, int, torch.Tensor]] = {}
 
-    def refresh(self, mask: torch.Tensor) -> None:
-        self.mask, self._sparse, self._positions, self._buffer = mask, None, None, None
+    def gather(self, role: str, dense: torch.Tensor) -> torch.Tensor:
+        """The active entries of ``dense`` (the weight or one of its optimizer-state tensors) in
+        CSR order, not to be changed in place.
+
+        Kept from the last gather or scatter while ``dense`` is the same tensor on the same
+        memory, its version counter has not moved and a few spread-out entries still match, so
+        a step reads the weight and state it wrote at the previous step without gathering them
+        again (at high sparsity a gather reads a large share of the tensor's cache lines).
+        Every in-place change (optimizer, masks, ``load_state_dict``, ``torch.no_grad()``
+        writes) moves the counter; writes through ``.data`` do not, and are caught by the probe
+        when they change many entries (a swap to averaged weights), not when they change a few.
+        """
+        kept = self._kept.get(role)
+        if (
+            kept is not None
+            and kept[0] is dense
+            and kept[1:3] == (dense._version, dense.data_ptr())
+            and self._probe_matches(dense, kept[3])
+        ):
+            return kept[3]
+        values = self.take(dense)
+        self._kept[role] = (dense, dense._version, dense.data_ptr(), values)
+        return values
+
+    def scatter(self, role: str, dense: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``values`` at the active entries of ``dense``, and keep them (see gather)."""
+        dense.view(-1).index_copy_(0, self.positions().flat, values)
+        self._kept[role] = (dense, dense._version, dense.data_ptr(), values)
+
+    def take(self, dense: torch.Tensor) -> torch.Tensor:
+        """The active entries of ``dense``, gathered now."""
+        return dense.reshape(-1).index_select(0, self.positions().flat)
+
+    def _probe_matches(self, dense: torch.Tensor, values: torch.Tensor) -> bool:
+        pos = self.positions()
+        now = dense.reshape(-1).index_select(0, pos.probe_flat)
+        return torch.equal(now, values.index_select(0, pos.probe))
 
     @property
     def sparse(self) -> bool:
@@ -333,11 +374,9 @@ class SparseCompute:
             return set()
         if stepped:
             groups = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-            by_group: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+            by_group: dict[int, list[tuple[_Layer, torch.Tensor]]] = {}
             for layer, grad in taken:
-                by_group.setdefault(id(groups[id(layer.param)]), []).append(
-                    (layer.param, grad, layer.positions().flat)
-                )
+                by_group.setdefault(id(groups[id(layer.param)]), []).append((layer, grad))
             update = SPARSE_UPDATES[type(self.optimizer)]
             with torch.no_grad():
                 for group in self.optimizer.param_groups:
@@ -358,38 +397,34 @@ class SparseCompute:
             layer.refresh(layer.mask)
 
 
-Update = Callable[
-    [torch.optim.Optimizer, dict[str, Any], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
-    None,
-]
+Update = Callable[[torch.optim.Optimizer, dict[str, Any], list[tuple[_Layer, torch.Tensor]]], None]
 
 
 def _sgd(optimizer: torch.optim.Optimizer, group: dict[str, Any], items: list) -> None:
-    """``torch.optim.SGD``'s step on the entries at ``flat`` of each ``(param, grad, flat)``."""
+    """``torch.optim.SGD``'s step on the active entries of each ``(layer, grad)``."""
     lr, wd, momentum = float(group["lr"]), group["weight_decay"], group["momentum"]
-    w = [p.view(-1).index_select(0, i) for p, _, i in items]
-    g = [grad.reshape(-1).index_select(0, i) for _, grad, i in items]
+    w = [layer.gather("weight", layer.param) for layer, _ in items]
+    g = [layer.take(grad) for layer, grad in items]
     if group["maximize"]:
         torch._foreach_neg_(g)
     if wd != 0:
         g = torch._foreach_add(g, w, alpha=wd)
     if momentum != 0:
         bufs = []
-        for (p, _, i), gi in zip(items, g):
-            state = optimizer.state[p]
+        for (layer, _), gi in zip(items, g):
+            state = optimizer.state[layer.param]
             full = state.get("momentum_buffer")
             if full is None:  # torch starts the buffer at the first gradient
-                full = state["momentum_buffer"] = torch.zeros_like(p)
+                full = state["momentum_buffer"] = torch.zeros_like(layer.param)
                 b = gi.clone()
             else:
-                b = full.view(-1).index_select(0, i).mul_(momentum)
+                b = layer.gather("momentum_buffer", full).mul(momentum)
                 b.add_(gi, alpha=1 - group["dampening"])
-            full.view(-1).index_copy_(0, i, b)
+            layer.scatter("momentum_buffer", full, b)
             bufs.append(b)
         g = torch._foreach_add(g, bufs, alpha=momentum) if group["nesterov"] else bufs
-    torch._foreach_add_(w, g, alpha=-lr)
-    for (p, _, i), wi in zip(items, w):
-        p.view(-1).index_copy_(0, i, wi)
+    for (layer, _), wi in zip(items, torch._foreach_add(w, g, alpha=-lr)):
+        layer.scatter("weight", layer.param, wi)
 
 
 def _adam(optimizer: torch.optim.Optimizer, group: dict[str, Any], items: list) -> None:
@@ -398,34 +433,32 @@ def _adam(optimizer: torch.optim.Optimizer, group: dict[str, Any], items: list) 
     beta1, beta2 = (float(b) for b in group["betas"])
     decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
     names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
-    for p, grad, i in items:
-        state = optimizer.state[p]
+    for layer, grad in items:
+        p, state = layer.param, optimizer.state[layer.param]
         if len(state) == 0:  # as torch's lazy initialisation (step on the host)
             state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
             for name in names:
                 state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["step"] += 1
         step = float(state["step"])
-        w = p.view(-1).index_select(0, i)
-        g = grad.reshape(-1).index_select(0, i)
+        w = layer.gather("weight", p)
+        g = layer.take(grad)
         if group["maximize"]:
             g = g.neg()
         if wd != 0:
             if decoupled:
-                w.mul_(1 - lr * wd)
+                w = w.mul(1 - lr * wd)
             else:
                 g = g.add(w, alpha=wd)
-        m, v, *mx = (state[name].view(-1).index_select(0, i) for name in names)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        m, v, *mx = (layer.gather(name, state[name]) for name in names)
+        m = m.lerp(g, 1 - beta1)
+        v = v.mul(beta2).addcmul_(g, g, value=1 - beta2)
         if mx:
-            torch.maximum(mx[0], v, out=mx[0])
-        denom = ((mx[0] if mx else v).sqrt() / bias_correction2_sqrt).add_(eps)
-        w.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
-        p.view(-1).index_copy_(0, i, w)
+            mx = [torch.maximum(mx[0], v)]
+        denom = ((mx[0] if mx else v).sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+        layer.scatter("weight", p, w.addcdiv(m, denom, value=-lr / (1 - beta1**step)))
         for name, values in zip(names, (m, v, *mx)):
-            state[name].view(-1).index_copy_(0, i, values)
+            layer.scatter(name, state[name], values)
 
 
 def _scalar_dtype() -> torch.dtype:
