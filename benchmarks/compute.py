@@ -5,18 +5,24 @@ sparsifier at fixed masks (``granet.Static``: no topology round, so only the ste
 ``dense`` (today's path: dense kernels on masked weights, the dense SGD step, the mask multiply)
 and ``sparse`` (``compute="sparse"``: CSR kernels for the Linear layers, the SGD update on the
 active entries). SGD with Nesterov momentum 0.9 and weight decay 5e-4, as the reference recipe.
-Reported: median step times (wall clock, and the process's CPU time, which another process
-on the same cores does not inflate), their ratios, the bytes the training state keeps (weights, gradients,
-optimizer state, the sparsifier's masks and multipliers, the CSR positions) and, with
-``--profile``, the top operators of one sparse step.
+Reported: median step times (wall clock, and the process's CPU time, which another process on
+the same cores does not inflate), their ratios, the bytes the training state keeps (weights,
+gradients, optimizer state, the sparsifier's masks and multipliers, the CSR positions) and,
+with ``--profile``, the top operators of ten sparse steps.
+
+``layers``: one ``nn.Linear`` alone at several shapes and densities, the measurements behind
+``auto``'s rule. ``conv``: ``unfold`` (what a CSR convolution needs first) against a dense
+convolution's forward and backward.
 
 ``run``: whole ``granet train`` runs of the reference recipe (GraNet 50% -> 98%, MLP,
 Fashion-MNIST, 20 epochs), ``--compute dense`` and ``auto`` in turn (dense, auto, auto, dense
 with ``--repeats 2``), each in its own process: wall clock, training seconds, test accuracy and
 peak resident memory (``ru_maxrss`` of that process).
 
-    python benchmarks/compute.py step --threads 1
-    python benchmarks/compute.py run --out runs/compute
+    python benchmarks/compute.py step --threads 1 --profile
+    python benchmarks/compute.py layers --threads 1
+    python benchmarks/compute.py conv --threads 1 --batch-sizes 128
+    python benchmarks/compute.py run --threads 1 --repeats 2 --out runs/compute
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -133,15 +140,136 @@ def time_steps(model_name: str, batch: int, sparsity: float, args: argparse.Name
     return result
 
 
-def profile(step: callable, rows: int = 15) -> str:
-    """The top operators of one step by self CPU time (torch.profiler's table)."""
+def profile(step: Callable[[], None], steps: int = 10, rows: int = 15) -> str:
+    """The top operators of ``steps`` steps by self CPU time (torch.profiler's table); several
+    steps, so that a moment the process waits for a core does not dominate."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     step()
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
+        for _ in range(steps):
+            step()
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+LAYER_SHAPES = [(1000, 1000), (1000, 784), (256, 3136), (512, 512), (300, 300), (120, 400)]
+LAYER_DENSITIES = [0.2, 0.15, 0.1, 0.07, 0.05, 0.02]
+
+
+def layer_benchmark(args: argparse.Namespace) -> dict:
+    """One ``nn.Linear`` trained alone (the input gradient included), dense against sparse
+    compute, SGD as above: the measurements behind ``auto``'s rule (median of the per-step
+    ratios of CPU time, the two variants in turn)."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    results = []
+    for shape in args.shapes:
+        for batch in args.batch_sizes:
+            for density in args.densities:
+                speedup = layer_speedup(shape, batch, density, args)
+                results.append(
+                    {
+                        "shape": list(shape),
+                        "batch_size": batch,
+                        "density": density,
+                        "speedup": speedup,
+                    }
+                )
+                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    return {
+        "benchmark": "compute-layers",
+        "device": describe(torch.device("cpu")),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_before": args.load_before,
+        "load_after": os.getloadavg(),
+        "results": results,
+    }
+
+
+def layer_speedup(
+    shape: tuple[int, int], batch: int, density: float, args: argparse.Namespace
+) -> float:
+    torch.manual_seed(0)
+    base = nn.Linear(shape[1], shape[0])
+    x = torch.randn(batch, shape[1], requires_grad=True)
+    gy = torch.randn(batch, shape[0])
+    variants = {}
+    for compute in ("dense", "sparse"):
+        layer = copy.deepcopy(base)
+        opt = torch.optim.SGD(
+            layer.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4
+        )
+        granet.Static(
+            layer, opt, sparsity=1 - density, distribution="uniform", total_steps=10**6,
+            compute=compute,
+        )  # fmt: skip
+        variants[compute] = (layer, opt)
+
+    def step(compute: str) -> float:
+        layer, opt = variants[compute]
+        c0 = time.process_time()
+        opt.zero_grad()
+        x.grad = None
+        (layer(x) * gy).sum().backward()
+        opt.step()
+        return time.process_time() - c0
+
+    ratios = []
+    for i in range(args.warmup + args.steps):
+        order = ("dense", "sparse") if i % 2 == 0 else ("sparse", "dense")
+        t = {compute: step(compute) for compute in order}
+        if i >= args.warmup:
+            ratios.append(t["dense"] / t["sparse"])
+    return statistics.median(ratios)
+
+
+CONVS = {  # name: (in, out, kernel, padding, input side, input gradient)
+    "lenet5.conv1": (1, 6, 5, 2, 28, False),
+    "lenet5.conv2": (6, 16, 5, 0, 14, True),
+    "small-cnn.conv1": (1, 32, 3, 1, 28, False),
+    "small-cnn.conv2": (32, 64, 3, 1, 14, True),
+}
+
+
+def conv_benchmark(args: argparse.Namespace) -> dict:
+    """Why ``nn.Conv2d`` has no sparse training route: a CSR product needs the input unfolded
+    (im2col), and ``unfold`` alone is timed against the dense forward and backward."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    results = []
+    for name, spec in CONVS.items():
+        med = conv_times(spec, args.batch_sizes[0], args)
+        results.append({"layer": name, "batch_size": args.batch_sizes[0], "cpu_ms": med})
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    return {
+        "benchmark": "compute-conv",
+        "device": describe(torch.device("cpu")),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "results": results,
+    }
+
+
+def conv_times(spec: tuple[int, ...], batch: int, args: argparse.Namespace) -> dict:
+    cin, cout, k, pad, side, input_grad = spec
+    x = torch.randn(batch, cin, side, side, requires_grad=input_grad)
+    w = torch.randn(cout, cin, k, k, requires_grad=True)
+
+    def dense() -> None:
+        nn.functional.conv2d(x, w, padding=pad).sum().backward()
+
+    def unfold() -> None:  # into the (in * k * k, batch * positions) block a CSR product reads
+        cols = nn.functional.unfold(x.detach(), k, padding=pad)
+        cols.transpose(0, 1).reshape(cols.shape[1], -1).contiguous()
+
+    times: dict[str, list[float]] = {"dense": [], "unfold": []}
+    for i in range(args.warmup + args.steps):
+        for key, fn in (("dense", dense), ("unfold", unfold)):
+            c0 = time.process_time()
+            fn()
+            if i >= args.warmup:
+                times[key].append(time.process_time() - c0)
+    return {key: 1000 * statistics.median(v) for key, v in times.items()}
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -151,6 +279,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         order += ["dense", "auto"] if r % 2 == 0 else ["auto", "dense"]
     runs = []
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     for i, compute in enumerate(order):
         out = args.out / f"{compute}-{i}"
         cmd = [sys.executable, "-m", "granet", "train", *RECIPE, *args.recipe]
@@ -182,6 +312,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "benchmark": "compute-run",
         "device": describe(torch.device("cpu")),
         "torch": torch.__version__,
+        "threads": args.threads or torch.get_num_threads(),
         "runs": runs,
         "median_wall_s": med,
         "speedup": med["dense"] / med["auto"],
@@ -190,14 +321,18 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["step", "run"], nargs="?", default="step")
+    ap.add_argument("what", choices=list(WHAT), nargs="?", default="step")
     ap.add_argument("--models", nargs="+", default=["mlp", "lenet5"])
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[128, 32])
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.8, 0.9, 0.95, 0.98])
+    ap.add_argument("--shapes", nargs="+", type=_shape, default=LAYER_SHAPES, help="layers: OUTxIN")
+    ap.add_argument("--densities", nargs="+", type=float, default=LAYER_DENSITIES, help="layers")
     ap.add_argument("--steps", type=int, default=40, help="timed steps per variant (median)")
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--profile", action="store_true", help="profile one sparse step of each")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch threads, of the runs too (0: the default)"
+    )
+    ap.add_argument("--profile", action="store_true", help="profile ten sparse steps of each")
     ap.add_argument("--out", type=Path, default=Path("runs/compute"), help="run: run folders")
     ap.add_argument("--repeats", type=int, default=1, help="run: pairs of runs")
     ap.add_argument("--seed", type=int, default=1, help="run: the runs' seed")
@@ -208,11 +343,26 @@ def main(argv: list[str] | None = None) -> dict:
     args.load_before = os.getloadavg()
     if args.quick:
         args.models, args.batch_sizes, args.sparsities = ["mlp", "lenet5"], [32], [0.95]
-        args.steps, args.warmup = 2, 1
-        args.recipe = ["--epochs", "1", "--dataset", "synthetic", "--update-every", "2"]
-    result = step_benchmark(args) if args.what == "step" else run_benchmark(args)
+        args.steps, args.warmup, args.profile = 2, 1, True
+        args.shapes, args.densities = [(64, 48)], [0.1]
+        args.recipe = ["--epochs", "1", "--dataset", "synthetic", "--model", "lenet5"]
+        args.recipe += ["--update-every", "2"]
+    result = WHAT[args.what](args)
     emit(result, args.json)
     return result
+
+
+def _shape(text: str) -> tuple[int, int]:
+    out_f, in_f = text.lower().split("x")
+    return int(out_f), int(in_f)
+
+
+WHAT = {
+    "step": step_benchmark,
+    "layers": layer_benchmark,
+    "conv": conv_benchmark,
+    "run": run_benchmark,
+}
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from granet import checks
-from granet.compute import COMPUTE
+from granet.compute import AUTO_MAX_DENSITY, AUTO_MIN_NUMEL, COMPUTE
 from granet.criteria import GROWTH, IMPORTANCE
 from granet.distributions import DISTRIBUTIONS
 from granet.initial import INIT
@@ -206,8 +206,9 @@ class Algorithm:
     compute: str = _option(
         "dense",
         "kernels of the training step: dense on masked weights, sparse (CSR kernels for every "
-        "selected nn.Linear on CPU; other layers dense, with a warning), or auto (sparse for "
-        "the CPU Linear layers sparse and large enough, decided again after every round)",
+        "selected nn.Linear on CPU; other layers dense, with a warning), or auto (CSR kernels "
+        f"for the CPU nn.Linear layers of at least {AUTO_MIN_NUMEL:,} weights at a density of "
+        f"at most {AUTO_MAX_DENSITY:.0%}, decided again after every topology round)",
         str,
         _one_of(COMPUTE),
         choices=tuple(COMPUTE),

@@ -3,36 +3,31 @@
 ``compute="dense"`` (the default) trains with dense kernels on masked weights. ``"sparse"`` runs
 every selected ``nn.Linear`` on the CPU through CSR kernels, forward and backward:
 
-- forward ``y = bias + W @ x`` as one ``torch.addmm`` of a CSR of the active weights;
-- input gradient through a CSR of ``W.T`` (its positions built once per mask, its values
-  gathered from the weight each step);
+- forward ``bias + W @ x`` as one ``torch.addmm`` of a CSR of the active weights;
+- input gradient through a CSR of ``W.T`` (positions built once per mask, values permuted from
+  the forward's);
 - weight gradient only at the active positions (``torch.sparse.sampled_addmm``), written into a
   dense ``.grad`` buffer the layer keeps (zero at the inactive positions, which are never
   written), so that hooks, ``GradScaler``, gradient clipping and DDP's all-reduce see an ordinary
   dense gradient;
 - for ``torch.optim.SGD``, ``Adam`` and ``AdamW`` the update of such a layer runs on its active
   entries only (flat gathers and scatters of the weight and its optimizer state, the param
-  group's hyperparameters, the optimizer's own state layout), and the mask multiply skips it.
+  group's hyperparameters, torch's formulas and state layout), and the mask multiply skips it;
+  the values written are kept for the next step's forward and update (see ``_Layer.gather``).
 
 The CSR positions are rebuilt only when the masks change (a topology round, ``load_state_dict``).
 The step before a topology round computes the full dense weight gradient, which gradient-based
-growth reads; so does every step when a score observes the gradients (SNFS's momentum).
-Results equal the masked-dense path's up to float rounding (sums in another order).
+growth reads; so does every step when a score observes the gradients (SNFS's momentum). Results
+equal the masked-dense path's up to float rounding (sums in another order).
 
-``"auto"`` decides per layer by a rule, again after every topology round: a CPU ``nn.Linear``
-in float32/float64 with at least :data:`AUTO_MIN_NUMEL` weights and a density of at most
-:data:`AUTO_MAX_DENSITY` runs sparse. A rule rather than a timed probe, so that a resumed run
-decides exactly as the original did (bitwise resume). On GPUs every layer stays dense: CSR
-kernels there were measured slower than dense ones (see ``inference.py``), and a per-step
-decision would need a host synchronisation.
+``"auto"`` decides per layer by a rule, again after every mask change: a CPU ``nn.Linear`` in
+float32/float64 with at least :data:`AUTO_MIN_NUMEL` weights at a density of at most
+:data:`AUTO_MAX_DENSITY` runs sparse (measured: ``benchmarks/compute.py layers``). A rule, not
+a timed probe, so that a resumed run decides exactly as the original did (bitwise resume) and
+every data-parallel rank alike. GPU layers always stay dense: CSR kernels there were measured
+slower than dense ones (see ``inference.py``).
 
-What stays O(all weights) on a sparse step: nothing for a layer that runs sparse with one of the
-three optimizers above. With any other optimizer, or ``optimizer.step(closure)``, the optimizer
-steps the whole dense ``.grad`` and the masks multiply the whole weight and state (the
-weight-gradient buffer is still reused, not refilled). A layer called twice in one step, or
-gradients accumulated over several backward passes, get a fresh dense gradient for every call
-after the first. A topology round (and the dense-gradient step before it) is O(all weights), as
-is rebuilding the CSR positions after it.
+What stays O(all weights), and every case that runs dense: ``docs/design.md``, section 3.
 """
 
 from __future__ import annotations
