@@ -16,8 +16,8 @@ convolution's forward and backward.
 
 ``run``: whole ``granet train`` runs of the reference recipe (GraNet 50% -> 98%, MLP,
 Fashion-MNIST, 20 epochs), ``--compute dense`` and ``auto`` in turn (dense, auto, auto, dense
-with ``--repeats 2``), each in its own process: wall clock, training seconds, test accuracy and
-peak resident memory (``ru_maxrss`` of that process).
+with ``--repeats 2``), each in its own process: wall clock, CPU time, training seconds, test
+accuracy and peak resident memory (``ru_maxrss`` and ``ru_utime + ru_stime`` of that process).
 
     python benchmarks/compute.py step --threads 1 --profile
     python benchmarks/compute.py layers --threads 1
@@ -54,41 +54,47 @@ RECIPE = [
 
 
 def state_bytes(model: nn.Module, opt: torch.optim.Optimizer, sp: granet.Sparsifier) -> int:
-    """Bytes of the tensors a training step keeps between steps (each tensor counted once)."""
+    """Bytes of the tensors a training step keeps between steps (each tensor counted once):
+    weights, gradients, optimizer state, masks, the multipliers the last mask multiply used,
+    the CSR positions and the kept active entries of sparse-compute layers."""
     kept = {}
     for p in model.parameters():
         kept[id(p)] = p
         if p.grad is not None:
             kept[id(p.grad)] = p.grad
         kept.update({id(v): v for v in opt.state[p].values() if torch.is_tensor(v)})
-    _, multipliers = sp._targets()
+    multipliers = sp._target_cache[1][1] if sp._target_cache else []
     kept.update({id(t): t for t in [*sp._masks, *multipliers]})
-    if sp._compute is not None:
-        for layer in sp._compute.layers:
-            if layer._positions is not None:
-                pos = vars(layer._positions)
-                kept.update({id(t): t for t in pos.values() if torch.is_tensor(t)})
+    for layer in sp._compute.layers if sp._compute else []:
+        if layer._positions is not None:
+            patterns = layer._positions._patterns.values()  # CSR: their values are new memory
+            tensors = [*vars(layer._positions).values(), *(p.values() for p in patterns)]
+            kept.update({id(t): t for t in tensors if torch.is_tensor(t)})
+        kept.update({id(entry[3]): entry[3] for entry in layer._kept.values()})
     return sum(t.numel() * t.element_size() for t in kept.values())
 
 
+def envelope(name: str, args: argparse.Namespace, **fields: object) -> dict:
+    """A result: what was measured, where, under which load, then ``fields``."""
+    return {
+        "benchmark": name,
+        "device": describe(torch.device("cpu")),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_before": args.load_before,
+        "load_after": os.getloadavg(),
+        **fields,
+    }
+
+
 def step_benchmark(args: argparse.Namespace) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     results = []
     for model_name in args.models:
         for batch in args.batch_sizes:
             for sparsity in args.sparsities:
                 results.append(time_steps(model_name, batch, sparsity, args))
                 print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    return {
-        "benchmark": "compute-step",
-        "device": describe(torch.device("cpu")),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "load_before": args.load_before,
-        "load_after": os.getloadavg(),
-        "results": results,
-    }
+    return envelope("compute-step", args, results=results)
 
 
 def time_steps(model_name: str, batch: int, sparsity: float, args: argparse.Namespace) -> dict:
@@ -161,7 +167,6 @@ def layer_benchmark(args: argparse.Namespace) -> dict:
     """One ``nn.Linear`` trained alone (the input gradient included), dense against sparse
     compute, SGD as above: the measurements behind ``auto``'s rule (median of the per-step
     ratios of CPU time, the two variants in turn)."""
-    torch.set_num_threads(args.threads or torch.get_num_threads())
     results = []
     for shape in args.shapes:
         for batch in args.batch_sizes:
@@ -176,15 +181,7 @@ def layer_benchmark(args: argparse.Namespace) -> dict:
                     }
                 )
                 print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    return {
-        "benchmark": "compute-layers",
-        "device": describe(torch.device("cpu")),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "load_before": args.load_before,
-        "load_after": os.getloadavg(),
-        "results": results,
-    }
+    return envelope("compute-layers", args, results=results)
 
 
 def layer_speedup(
@@ -235,19 +232,12 @@ CONVS = {  # name: (in, out, kernel, padding, input side, input gradient)
 def conv_benchmark(args: argparse.Namespace) -> dict:
     """Why ``nn.Conv2d`` has no sparse training route: a CSR product needs the input unfolded
     (im2col), and ``unfold`` alone is timed against the dense forward and backward."""
-    torch.set_num_threads(args.threads or torch.get_num_threads())
     results = []
     for name, spec in CONVS.items():
         med = conv_times(spec, args.batch_sizes[0], args)
         results.append({"layer": name, "batch_size": args.batch_sizes[0], "cpu_ms": med})
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    return {
-        "benchmark": "compute-conv",
-        "device": describe(torch.device("cpu")),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "results": results,
-    }
+    return envelope("compute-conv", args, results=results)
 
 
 def conv_times(spec: tuple[int, ...], batch: int, args: argparse.Namespace) -> dict:
@@ -299,6 +289,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 "command": " ".join(cmd[1:]),
                 "wall_s": wall,
                 "train_s": report["train_seconds"],
+                "cpu_s": usage.ru_utime + usage.ru_stime,
                 "test_accuracy": report["test_accuracy"],
                 "peak_rss_mib": usage.ru_maxrss / 1024,
                 "load_before": load,
@@ -308,15 +299,16 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     by = {c: [r for r in runs if r["compute"] == c] for c in ("dense", "auto")}
     med = {c: statistics.median(r["wall_s"] for r in rs) for c, rs in by.items()}
-    return {
-        "benchmark": "compute-run",
-        "device": describe(torch.device("cpu")),
-        "torch": torch.__version__,
-        "threads": args.threads or torch.get_num_threads(),
-        "runs": runs,
-        "median_wall_s": med,
-        "speedup": med["dense"] / med["auto"],
-    }
+    med_cpu = {c: statistics.median(r["cpu_s"] for r in rs) for c, rs in by.items()}
+    return envelope(
+        "compute-run",
+        args,
+        runs=runs,
+        median_wall_s=med,
+        speedup=med["dense"] / med["auto"],
+        median_cpu_s=med_cpu,
+        cpu_speedup=med_cpu["dense"] / med_cpu["auto"],
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -341,6 +333,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
     args.load_before = os.getloadavg()
+    if args.threads:  # here, and for the runs through OMP_NUM_THREADS
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.models, args.batch_sizes, args.sparsities = ["mlp", "lenet5"], [32], [0.95]
         args.steps, args.warmup, args.profile = 2, 1, True

@@ -341,3 +341,32 @@ def test_weights_changed_between_steps_are_seen_by_the_next_forward():
     step(dense, d_opt, 3)
     step(sparse, s_opt, 3)
     assert gap(dense, sparse) < 1e-12
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["auto", "sparse"])
+def test_cuda_layers_stay_dense_without_a_host_sync_per_step(mode):
+    torch.manual_seed(0)
+    net = mlp(64, 10, hidden=(512, 512)).cuda()
+    opt = OPTIMIZERS["sgd"](net.parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sp = granet.RigL(net, opt, sparsity=0.98, total_steps=100, update_every=50, compute=mode)
+    said = [str(w.message) for w in caught if "compute=" in str(w.message)]
+    assert len(said) == (mode == "sparse") and sp._compute.sparse_layers() == []
+    x, y = torch.randn(16, 64, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
+
+    def step_once():
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    step_once()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step_once()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    masked_zero(sp, opt)
