@@ -148,3 +148,11 @@ def test_more_than_one_optimizer_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="works with one optimizer; configure_optimizers gave 2"):
         fit(tmp_path, model=TwoOptimizers(), checkpoints=False)
+
+
+def test_a_checkpoint_without_sparsifier_state_is_refused(run, tmp_path):
+    checkpoint = torch.load(run[0] / "ckpt" / "epoch=1-step=16.ckpt", weights_only=False)
+    del checkpoint["callbacks"]["GraNetCallback"]
+    torch.save(checkpoint, tmp_path / "dense.ckpt")
+    with pytest.raises(ValueError, match="dense.ckpt holds no GraNetCallback state"):
+        fit(tmp_path, ckpt_path=tmp_path / "dense.ckpt", checkpoints=False)

@@ -1,5 +1,6 @@
-"""What the framework callbacks share: building the sparsifier on the framework's model and
-optimizer, resuming it without disturbing what the framework restored, and its scalars for logs.
+"""What the framework callbacks share: the options checked when a callback is made
+(:class:`SparsifierHolder`), building the sparsifier on the framework's model and optimizer,
+resuming it without disturbing what the framework restored, and its scalars for logs.
 
 A framework restores the model (and, for the Hugging Face Trainer, the optimizer) from its
 checkpoint before a callback can build the sparsifier, and building one applies freshly drawn
@@ -81,6 +82,26 @@ def attach(
             for t, copy in zip(tensors, copies):
                 t.copy_(copy)
     return sparsifier
+
+
+class SparsifierHolder:
+    """What a framework callback holds: ``method`` and its options, checked when it is made,
+    and from the start of training ``self.sparsifier``, built (or resumed) by :meth:`_attach`."""
+
+    def __init__(self, method: str = "granet", **sparsifier_kwargs: Any) -> None:
+        self._cls = method_class(method, sparsifier_kwargs)
+        self.method = method
+        self.options = sparsifier_kwargs
+        self.sparsifier: Sparsifier | None = None
+        self._scalars: Scalars | None = None
+
+    def _attach(
+        self, model: nn.Module, optimizer: Any, total_steps: int, state: dict[str, Any] | None
+    ) -> None:
+        if self.sparsifier is not None:  # an earlier training run of the same callback
+            self.sparsifier.remove()
+        self.sparsifier = attach(self._cls, model, optimizer, total_steps, self.options, state)
+        self._scalars = Scalars(self.sparsifier)
 
 
 def _set_sparsity(params: Sequence[torch.Tensor], sparsity: float) -> None:

@@ -22,28 +22,21 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from granet.integrations.attach import Scalars, attach, method_class
-from granet.sparsifier import Sparsifier
+from granet.integrations.attach import SparsifierHolder
 
 __all__ = ["STATE_FILE", "GraNetCallback"]
 
 STATE_FILE = "granet_sparsifier.pt"
 
 
-class GraNetCallback(TrainerCallback):
-    """Sparse training with ``method`` (a name of ``granet.METHODS``) in a ``Trainer``.
+class GraNetCallback(SparsifierHolder, TrainerCallback):
+    """Sparse training with ``method`` (a name of ``granet.METHODS``) in a ``Trainer``:
+    ``GraNetCallback(method="granet", **sparsifier_kwargs)``.
 
     ``sparsifier_kwargs`` are those of the method's class (``sparsity``, ``update_every``,
     ``include`` ...; ``total_steps`` defaults to the Trainer's ``max_steps``). The sparsifier is
     ``self.sparsifier`` once training has begun.
     """
-
-    def __init__(self, method: str = "granet", **sparsifier_kwargs: Any) -> None:
-        self._cls = method_class(method, sparsifier_kwargs)
-        self.method = method
-        self.options = sparsifier_kwargs
-        self.sparsifier: Sparsifier | None = None
-        self._scalars: Scalars | None = None
 
     def on_train_begin(
         self,
@@ -55,11 +48,8 @@ class GraNetCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         self._log_first()
-        if self.sparsifier is not None:  # an earlier train() of the same callback
-            self.sparsifier.remove()
         saved = self._saved_state(args, state) if state.global_step > 0 else None
-        self.sparsifier = attach(self._cls, model, optimizer, state.max_steps, self.options, saved)
-        self._scalars = Scalars(self.sparsifier)
+        self._attach(model, optimizer, state.max_steps, saved)
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

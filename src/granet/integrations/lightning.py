@@ -15,14 +15,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from granet.integrations.attach import Scalars, attach, method_class
-from granet.sparsifier import Sparsifier
+from granet.integrations.attach import SparsifierHolder
 
 __all__ = ["GraNetCallback"]
 
 
-class GraNetCallback(pl.Callback):
-    """Sparse training with ``method`` (a name of ``granet.METHODS``) in a Lightning ``Trainer``.
+class GraNetCallback(SparsifierHolder, pl.Callback):
+    """Sparse training with ``method`` (a name of ``granet.METHODS``) in a Lightning ``Trainer``:
+    ``GraNetCallback(method="granet", **sparsifier_kwargs)``.
 
     ``sparsifier_kwargs`` are those of the method's class (``sparsity``, ``update_every``,
     ``include`` ...; ``total_steps`` defaults to ``trainer.estimated_stepping_batches``). The
@@ -30,11 +30,7 @@ class GraNetCallback(pl.Callback):
     """
 
     def __init__(self, method: str = "granet", **sparsifier_kwargs: Any) -> None:
-        self._cls = method_class(method, sparsifier_kwargs)
-        self.method = method
-        self.options = sparsifier_kwargs
-        self.sparsifier: Sparsifier | None = None
-        self._scalars: Scalars | None = None
+        super().__init__(method, **sparsifier_kwargs)
         self._restored: dict[str, Any] | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -54,13 +50,8 @@ class GraNetCallback(pl.Callback):
                 f"ckpt_path: {trainer.ckpt_path} holds no GraNetCallback state; to start sparse "
                 "training from its weights, load them and fit without ckpt_path"
             )
-        if self.sparsifier is not None:  # an earlier fit() of the same callback
-            self.sparsifier.remove()
-        self.sparsifier = attach(
-            self._cls, pl_module, trainer.optimizers[0], int(total), self.options, self._restored
-        )
+        self._attach(pl_module, trainer.optimizers[0], int(total), self._restored)
         self._restored = None
-        self._scalars = Scalars(self.sparsifier)
 
     def on_train_batch_end(
         self,
