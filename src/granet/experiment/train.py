@@ -40,7 +40,7 @@ from granet.experiment.runs import (
     read_report,
     truncate_metrics,
 )
-from granet.experiment.trainer import Callbacks, Trainer, log, resolve_device
+from granet.experiment.trainer import Callbacks, StartFrom, Trainer, log, resolve_device
 
 
 @contextmanager
@@ -107,6 +107,7 @@ def train(
     progress: bool | None = None,
     callbacks: Sequence[Callbacks] = (),
     sparsifier_options: Mapping[str, Any] | None = None,
+    start: StartFrom | None = None,
 ) -> dict[str, Any] | None:
     """Train one run into ``run_dir`` and return its report.
 
@@ -115,7 +116,9 @@ def train(
     finished run returns its report). ``progress`` shows a tqdm bar (default: when stderr is a
     terminal); otherwise one log line per epoch. ``callbacks`` hook into the training loop;
     ``sparsifier_options`` go to the sparsifier on top of the config's (Python-only options: a
-    score or schedule given as a callable). Raises
+    score or schedule given as a callable). ``start`` starts the run from a given state (see
+    :class:`~granet.experiment.trainer.StartFrom`); give the same one to resume it (its
+    checkpoint, once it has one, takes over). Raises
     :class:`~granet.experiment.signals.Interrupted` after saving a checkpoint on Ctrl-C /
     SIGTERM.
 
@@ -137,6 +140,7 @@ def train(
             device=device,
             callbacks=callbacks,
             sparsifier_options=sparsifier_options,
+            start=start,
             progress=progress,
         )
         config = trainer.config
@@ -162,10 +166,14 @@ def train(
             f"({hardware(device, ranks.world)}): {config.epochs} epochs x "
             f"{trainer.steps_per_epoch} steps, into {run_dir}"
         )
-        trainer.fit()
-        if not ranks.main:
-            return None
-        report = trainer.finish()
+        try:
+            trainer.fit()
+            # process 0 tests and reports; the others wait for it and share its outcome
+            report = parallel.on_main(trainer.finish, ranks)
+        finally:
+            trainer.close()
+    if not ranks.main:
+        return None
     chosen = "best by validation" if report["data"]["val"] else "the last epoch"
     log(
         f"test accuracy {percent(report['test_accuracy'])} (checkpoint {chosen}, "
