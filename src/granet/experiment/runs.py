@@ -482,6 +482,11 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     """The settings a run was trained with (its ``config.yaml``)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
+        if is_run_dir(run_dir):
+            raise FileNotFoundError(
+                f"{run_dir} has no {CONFIG_FILE}: the run was stopped during its start-up, "
+                "before it had settings; start it again with --overwrite"
+            )
         raise FileNotFoundError(f"{run_dir} is not a granet run folder: no {CONFIG_FILE}")
     try:
         values = yaml.safe_load(path.read_text())
