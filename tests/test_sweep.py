@@ -11,8 +11,9 @@ import yaml
 from helpers import one_line_error
 
 from granet.cli import main
+from granet.experiment.config import save_config
 from granet.experiment.runs import FolderLock
-from granet.experiment.sweep import SWEEP_LOCK, load_sweep, run_sweep
+from granet.experiment.sweep import SWEEP_LOCK, _state, load_sweep, run_sweep
 
 TINY = {"dataset": "synthetic", "model": "lenet5", "epochs": 1, "batch_size": 300}
 
@@ -70,3 +71,15 @@ def test_failed_runs_end_the_sweep_in_one_line(tmp_path, monkeypatch, capsys):
     assert (blocked / "notes.txt").read_text() == "mine"
     assert "already exists" in (tmp_path / "grid" / "dense-seed1.log").read_text()
     assert (tmp_path / "grid" / "dense-seed0" / "report.json").is_file()
+
+
+def test_runs_of_an_older_granet_without_a_marker(tmp_path):
+    sweep = load_sweep(sweep_file(tmp_path, methods=["dense"], seeds=[0, 1]))
+    finished, unfinished = sweep.jobs
+    for job in sweep.jobs:
+        job.run_dir.mkdir(parents=True)
+        save_config(job.config, job.run_dir / "config.yaml")
+    (finished.run_dir / "report.json").write_text("{}")
+    assert _state(finished, overwrite=False) == "done"  # its numbers are kept
+    with pytest.raises(ValueError, match="unfinished run of an older granet .no run.json."):
+        _state(unfinished, overwrite=False)

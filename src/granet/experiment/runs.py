@@ -417,8 +417,14 @@ def open_run(
         if not run_dir.is_dir():
             raise FileNotFoundError(f"no run folder at {run_dir}")
         if not is_run_dir(run_dir):
+            older = (run_dir / CONFIG_FILE).is_file()
             raise ValueError(
-                f"{run_dir} is not a granet run folder (no {MARKER_FILE}); nothing to resume"
+                f"{run_dir} is not a granet run folder (no {MARKER_FILE}); "
+                + (
+                    "a run of an older granet, which this one cannot resume"
+                    if older
+                    else "nothing to resume"
+                )
             )
     elif run_dir.is_dir():
         _refuse_existing(run_dir, overwrite)  # before this process adds anything to it
