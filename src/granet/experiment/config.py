@@ -19,7 +19,7 @@ import yaml
 import granet
 from granet import checks
 from granet.algorithm import OPTIONS, cli_options
-from granet.experiment.data import DATASETS
+from granet.experiment.datasets import DATASETS
 from granet.experiment.models import MODELS
 
 METHOD_CHOICES = (*granet.METHODS, "dense")
@@ -150,8 +150,10 @@ def _scalar(name: str, value: Any, kind: type) -> Any:
             raise ValueError(f"{name} must be true or false; got {value!r}")
         return value
     if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name} must be a number; got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number; got {value!r}")
         return float(value)
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
