@@ -97,3 +97,31 @@ def test_a_resumed_run_replaces_what_followed_its_checkpoint(tmp_path):
 def test_unknown_loggers_are_refused(tmp_path):
     with pytest.raises(ValueError, match="log must be one of tensorboard; got 'wandb'"):
         RunLoggers(["wandb"], tmp_path)
+
+
+def test_granet_train_logs_every_epoch_and_round_and_resume_may_add_a_logger(tmp_path, capsys):
+    from granet.cli import main
+    from granet.experiment.runs import read_metrics
+
+    run = tmp_path / "run"
+    common = ["--dataset", "synthetic", "--model", "mlp", "--batch-size", "300", "--device", "cpu"]
+    assert main(["train", *common, "--epochs", "2", "--log", "tensorboard", "--out", str(run)]) == 0
+    found = scalars(run / "tensorboard")
+    metrics = read_metrics(run)
+    assert found["epoch/sparsity"] == [(m["step"], pytest.approx(m["sparsity"])) for m in metrics]
+    rounds = [step for step, _ in found["round/sparsity"]]
+    assert rounds and rounds == sorted(rounds) and rounds[-1] <= metrics[-1]["step"]
+    assert found["round/sparsity"][-1][1] == pytest.approx(metrics[-1]["sparsity"], abs=1e-6)
+    # resuming (here: a finished run) accepts --log, which changes nothing the run computes
+    assert main(["train", "--resume", str(run), "--log", "tensorboard"]) == 0
+    assert "has already finished" in capsys.readouterr().err
+
+
+def test_an_unknown_logger_is_a_one_line_error(tmp_path, capsys):
+    from granet.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "synthetic", "--epochs", "1", "--log", "wandb", "--out", str(out)]
+    assert main(args) == 2
+    assert "log must be one of tensorboard; got 'wandb'" in capsys.readouterr().err
+    assert not out.exists()

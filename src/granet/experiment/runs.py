@@ -55,9 +55,9 @@ CHECKPOINT_DIR = "checkpoints"
 CHECKPOINTS = ("best", "last")
 CHECKPOINT_FORMAT = 3  # 3: the settings and a SHA-256 of the contents
 MARKER_KIND = "granet run"
-# Where and how fast a run trains, not what it computes: these may change between a run and its
-# resumption; every other setting must stay as the run began.
-PLACEMENT = ("device", "data_root", "workers")
+# Where and how fast a run trains and where its scalars are also logged, not what it computes:
+# these may change between a run and its resumption; every other setting must stay as it began.
+PLACEMENT = ("device", "data_root", "workers", "log")
 _TMP_SUFFIX = ".tmp"
 
 

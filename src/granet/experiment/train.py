@@ -27,6 +27,7 @@ import torch
 
 from granet.experiment import parallel
 from granet.experiment.config import Config
+from granet.experiment.loggers import RunLoggers
 from granet.experiment.report import hardware, percent
 from granet.experiment.runs import (
     CHECKPOINT_DIR,
@@ -51,6 +52,20 @@ def _open(run_dir: Path, resume: bool, overwrite: bool, ranks: parallel.Ranks) -
             lambda: stack.enter_context(open_run(run_dir, resume=resume, overwrite=overwrite)),
             ranks,
         )
+
+
+class _Logging(Callbacks):
+    """Feeds the run's loggers (the ``log`` setting): each epoch's metrics record and each
+    topology round's statistics."""
+
+    def __init__(self, loggers: RunLoggers) -> None:
+        self.loggers = loggers
+
+    def on_round(self, trainer: Trainer) -> None:
+        self.loggers.log_round(trainer.sparsifier.stats())
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self.loggers.log_epoch(record)
 
 
 def _seen_by_all(path: Path, ranks: parallel.Ranks, device: torch.device) -> bool:
@@ -166,12 +181,18 @@ def train(
             f"({hardware(device, ranks.world)}): {config.epochs} epochs x "
             f"{trainer.steps_per_epoch} steps, into {run_dir}"
         )
+        loggers = None
+        if ranks.main and config.log:  # a resumed run's loggers drop what came after its checkpoint
+            loggers = RunLoggers(config.log, run_dir, trainer.step if resume else None)
+            trainer.callbacks.append(_Logging(loggers))
         try:
             trainer.fit()
             # process 0 tests and reports; the others wait for it and share its outcome
             report = parallel.on_main(trainer.finish, ranks)
         finally:
             trainer.close()
+            if loggers is not None:
+                loggers.close()
     if not ranks.main:
         return None
     chosen = "best by validation" if report["data"]["val"] else "the last epoch"
