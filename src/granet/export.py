@@ -97,7 +97,7 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> None:
     The file is written to a temporary name and renamed, so ``path`` is either the old file or
     the complete new one.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     layout: list[dict[str, Any]] = []
     stored: dict[str, torch.Tensor] = {}
@@ -132,7 +132,8 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(stored, tmp, metadata=metadata)
+        # serialised in memory, written by Python: a full disk is an OSError, not a SafetensorError
+        Path(tmp).write_bytes(save(stored, metadata=metadata))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
