@@ -1,3 +1,5 @@
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -6,7 +8,7 @@ from helpers import SmallNet
 
 from granet.experiment import train as training
 from granet.experiment.config import make_config
-from granet.experiment.runs import prepare_run_dir
+from granet.experiment.datasets import files
 
 # The test models are tiny: one thread avoids OpenMP contention on small (and shared) machines.
 torch.set_num_threads(1)
@@ -22,6 +24,20 @@ def net() -> SmallNet:
 def reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The test module's ``SETTINGS`` trained once without interruption: the run that
     interrupted and resumed runs must reproduce."""
-    run_dir = prepare_run_dir(tmp_path_factory.mktemp("reference") / "run")
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
     training.train(make_config(request.module.SETTINGS), run_dir, progress=False)
     return run_dir
+
+
+@pytest.fixture
+def nowhere(tmp_path, monkeypatch):
+    """No dataset anywhere: empty $GRANET_DATA and cache, no system folders, no network."""
+    monkeypatch.setenv("GRANET_DATA", str(tmp_path / "granet-data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(files, "SYSTEM_DATA_DIRS", ())
+
+    def offline(url, timeout):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    return tmp_path / "granet-data"

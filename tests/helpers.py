@@ -1,5 +1,8 @@
-"""Shared test helpers: a small model, batches, a training loop, checkpoint comparison."""
+"""Shared test helpers: a small model, batches, a training loop, checkpoint comparison, a
+trainer hook that sends a signal."""
 
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -7,6 +10,7 @@ import torch
 from torch import nn
 
 from granet.experiment.runs import load_checkpoint
+from granet.experiment.trainer import Callbacks
 
 
 class SmallNet(nn.Module):
@@ -61,3 +65,42 @@ def final_checkpoints(run_dir: Path, reference: Path) -> tuple[dict[str, Any], d
             a["sparsifier"]["ever_active"][name], b["sparsifier"]["ever_active"][name]
         )
     return a, b
+
+
+class SignalAt(Callbacks):
+    """Send SIGTERM to this process right after optimizer step ``step`` (a trainer hook)."""
+
+    def __init__(self, step: int, when: bool = True) -> None:
+        self.step, self.when = step, when
+
+    def on_step(self, trainer) -> None:
+        if self.when and trainer.step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def assert_identical(a: Any, b: Any, where: str = "state") -> None:
+    """Two nested states (dicts, lists, tensors, numbers) are equal, tensors bit for bit;
+    the first difference is named by its path."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        assert torch.is_tensor(a) and torch.is_tensor(b), where
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), where
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def one_line_error(err: str, command: str = "train") -> str:
+    """The one error line a ``granet`` command printed (log lines may come before it), with
+    no traceback anywhere."""
+    assert "Traceback" not in err, err
+    errors = [ln for ln in err.splitlines() if ": error: " in ln]
+    assert len(errors) == 1 and errors[0].startswith(f"granet {command}: error: "), err
+    return errors[0]

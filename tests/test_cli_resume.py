@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import final_checkpoints
+from helpers import SignalAt, final_checkpoints
 
 from granet.cli import main
 from granet.experiment.config import make_config
-from granet.experiment.runs import load_checkpoint, prepare_run_dir, read_metrics
-from granet.experiment.train import TrainingInterrupted, train
+from granet.experiment.runs import load_checkpoint, read_metrics
+from granet.experiment.signals import Interrupted
+from granet.experiment.train import train
 
 # augment: random crops and flips draw from the global torch RNG, which resuming must restore
 SETTINGS = {
@@ -58,15 +59,11 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
 
 def test_sigterm_mid_epoch_then_resume_matches(reference, tmp_path):
     """The signal arrives at a known step in the middle of epoch 2 (sent from a step hook)."""
-    run_dir = prepare_run_dir(tmp_path / "run")
+    run_dir = tmp_path / "run"
     stop_at = STEPS_PER_EPOCH + 4
 
-    def kill_at(step: int) -> None:
-        if step == stop_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with pytest.raises(TrainingInterrupted, match="--resume"):
-        train(make_config(SETTINGS), run_dir, progress=False, on_step=kill_at)
+    with pytest.raises(Interrupted, match="--resume"):
+        train(make_config(SETTINGS), run_dir, progress=False, callbacks=[SignalAt(stop_at)])
     saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert saved["position"] == {"epoch": 1, "batch": 4, "step": stop_at}
     assert len(read_metrics(run_dir)) == 1

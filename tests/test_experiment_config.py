@@ -12,12 +12,13 @@ from torch import nn
 import granet
 from granet import criteria
 from granet.experiment.config import KEYS, make_config, resolve_config, save_config
-from granet.experiment.data import DATASETS
+from granet.experiment.datasets import DATASETS
 from granet.experiment.flops import count_flops, inference_flops, training_flops
 from granet.experiment.models import MODELS
 from granet.experiment.report import summarize
+from granet.experiment.runs import write_marker
 from granet.experiment.sweep import _state, load_sweep
-from granet.experiment.train import epoch_batches, lr_factor
+from granet.experiment.trainer import epoch_batches, lr_factor
 
 
 def test_file_overrides_defaults_and_flags_override_file(tmp_path):
@@ -140,6 +141,7 @@ def _report(method, init, sparsity, seed, accuracy):
         "method": method,
         "config": {"init_sparsity": init},
         "target_sparsity": sparsity,
+        "sparsity": sparsity,
         "seed": seed,
         "test_accuracy": accuracy,
         "itop_rate": 1.0,
@@ -215,6 +217,7 @@ def test_sweep_keeps_a_run_whose_settings_only_spell_out_the_defaults(tmp_path):
     dense, granet_job = load_sweep(sweep).jobs
     for job, spelled in [(dense, {"init_sparsity": 0.5}), (granet_job, {"regrow_fraction": 0.5})]:
         job.run_dir.mkdir(parents=True)
+        write_marker(job.run_dir, None)
         stored = {**job.config.to_dict(), "init_sparsity": 0.5, **spelled}
         del stored["pruning"]
         (job.run_dir / "config.yaml").write_text(yaml.safe_dump(stored))

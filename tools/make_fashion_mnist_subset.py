@@ -3,7 +3,7 @@
 The subset is the first 200 training images of each class and the first 100 test images of each
 class, in the order of the official files (so 2,000 training and 1,000 test images, balanced).
 The output is byte-for-byte reproducible (gzip with no name and mtime 0) and its checksums are
-printed for granet.experiment.data.FASHION_MNIST_SUBSET_FILES.
+printed for granet.experiment.datasets.fashion_mnist.FASHION_MNIST_SUBSET_FILES.
 
     python tools/make_fashion_mnist_subset.py [/usr/share/datasets/fashion-mnist]
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from granet.experiment.data import BUNDLED_DIR, FASHION_MNIST_FILES, read_idx
+from granet.experiment.datasets.fashion_mnist import BUNDLED_DIR, FASHION_MNIST_FILES, read_idx
 
 PER_CLASS = {"train": 200, "test": 100}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from granet.experiment import train as training
 from granet.experiment.config import Config, make_config, read_config_file
-from granet.experiment.data import load_dataset
+from granet.experiment.datasets import load_dataset
 from granet.schedules import CubicSparsity
 
 REFERENCE = {0.9: 90.34, 0.95: 90.12, 0.98: 90.42}
@@ -57,7 +57,6 @@ def main() -> None:
             config = make_config(read_config_file(args.runs / name / "config.yaml"))
             run_dir = args.out / name
             if not (run_dir / "report.json").exists():
-                run_dir.mkdir(parents=True, exist_ok=True)
                 data = load_dataset(config.dataset, config.data_root, val_size=config.val_size)
                 total = config.epochs * math.ceil(len(data.train) / config.batch_size)
                 schedule = schedule_from(args.start, config, total)

@@ -2,6 +2,9 @@
 
 ``granet train`` with no arguments trains GraNet at 90% sparsity on Fashion-MNIST and prints the
 report. Settings come from the built-in defaults, then ``--config FILE.yaml``, then the flags.
+
+Every expected failure ends in one line, ``granet <command>: error: ...``, and a non-zero exit
+status; ``--debug`` (or ``GRANET_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -26,7 +31,8 @@ from granet.experiment.config import (
     SPARSIFIER_KEYS,
     Config,
 )
-from granet.experiment.data import DATASETS
+from granet.experiment.datasets import DATASETS
+from granet.experiment.loggers import LOGGERS
 from granet.experiment.models import MODELS
 
 _D = Config()
@@ -123,6 +129,15 @@ _TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
         ),
     ),
     ("--workers", dict(type=int, help="data-loading processes (default: 0)")),
+    (
+        "--log",
+        dict(
+            nargs="+",
+            metavar=_choices(LOGGERS),
+            help="also log the scalars of every epoch and topology round there, beside "
+            "metrics.jsonl (default: none)",
+        ),
+    ),
 ]
 
 
@@ -183,16 +198,28 @@ def _sparsifier_flags() -> list[tuple[str, dict[str, Any]]]:
     return [option_flag(OPTION[k]) for k in SPARSIFIER_KEYS if k != "seed"]
 
 
+DEBUG_ENV = "GRANET_DEBUG"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="granet",
         description="Sparse training during training: GraNet, GMP, RigL, SET, SNFS, static.",
     )
     parser.add_argument("--version", action="version", version=f"granet {granet.__version__}")
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help=f"show the traceback of an error (also: {DEBUG_ENV}=1)",
+    )
+    parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser(
         "train",
+        parents=[debug],
         help="train one run (no arguments: GraNet, 90%% sparsity, Fashion-MNIST)",
         description="Train one run and print its report. Settings: defaults, then --config, "
         "then these flags.",
@@ -206,12 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue an interrupted run with its own settings (only --device may change)",
+        help="continue an interrupted run with its own settings (only --device, --data-root, "
+        "--workers and --log may change)",
     )
     train.add_argument(
         "--overwrite",
         action="store_true",
-        help="delete an existing run folder at --out and start again",
+        help="delete the run at --out and start again (only a folder granet marked as a run, "
+        "with its run.json)",
     )
     settings = train.add_argument_group("settings (override --config)")
     for flag, kwargs in _TRAIN_FLAGS:
@@ -222,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = sub.add_parser(
         "sweep",
+        parents=[debug],
         help="run a grid of methods x sparsities x seeds and tabulate it",
         description="Run every unfinished run of a sweep file, then write comparison.md, "
         "comparison.csv and accuracy_vs_sparsity.png into its out folder. Running it again "
@@ -233,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser(
         "report",
+        parents=[debug],
         help="redraw reports, tables and plots from finished runs",
         description="Redraw report.md and the figures of each run; with several runs, also "
         "the comparison table (markdown, CSV) and accuracy-vs-sparsity plot.",
@@ -247,11 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", metavar="DIR", help="where the comparison goes (default: the runs' common parent)"
     )
 
-    export = sub.add_parser("export", help="export a run's trained sparse model")
+    export = sub.add_parser("export", parents=[debug], help="export a run's trained sparse model")
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("--out", metavar="FILE", required=True, help="file to write")
 
-    bench = sub.add_parser("bench-inference", help="time a run's model, dense vs sparse")
+    bench = sub.add_parser(
+        "bench-inference", parents=[debug], help="time a run's model, dense vs sparse"
+    )
     bench.add_argument("run_dir", metavar="RUN_DIR")
     bench.add_argument(
         "--batch-sizes", type=int, nargs="+", default=[1, 128], metavar="N", help="(default: 1 128)"
@@ -260,23 +293,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------- commands
-_NOT_SETTINGS = ("command", "config", "out", "resume", "overwrite")
+_NOT_SETTINGS = ("command", "config", "out", "resume", "overwrite", "debug")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from granet.experiment import parallel
     from granet.experiment.config import make_config, resolve_config
     from granet.experiment.runs import (
+        CONFIG_FILE,
+        PLACEMENT,
         REPORT_MD,
         default_run_dir,
-        prepare_run_dir,
         read_run_config,
     )
-    from granet.experiment.train import resolve_device, train
+    from granet.experiment.train import train
+    from granet.experiment.trainer import resolve_device
 
     flags = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
     if args.resume:
-        others = [k for k in flags if k != "device"] + [
+        others = [k for k in flags if k not in PLACEMENT] + [
             k for k in ("config", "out", "overwrite") if getattr(args, k)
         ]
         if others:
@@ -285,28 +320,20 @@ def cmd_train(args: argparse.Namespace) -> int:
                 + ", ".join("--" + k.replace("_", "-") for k in others)
             )
         run_dir = Path(args.resume)
-        config = make_config({**read_run_config(run_dir), **flags})
+        try:
+            config = make_config({**read_run_config(run_dir), **flags})
+        except ValueError as e:
+            raise ValueError(f"{run_dir / CONFIG_FILE}: {e}") from None
     else:
         config = resolve_config(args.config, flags)
-        resolve_device(config.device)
-    # Under torchrun every process runs this; process 0 names and makes the run folder.
+    resolve_device(config.device)  # refused here, before anything starts
+    # Under torchrun every process runs this; process 0 names, makes and locks the run folder.
     with parallel.process_group(config.device) as ranks:
-        if args.resume:
-            train(config, run_dir, resume=True)
-        else:
+        if not args.resume:
             run_dir = parallel.on_main(
-                lambda: prepare_run_dir(
-                    Path(args.out) if args.out else default_run_dir(config), args.overwrite
-                ),
-                ranks,
+                lambda: Path(args.out) if args.out else default_run_dir(config), ranks
             )
-            try:
-                train(config, run_dir)
-            except Exception:
-                # failed before writing anything (e.g. no data)
-                if ranks.main and not any(run_dir.iterdir()):
-                    run_dir.rmdir()
-                raise
+        train(config, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
     if ranks.main:
         print((run_dir / REPORT_MD).read_text())
     return 0
@@ -354,12 +381,24 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from granet.experiment.serving import export_run
 
-    print(json.dumps(export_run(args.run_dir, args.out), indent=2, default=str))
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder; give the file to write")
+    try:
+        written = export_run(args.run_dir, args.out)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, f"cannot write it: {e.strerror}", args.out) from None
+    print(json.dumps(written, indent=2, default=str))
     return 0
 
 
 def cmd_bench_inference(args: argparse.Namespace) -> int:
     from granet.experiment.serving import bench_inference
+
+    bad = [n for n in args.batch_sizes if n < 1]
+    if bad:
+        raise ValueError(f"--batch-sizes must be >= 1; got {' '.join(map(str, bad))}")
 
     rows = bench_inference(args.run_dir, batch_sizes=tuple(args.batch_sizes))
     if rows:
@@ -389,15 +428,37 @@ def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+# Failures a user can meet and act on: bad input, files, the environment. Exit status 2.
+EXPECTED = (ValueError, OSError, ImportError, pickle.UnpicklingError)
+
+
+def error_line(error: BaseException, ours: bool = True) -> str:
+    """One line saying what went wrong: an OS error names its file; an error not ``ours``
+    (not one granet raises for its users) also names its type."""
+    if isinstance(error, OSError) and error.strerror:
+        where = "" if error.filename is None else f"{error.filename}: "
+        if error.filename2 is not None:
+            where = f"{error.filename} -> {error.filename2}: "
+        text = f"{where}{error.strerror}"
+    else:
+        text = str(error) if ours else f"{type(error).__name__}: {error}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return " ".join(lines[:1]) + (" ..." if len(lines) > 1 else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``granet`` command line; returns the exit status."""
-    from granet.experiment.sweep import SweepInterrupted
-    from granet.experiment.train import TrainingInterrupted
+    from granet.experiment.runs import RunFailed
+    from granet.experiment.signals import Interrupted
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    prefix = f"granet {args.command}" + (f" (process {rank})" if world > 1 and rank else "")
     try:
-        if args.command != "train" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if args.command != "train" and world > 1:
             raise ValueError(
                 "only granet train runs under torchrun with several processes; "
                 f"run granet {args.command} as one process"
@@ -405,12 +466,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return COMMANDS[args.command](args)
-    except TrainingInterrupted as e:
+    except Interrupted as e:
         print(f"granet: {e}", file=sys.stderr)
         return 128 + e.signum
-    except SweepInterrupted as e:
-        print(f"granet: {e}", file=sys.stderr)
-        return 128 + e.signum
-    except (ValueError, FileExistsError, FileNotFoundError, ImportError) as e:
-        print(f"granet {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as e:
+        if debug:
+            raise
+        ours = isinstance(e, (*EXPECTED, RunFailed))
+        hint = "" if ours else f" (--debug or {DEBUG_ENV}=1 shows where)"
+        print(f"{prefix}: error: {error_line(e, ours)}{hint}", file=sys.stderr)
+        return 2 if isinstance(e, EXPECTED) else 1

@@ -30,7 +30,7 @@ from granet.masks import apply_masks, pack_bits, top_mask, unpack_bits
 from granet.pruning import PRUNING
 from granet.readback import HostCopy
 from granet.schedules import MIN_REGROW_FRACTION, CosineDecay, CubicSparsity, UpdateCadence
-from granet.selection import Rule, select_parameters, unwrap
+from granet.selection import Rule, select_parameters, unwrap, unwrap_optimizer
 
 # id(parameter) -> (the parameter, the sparsifier holding it), both weakly
 _HELD: dict[int, tuple[weakref.ref, weakref.ref]] = {}
@@ -89,8 +89,10 @@ class Sparsifier:
         """Select the sparse tensors of ``model``, draw their masks and hook ``optimizer``.
 
         ``options`` are the fields of :class:`Algorithm` (``sparsity``, ``total_steps``, ...);
-        ``total_steps`` is required.
+        ``total_steps`` is required. ``optimizer`` may be a wrapper holding the torch optimizer
+        (accelerate's, Lightning's): the sparsifier hooks the optimizer inside.
         """
+        optimizer = unwrap_optimizer(optimizer)
         for name, rules in (("include", include), ("exclude", exclude)):
             if isinstance(rules, (str, type)):
                 raise ValueError(f"{name} must be a list of rules; got the single rule {rules!r}")

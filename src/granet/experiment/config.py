@@ -19,7 +19,8 @@ import yaml
 import granet
 from granet import checks
 from granet.algorithm import OPTIONS, cli_options
-from granet.experiment.data import DATASETS
+from granet.experiment.datasets import DATASETS
+from granet.experiment.loggers import LOGGERS
 from granet.experiment.models import MODELS
 
 METHOD_CHOICES = (*granet.METHODS, "dense")
@@ -63,6 +64,8 @@ class RunSettings:
     device: str = "auto"
     amp: str = "none"
     workers: int = 0
+    # where the run's scalars also go, beside metrics.jsonl (keys of loggers.LOGGERS)
+    log: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,8 +153,10 @@ def _scalar(name: str, value: Any, kind: type) -> Any:
             raise ValueError(f"{name} must be true or false; got {value!r}")
         return value
     if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name} must be a number; got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number; got {value!r}")
         return float(value)
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -191,6 +196,8 @@ def _check_ranges(c: Config) -> None:
     need(0 <= c.warmup_epochs < c.epochs, "warmup_epochs", f"in [0, epochs={c.epochs})")
     need(0.0 <= c.label_smoothing < 1.0, "label_smoothing", "in [0, 1)")
     need(c.workers >= 0, "workers", ">= 0")
+    for name in c.log:
+        checks.choice("log", name, LOGGERS)
 
 
 def _typed_values(values: dict[str, Any]) -> dict[str, Any]:

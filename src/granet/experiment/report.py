@@ -1,20 +1,28 @@
-"""Reports: one run's report.json / report.md / plots, and comparison tables over many runs.
+"""Reports: one run's report (its numbers as a dict, report.json, report.md, plots), and
+comparison tables over many runs.
 
-Everything here is redrawn from files in the run folders (report.json, metrics.jsonl), so
-``granet report`` can regenerate it long after the runs ended.
+Everything but :func:`run_report` is redrawn from files in the run folders (report.json,
+metrics.jsonl), so ``granet report`` can regenerate it long after the runs ended.
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import os
+import platform
 import statistics
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
 
 import granet
+from granet.experiment import flops as flop_count
 from granet.experiment.config import METHOD_CHOICES
+from granet.experiment.models import build_model
 from granet.experiment.plots import (
     ITOP_PNG,
     LAYER_DENSITY_PNG,
@@ -22,7 +30,28 @@ from granet.experiment.plots import (
     plot_accuracy_vs_sparsity,
     plot_run,
 )
-from granet.experiment.runs import REPORT_JSON, REPORT_MD, read_metrics, read_report
+from granet.experiment.runs import (
+    REPORT_JSON,
+    REPORT_MD,
+    read_marker,
+    read_metrics,
+    read_report,
+    to_json,
+    write_atomic,
+)
+from granet.selection import select_parameters
+
+if TYPE_CHECKING:
+    from granet.experiment.trainer import Trainer
+
+TEST_CHECKPOINT_RULE = (
+    "best validation accuracy among the epochs at the final sparsity (the last epoch always "
+    "counts; without a validation split, the last epoch); test set evaluated once, on this "
+    "checkpoint"
+)
+# A run whose sparsity is this far below its target missed it (the per-layer rounding of the
+# weight counts keeps a run that reached it within 1e-4 on any model granet has).
+TARGET_TOLERANCE = 1e-3
 
 COMPARISON_MD = "comparison.md"
 COMPARISON_CSV = "comparison.csv"
@@ -32,6 +61,8 @@ CSV_FIELDS = (
     "method",
     "base_method",
     "sparsity",
+    "target_sparsity",
+    "target_reached",
     "runs",
     "seeds",
     "test_accuracy_mean",
@@ -43,6 +74,109 @@ CSV_FIELDS = (
     "training_flops_ratio",
     "train_seconds_mean",
 )
+
+
+# ----------------------------------------------------------------------------- one run
+def layer_summary(model: nn.Module, sp: granet.Sparsifier | None) -> dict[str, dict[str, Any]]:
+    """Per sparse tensor: shape, numel, nnz, density (for dense: all conv/linear weights)."""
+    if sp is not None:
+        return sp.stats()["layers"]
+    return {
+        name: {"density": 1.0, "nnz": p.numel(), "numel": p.numel(), "shape": list(p.shape)}
+        for name, p in select_parameters(model)
+    }
+
+
+def reached_target(sp: granet.Sparsifier | None, target: float) -> bool:
+    """Whether the sparsifier stands at ``target`` (up to the per-layer rounding of counts)."""
+    if sp is None:
+        return True
+    masks = list(sp.masks.values())
+    slack = len(masks) / sum(m.numel() for m in masks)
+    return sp.sparsity() >= target - slack
+
+
+def hardware(device: torch.device, processes: int = 1) -> str:
+    """The machine in words: the GPU's name, or the CPU's cores and architecture."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{os.cpu_count()}-core CPU ({platform.machine()})"
+    return name if processes == 1 else f"{processes} processes x {name}"
+
+
+def run_report(
+    trainer: Trainer,
+    best: Mapping[str, Any],
+    test_loss: float,
+    test_acc: float,
+    metrics: Sequence[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """The numbers of a finished run (report.json): ``best`` is the tested checkpoint, whose
+    weights and masks ``trainer`` now holds."""
+    c, sp, data = trainer.config, trainer.sparsifier, trainer.data
+    stats = sp.stats() if sp is not None else None
+    layers = layer_summary(trainer.model, sp)
+    counts = flop_count.count_flops(
+        lambda: build_model(c.model, **trainer.data_shape),
+        (data.in_channels, data.image_size, data.image_size),
+        trainer.sparse_names,
+    )
+    total_params = sum(p.numel() for p in trainer.model.parameters())
+    pruned = sum(v["numel"] - v["nnz"] for v in layers.values())
+    marker = read_marker(trainer.run_dir) or {}
+    return {
+        "run_dir": str(trainer.run_dir),
+        "run_id": marker.get("run_id"),
+        "method": c.method,
+        "model": c.model,
+        "dataset": c.dataset,
+        "seed": c.seed,
+        "test_accuracy": test_acc,
+        "test_loss": test_loss,
+        "checkpoint": {
+            "which": "best",
+            "epoch": best["epoch"],
+            "val_accuracy": best["val_accuracy"],
+            "rule": TEST_CHECKPOINT_RULE,
+        },
+        "last_epoch_val_accuracy": metrics[-1]["val_accuracy"],
+        "sparsity": stats["sparsity"] if stats else 0.0,
+        "target_sparsity": 0.0 if sp is None else c.sparsity,
+        "target_reached": reached_target(sp, c.sparsity),
+        "itop_rate": stats["itop_rate"] if stats else None,
+        "train_seconds": trainer.train_seconds,
+        "epochs": c.epochs,
+        "steps": trainer.step,
+        "steps_per_epoch": trainer.steps_per_epoch,
+        "parameters": {"total": total_params, "nonzero": total_params - pruned},
+        "layers": layers,
+        "flops": {
+            "inference_per_sample": flop_count.inference_flops(
+                counts, {n: v["density"] for n, v in layers.items()}
+            ),
+            "training_total": flop_count.training_flops(
+                counts, [(m["samples"], m["layer_density"]) for m in metrics]
+            ),
+            "counted": flop_count.NOTE,
+        },
+        "data": {
+            "dataset": c.dataset,
+            "source": data.source,
+            "train": len(data.train),
+            "val": len(data.val),
+            "test": len(data.test),
+        },
+        "environment": {
+            "device": str(trainer.device),
+            "hardware": hardware(trainer.device, trainer.ranks.world),
+            "processes": trainer.ranks.world,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "granet": granet.__version__,
+        },
+        "config": c.to_dict(),
+    }
 
 
 def _si(x: float) -> str:
@@ -119,10 +253,10 @@ def write_report(
 ) -> str:
     """Write report.json, report.md and the run's figures; return the markdown."""
     run_dir = Path(run_dir)
-    (run_dir / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
     markdown = render_markdown(report, metrics)
-    (run_dir / REPORT_MD).write_text(markdown)
     plot_run(run_dir, metrics, report)
+    write_atomic(run_dir / REPORT_MD, markdown)
+    write_atomic(run_dir / REPORT_JSON, to_json(report, indent=2) + "\n")  # last: "finished"
     return markdown
 
 
@@ -141,27 +275,64 @@ def _init_sparsity(r: Mapping[str, Any]) -> float | None:
     return None if init == method.resolve(sparsity=r["target_sparsity"]).init_sparsity else init
 
 
-def summarize(reports: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (dataset, model, method, target sparsity): mean and std over seeds.
+def target_reached(r: Mapping[str, Any]) -> bool:
+    """Whether a run's report says it reached its target sparsity (reports written before
+    granet recorded it: its sparsity within :data:`TARGET_TOLERANCE` of the target)."""
+    if "target_reached" in r:
+        return bool(r["target_reached"])
+    return r["sparsity"] >= r["target_sparsity"] - TARGET_TOLERANCE
 
-    Runs of one method with different initial sparsities (GraNet from dense and from 50%) get
-    their own rows, labelled ``method (s_i=...)``.
+
+def _once(reports: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Each run once: a report seen again (the same run id, e.g. a copied run folder) is left
+    out with a warning."""
+    seen: dict[str, str] = {}
+    kept = []
+    for r in reports:
+        run_id = r.get("run_id")
+        if run_id is not None and run_id in seen:
+            warnings.warn(
+                f"{r.get('run_dir')} is the run {seen[run_id]} again (run id {run_id}): "
+                "counted once",
+                stacklevel=3,
+            )
+            continue
+        if run_id is not None:
+            seen[run_id] = str(r.get("run_dir"))
+        kept.append(r)
+    return kept
+
+
+def summarize(reports: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (dataset, model, method, sparsity reached): mean and std over seeds.
+
+    A run counts in the column of the sparsity it reached: a run that reached its target in
+    the target's, one that missed it (a schedule too short to prune to the end) in a row of its
+    own, labelled ``method (missed target T)``, at the sparsity it ended at; it is never averaged
+    with the runs that reached T. Runs of one method with different initial sparsities (GraNet
+    from dense and from 50%) get their own rows, labelled ``method (s_i=...)``. Each run counts
+    once.
     """
-    reports = list(reports)
+    reports = _once(reports)
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for r in reports:
-        key = (r["dataset"], r["model"], r["method"], _init_sparsity(r), r["target_sparsity"])
+        reached = target_reached(r)
+        level = r["target_sparsity"] if reached else round(r["sparsity"], 3)
+        target = None if reached else r["target_sparsity"]
+        key = (r["dataset"], r["model"], r["method"], _init_sparsity(r), target, level)
         groups.setdefault(key, []).append(r)
     variants: dict[str, set] = {}
-    for _, _, method, init, _ in groups:
+    for _, _, method, init, _, _ in groups:
         variants.setdefault(method, set()).add(init)
     rows = []
-    for (dataset, model, method, init, sparsity), runs in groups.items():
+    for (dataset, model, method, init, missed, sparsity), runs in groups.items():
         label = method
         if len(variants[method]) > 1:
             default = granet.METHODS[method].defaults["init_sparsity"]
             shown = init if init is not None else default
             label = f"{method} (s_i={'s_f' if shown is None else f'{shown:g}'})"
+        if missed is not None:
+            label = f"{label} (missed target {100 * missed:g}%)"
         acc = [r["test_accuracy"] for r in runs]
         itop = [r["itop_rate"] for r in runs if r["itop_rate"] is not None]
         rows.append(
@@ -171,6 +342,8 @@ def summarize(reports: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "method": label,
                 "base_method": method,
                 "sparsity": sparsity,
+                "target_sparsity": sparsity if missed is None else missed,
+                "target_reached": missed is None,
                 "runs": len(runs),
                 "seeds": " ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"])),
                 "test_accuracy_mean": statistics.fmean(acc),
@@ -192,7 +365,8 @@ def summarize(reports: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         key=lambda r: (
             r["dataset"],
             r["model"],
-            order[r["base_method"]],
+            order.get(r["base_method"], len(order)),
+            not r["target_reached"],
             r["method"],
             r["sparsity"],
         )
@@ -229,8 +403,14 @@ def comparison_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
             "",
             f"Seeds: {', '.join(seeds)}. Runs per cell: "
             f"{', '.join(sorted({str(r['runs']) for r in group}))}.",
-            "",
         ]
+        if any(not r["target_reached"] for r in group):
+            out.append(
+                "A row marked *missed target* holds runs that ended below their target "
+                "sparsity (their schedule did not reach it); they sit in the column of the "
+                "sparsity they reached."
+            )
+        out.append("")
     return "\n".join(out)
 
 
@@ -265,9 +445,9 @@ def write_comparison(rows: Sequence[Mapping[str, Any]], out_dir: str | Path) -> 
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
-    """Finished run folders among ``paths``; a folder that is not a run itself (a sweep folder)
-    contributes the finished runs directly inside it."""
-    found = []
+    """Finished run folders among ``paths``, each once; a folder that is not a run itself (a
+    sweep folder) contributes the finished runs directly inside it."""
+    found: list[Path] = []
     for p in map(Path, paths):
         if (p / REPORT_JSON).is_file():
             found.append(p)
@@ -278,4 +458,7 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
             found += inside
         else:
             raise FileNotFoundError(f"no run folder at {p}")
-    return found
+    unique: dict[Path, Path] = {}
+    for p in found:
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values())

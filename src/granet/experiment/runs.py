@@ -1,35 +1,106 @@
-"""A run folder: the files in it, its checkpoints, and the model it trained.
+"""A run folder: its files, its identity, its lock, its checkpoints, and the life-cycle of a run
+in it, which ``granet train`` and every run of ``granet sweep`` share.
 
 Layout of ``RUN_DIR``::
 
-    config.yaml            the resolved settings (``granet train --config`` reads it back)
-    metrics.jsonl          one JSON line per finished epoch
-    checkpoints/last.pt    everything needed to resume exactly (also written on Ctrl-C/SIGTERM)
-    checkpoints/best.pt    the weights and masks of the best epoch by validation accuracy
+    run.json             granet made this folder: run id, granet version, settings hash
+    run.lock             locked by the one process that writes the run, while it runs
+    config.yaml          the resolved settings (``granet train --config`` reads it back)
+    metrics.jsonl        one JSON line per finished epoch
+    checkpoints/last.pt  everything needed to resume exactly (also written on Ctrl-C/SIGTERM)
+    checkpoints/best.pt  the weights and masks of the best epoch by validation accuracy
     report.json, report.md, *.png
+
+Every file is written under a temporary name unique to its writer and renamed into place, so a
+kill during a write leaves the previous version intact; checkpoints carry a SHA-256 of their
+contents, checked on every load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import random
 import shutil
 import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
 
+import granet
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: runs are not locked there
+    fcntl = None
+
+MARKER_FILE = "run.json"
+LOCK_FILE = "run.lock"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINTS = ("best", "last")
+CHECKPOINT_FORMAT = 3  # 3: the settings and a SHA-256 of the contents
+MARKER_KIND = "granet run"
+# Where and how fast a run trains and where its scalars are also logged, not what it computes:
+# these may change between a run and its resumption; every other setting must stay as it began.
+PLACEMENT = ("device", "data_root", "workers", "log")
+_TMP_SUFFIX = ".tmp"
 
 
+class RunFailed(RuntimeError):
+    """A run stopped because it cannot go on (its loss became non-finite), or some runs of a
+    sweep did; the message says which and where."""
+
+
+# ----------------------------------------------------------------------------- writing files
+def write_atomic(path: str | Path, data: bytes | str | Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through a temporary file of this writer's own (process id and a random
+    part in its name), renamed over ``path`` when complete and removed on every other exit."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except OSError as e:  # named by the file meant, not the temporary one
+        raise OSError(e.errno, f"cannot write it: {e.strerror}", str(path)) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def to_json(value: Any, indent: int | None = None) -> str:
+    """Strict JSON: a non-finite float (which ``json`` would write as bare ``NaN``) is null."""
+    return json.dumps(_finite(value), indent=indent, allow_nan=False)
+
+
+# ------------------------------------------------------------------------------- checkpoints
 def checkpoint_path(run_dir: str | Path, which: str = "last") -> Path:
     """Path of the ``which`` checkpoint (``"best"`` or ``"last"``) of a run."""
     if which not in CHECKPOINTS:
@@ -37,47 +108,365 @@ def checkpoint_path(run_dir: str | Path, which: str = "last") -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"{which}.pt"
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write atomically: a kill during the write leaves the previous checkpoint intact."""
+def state_digest(state: Any) -> str:
+    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes, every other
+    value's type and ``repr``, in the nesting order (as ``torch.load`` gives it back)."""
+    digest = hashlib.sha256()
+    _feed(digest, state)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    if torch.is_tensor(value):
+        t = value.detach().cpu().contiguous()
+        digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}".encode())
+        for k, v in value.items():
+            _feed(digest, k)
+            _feed(digest, v)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"L{len(value)}".encode())
+        for v in value:
+            _feed(digest, v)
+    else:
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
+
+
+def _to_cpu(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
+    """Write ``state`` with its format and checksum, atomically: a kill during the write leaves
+    the previous checkpoint intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    body = _to_cpu({k: v for k, v in state.items() if k not in ("format", "sha256")})
+    full = {"format": CHECKPOINT_FORMAT, **body}
+    full["sha256"] = state_digest(full)
+    write_atomic(path, lambda f: torch.save(full, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`; errors name the file."""
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors on the CPU unless
+    ``map_location``), after checking its checksum; errors name the file. Checkpoints of granet
+    versions before checksums load unchecked."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+        raise ValueError(f"cannot read checkpoint {path} (corrupt, or not one): {e}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a granet checkpoint")
+    stored = state.pop("sha256", None)
+    if stored is not None and stored != state_digest(state):
+        raise ValueError(
+            f"checkpoint {path} is corrupt: its contents do not match their SHA-256 (a damaged "
+            "or edited file)"
+        )
+    if map_location not in ("cpu", torch.device("cpu")):
+        state = {k: _to(v, map_location) for k, v in state.items()}
+    return state
+
+
+def _to(value: Any, device: str | torch.device) -> Any:
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+# ------------------------------------------------------------------------------- RNG state
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every global RNG state a run draws from: Python, NumPy, torch, and the CUDA state of the
+    run's own GPU only (asking every GPU would open a CUDA context on each, from each process)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+# ---------------------------------------------------------------------------------- settings
+def settings_of(config: Any) -> dict[str, Any]:
+    """What a run computes: its settings but for :data:`PLACEMENT`."""
+    return {k: v for k, v in config.to_dict().items() if k not in PLACEMENT}
+
+
+def settings_hash(config: Any) -> str:
+    """A short hash of :func:`settings_of`, recorded in ``run.json``."""
+    text = json.dumps(settings_of(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def differing_settings(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``key: recorded -> now`` for every setting (placement aside) that differs."""
+    keys = dict.fromkeys([*recorded, *now])
+    return [
+        f"{k}: {recorded.get(k)!r} -> {now.get(k)!r}"
+        for k in keys
+        if k not in PLACEMENT and recorded.get(k) != now.get(k)
+    ]
+
+
+# ------------------------------------------------------------------------- marker and lock
+def read_marker(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run folder's ``run.json``, or None when there is none."""
+    path = Path(run_dir) / MARKER_FILE
+    if not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(marker, dict) or marker.get("kind") != MARKER_KIND:
+        raise ValueError(f"{path} is not a granet run marker")
+    return marker
+
+
+def write_marker(run_dir: Path, settings: str | None, run_id: str | None = None) -> dict:
+    """Write ``run.json``: a new run id unless given, this granet's version, the settings hash
+    (None until the settings are known)."""
+    marker = {
+        "kind": MARKER_KIND,
+        "run_id": run_id or uuid.uuid4().hex,
+        "granet": granet.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings_hash": settings,
+    }
+    write_atomic(run_dir / MARKER_FILE, json.dumps(marker, indent=2) + "\n")
+    return marker
 
 
 def is_run_dir(path: str | Path) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file()
+    """Whether granet made the folder ``path`` (it holds ``run.json``)."""
+    return (Path(path) / MARKER_FILE).is_file()
 
 
-def prepare_run_dir(run_dir: str | Path, overwrite: bool = False) -> Path:
-    """Create an empty run folder; an existing one is refused unless ``overwrite``."""
+class FolderLock:
+    """An exclusive ``flock`` on ``folder/name``, held by one process at a time; the file holds
+    the holder's process id, which a refused process names. Not available without ``fcntl``
+    (Windows): there nothing is locked."""
+
+    def __init__(self, folder: Path, what: str, name: str = LOCK_FILE) -> None:
+        self.path, self.what, self._fd = folder / name, what, None
+
+    def acquire(self) -> FolderLock:
+        if fcntl is None:
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FileExistsError(
+                f"{self.what} {self.path.parent} is in use by process {holder} (it holds "
+                f"{self.path}); wait for it to finish or stop it"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Temporary files a killed writer left (only the lock holder calls this)."""
+    for folder in (run_dir, run_dir / CHECKPOINT_DIR):
+        if folder.is_dir():
+            for p in folder.glob(f".*{_TMP_SUFFIX}"):
+                p.unlink(missing_ok=True)
+
+
+def _clear(run_dir: Path, keep: tuple[str, ...] = (LOCK_FILE,)) -> None:
+    for p in run_dir.iterdir():
+        if p.name in keep:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+# ------------------------------------------------------------------------------ life-cycle
+@dataclass
+class RunFolder:
+    """A run folder open for writing by this process, which holds its lock."""
+
+    path: Path
+    marker: dict[str, Any]
+    new: bool  # a new run: removed again if it fails before its first checkpoint
+
+    def record_settings(self, config: Any) -> None:
+        """Write ``config.yaml`` and its hash into ``run.json`` (a new run, once resolved)."""
+        from granet.experiment.config import save_config
+
+        save_config(config, self.path / CONFIG_FILE)
+        self.marker = write_marker(self.path, settings_hash(config), self.marker["run_id"])
+
+    def check_settings(self, config: Any, checkpoint: Mapping[str, Any] | None) -> None:
+        """Refuse to resume with settings other than the run's: those of its checkpoint when
+        there is one, else the hash ``run.json`` recorded."""
+        if checkpoint is not None:
+            recorded = checkpoint.get("settings")
+            if not isinstance(recorded, dict):
+                raise ValueError(f"{checkpoint_path(self.path)} does not record its settings")
+            differ = differing_settings(recorded, config.to_dict())
+            if differ:
+                raise ValueError(
+                    f"{self.path / CONFIG_FILE} differs from the settings the run was trained "
+                    f"with ({'; '.join(differ)}); put them back, or start a new run"
+                )
+        elif self.marker.get("settings_hash") not in (None, settings_hash(config)):
+            raise ValueError(
+                f"{self.path / CONFIG_FILE} was edited after the run started (its settings hash "
+                f"is {settings_hash(config)}, {MARKER_FILE} records "
+                f"{self.marker['settings_hash']}); put it back, or start a new run"
+            )
+
+
+def _unused(run_dir: Path, marker: dict | None) -> bool:
+    """Nothing in the folder but possibly its lock and a marker without settings (a run that
+    was stopped during start-up)."""
+    names = {p.name for p in run_dir.iterdir()} - {LOCK_FILE}
+    if marker is not None and not marker.get("settings_hash"):
+        names -= {MARKER_FILE}
+    return not names
+
+
+def _refuse_existing(run_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder that holds anything but an unused run; ``overwrite`` passes only a
+    folder granet marked."""
+    marker = read_marker(run_dir)
+    if _unused(run_dir, marker):
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"run folder {run_dir} already exists: use --resume {run_dir} to continue it "
+            "or --overwrite to start it again"
+        )
+    if marker is None:
+        raise FileExistsError(
+            f"{run_dir} is not a granet run folder (no {MARKER_FILE}, which granet writes into "
+            "every run folder it makes); refusing to delete it for --overwrite"
+        )
+
+
+@contextmanager
+def open_run(
+    run_dir: str | Path, *, resume: bool = False, overwrite: bool = False
+) -> Iterator[RunFolder]:
+    """Open a run folder for one run, holding its lock until the block ends.
+
+    A new run (``resume=False``) gets a new folder, or an empty one, or with ``overwrite`` one
+    granet marked (only its contents go, and only once the lock is held); if it fails before it
+    has a checkpoint (no data, a setting refused, Ctrl-C during start-up), what it made is removed.
+    ``resume`` needs a folder granet marked. A folder another process holds is refused, naming
+    the process.
+    """
     run_dir = Path(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"run folder {run_dir} already exists: use --resume {run_dir} to continue it "
-                "or --overwrite to start it again"
-            )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"{run_dir} is a file, not a run folder")
+    if resume:
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"no run folder at {run_dir}")
         if not is_run_dir(run_dir):
-            raise FileExistsError(
-                f"{run_dir} is not a granet run folder (no {CONFIG_FILE}); "
-                "refusing to delete it for --overwrite"
+            older = (run_dir / CONFIG_FILE).is_file()
+            raise ValueError(
+                f"{run_dir} is not a granet run folder (no {MARKER_FILE}); "
+                + (
+                    "a run of an older granet, which this one cannot resume"
+                    if older
+                    else "nothing to resume"
+                )
             )
-        shutil.rmtree(run_dir)
+    elif run_dir.is_dir():
+        _refuse_existing(run_dir, overwrite)  # before this process adds anything to it
+    made = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    lock = FolderLock(run_dir, "run folder")
+    try:
+        lock.acquire()
+    except BaseException:
+        if made:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    ours = not resume  # what a new run may remove if it fails
+    try:
+        _remove_stale_temporaries(run_dir)
+        if resume:
+            folder = RunFolder(run_dir, read_marker(run_dir), new=False)
+        else:
+            try:
+                _refuse_existing(run_dir, overwrite)  # again, now that no one else can write
+            except FileExistsError:
+                ours = False
+                raise
+            if not _unused(run_dir, read_marker(run_dir)):
+                _clear(run_dir)
+            folder = RunFolder(run_dir, write_marker(run_dir, None), new=True)
+        yield folder
+    except BaseException:
+        if ours and not checkpoint_path(run_dir).is_file():
+            _discard(run_dir, made)
+        raise
+    finally:
+        lock.release()
+
+
+def _discard(run_dir: Path, made: bool) -> None:
+    """Remove a new run that never reached a checkpoint: the folder if this run made it, else
+    its contents."""
+    if made:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    elif run_dir.is_dir():
+        _clear(run_dir, keep=())
 
 
 def default_run_dir(config: Any, root: str | Path = "runs") -> Path:
@@ -94,27 +483,81 @@ def default_run_dir(config: Any, root: str | Path = "runs") -> Path:
     return path
 
 
+# ------------------------------------------------------------------------ reading the files
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     """The settings a run was trained with (its ``config.yaml``)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
+        if is_run_dir(run_dir):
+            raise FileNotFoundError(
+                f"{run_dir} has no {CONFIG_FILE}: the run was stopped during its start-up, "
+                "before it had settings; start it again with --overwrite"
+            )
         raise FileNotFoundError(f"{run_dir} is not a granet run folder: no {CONFIG_FILE}")
-    return yaml.safe_load(path.read_text())
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of settings")
+    return values
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The per-epoch records of ``metrics.jsonl`` (empty before the first epoch ends)."""
+    """The per-epoch records of ``metrics.jsonl`` (empty before the first epoch ends). A last
+    line cut short (the writer was killed mid-line) is dropped with a warning; a bad line
+    elsewhere is an error naming the file and line."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(i, ln) for i, ln in enumerate(path.read_text().splitlines(), 1) if ln.strip()]
+    records = []
+    for n, (i, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                raise ValueError("not an epoch record")
+        except ValueError as e:
+            if n == len(lines) - 1:
+                warnings.warn(
+                    f"{path}: dropped its last line, cut short (the run was stopped while "
+                    "writing it)",
+                    stacklevel=2,
+                )
+                break
+            raise ValueError(f"{path}, line {i}: {e}") from None
+        records.append(record)
+    return records
+
+
+def append_metrics(run_dir: Path, record: Mapping[str, Any]) -> None:
+    with open(run_dir / METRICS_FILE, "a") as f:
+        f.write(to_json(record) + "\n")
+
+
+def truncate_metrics(run_dir: Path, epochs_done: int) -> None:
+    """Keep the metrics of the epochs a checkpoint includes (a kill between the metrics line
+    and the checkpoint, or mid-line, leaves more)."""
+    if (run_dir / METRICS_FILE).is_file():
+        kept = [r for r in read_metrics(run_dir) if r["epoch"] <= epochs_done]
+        write_atomic(run_dir / METRICS_FILE, "".join(to_json(r) + "\n" for r in kept))
+
+
+REPORT_KEYS = ("method", "model", "dataset", "seed", "test_accuracy", "sparsity", "flops")
 
 
 def read_report(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / REPORT_JSON
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no {REPORT_JSON}: the run has not finished")
-    return json.loads(path.read_text())
+    try:
+        report = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    missing = [k for k in REPORT_KEYS if not isinstance(report, dict) or k not in report]
+    if missing:
+        raise ValueError(f"{path} is not a granet report (no {', '.join(missing)})")
+    return report
 
 
 def load_run_model(run_dir: str | Path, which: str = "best") -> tuple[nn.Module, dict[str, Any]]:
@@ -128,7 +571,11 @@ def load_run_model(run_dir: str | Path, which: str = "best") -> tuple[nn.Module,
     from granet.experiment.models import build_model
 
     config = read_run_config(run_dir)
-    state = load_checkpoint(checkpoint_path(run_dir, which))
-    model = build_model(config["model"], **state["data_shape"])
-    model.load_state_dict(state["model"])
+    path = checkpoint_path(run_dir, which)
+    state = load_checkpoint(path)
+    try:
+        model = build_model(config["model"], **state["data_shape"])
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{path} does not hold a model for {run_dir / CONFIG_FILE}: {e}") from None
     return model.eval(), {**config, "data_shape": dict(state["data_shape"])}

@@ -11,8 +11,11 @@ A sweep file (YAML)::
     workers: 1                   # optional: runs at a time (processes sharing the machine)
 
 Each grid point trains into ``OUT/<method>-s<sparsity>-seed<seed>`` (``dense-seed<seed>`` for
-the dense baseline, which ignores the sparsities). Running the same sweep again skips finished
-runs and resumes interrupted ones, so a sweep is resumed by starting it again.
+the dense baseline, which ignores the sparsities); a grid point given twice is refused. Before
+anything trains, every grid point's schedule is checked to reach its target sparsity. Running
+the same sweep again skips finished runs and resumes interrupted ones, so a sweep is resumed by
+starting it again. One sweep at a time writes ``OUT`` (``OUT/sweep.lock``), and each run holds
+its own run folder's lock.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,28 +39,27 @@ from granet.experiment.config import (
 )
 from granet.experiment.report import summarize, write_comparison
 from granet.experiment.runs import (
+    CONFIG_FILE,
+    MARKER_FILE,
+    PLACEMENT,
     REPORT_JSON,
+    FolderLock,
+    RunFailed,
     is_run_dir,
-    prepare_run_dir,
     read_report,
     read_run_config,
 )
-from granet.experiment.train import TrainingInterrupted, train
+from granet.experiment.signals import Interrupted, stop_on_signals
+from granet.experiment.train import train
+from granet.experiment.trainer import check_schedule, load_data
 
 SWEEP_KEYS = ("base", "config", "methods", "sparsities", "seeds", "out", "workers")
+SWEEP_LOCK = "sweep.lock"
 # settings a sweep resolves per run (``update_every: null`` becomes a number in config.yaml)
 _RESOLVED_LATER = ("update_every",)
-
-
-class SweepInterrupted(Exception):
-    """Ctrl-C / SIGTERM stopped the sweep; every started run saved a checkpoint."""
-
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-        super().__init__(
-            f"{signal.Signals(signum).name}: sweep stopped, the runs in progress saved "
-            "checkpoints; run the same command again to resume it"
-        )
+_STOPPED = (
+    "sweep stopped, the runs in progress saved checkpoints; run the same command again to resume it"
+)
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ def load_sweep(path: str | Path) -> Sweep:
     workers = spec.get("workers", 1)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"sweep file {path}: workers must be an integer >= 1; got {workers!r}")
-    jobs = []
+    jobs: list[Job] = []
     for method in methods:
         for sparsity in sparsities if method != "dense" else [None]:
             for seed in seeds:
@@ -124,14 +127,37 @@ def load_sweep(path: str | Path) -> Sweep:
                 level = "" if sparsity is None else f"-s{config.sparsity:g}"
                 name = f"{method}{level}-seed{seed}"
                 jobs.append(Job(name, config, out / name))
+    twice = [name for name, n in Counter(job.name for job in jobs).items() if n > 1]
+    if twice:
+        raise ValueError(
+            f"sweep file {path}: grid point(s) given more than once: {', '.join(twice)} "
+            "(each would count as a separate seed); list each method, sparsity and seed once"
+        )
     return Sweep(jobs, out, workers)
+
+
+def check_schedules(sweep: Sweep) -> None:
+    """Refuse the sweep, before anything trains, if a grid point's schedule cannot reach its
+    target sparsity (the training-set size decides the run's steps: each data set is loaded
+    once here)."""
+    sizes: dict[tuple, int] = {}
+    for job in sweep.jobs:
+        c = job.config
+        key = (c.dataset, c.data_root, c.val_size)
+        if key not in sizes:
+            sizes[key] = len(load_data(c).train)
+        try:
+            check_schedule(c, sizes[key])
+        except ValueError as e:
+            raise ValueError(f"sweep run {job.name}: {e}") from None
 
 
 def _state(job: Job, overwrite: bool) -> str:
     """``"done"``, ``"resume"`` or ``"new"``; an existing run made with other settings is an
-    error (its numbers would not belong in this sweep's table)."""
-    if overwrite or not is_run_dir(job.run_dir):
-        return "new"
+    error (its numbers would not belong in this sweep's table). A finished run of a granet
+    before run folders had a marker is kept; an unfinished one cannot be resumed."""
+    if overwrite or not (job.run_dir / CONFIG_FILE).is_file():
+        return "new"  # no folder, or one stopped during start-up before it had settings
     try:
         stored = make_config(read_run_config(job.run_dir)).effective()
     except ValueError as e:
@@ -140,14 +166,21 @@ def _state(job: Job, overwrite: bool) -> str:
     differ = [
         k
         for k, v in wanted.items()
-        if stored.get(k) != v and not (k in _RESOLVED_LATER and v is None)
+        if k not in PLACEMENT and stored.get(k) != v and not (k in _RESOLVED_LATER and v is None)
     ]
     if differ:
         raise ValueError(
             f"{job.run_dir} was trained with other settings ({', '.join(differ)}); "
             "run the sweep with --overwrite to redo it, or change its out folder"
         )
-    return "done" if (job.run_dir / REPORT_JSON).is_file() else "resume"
+    if (job.run_dir / REPORT_JSON).is_file():
+        return "done"
+    if not is_run_dir(job.run_dir):
+        raise ValueError(
+            f"{job.run_dir} is an unfinished run of an older granet (no {MARKER_FILE}): this "
+            "one cannot resume it; delete it to train it again"
+        )
+    return "resume"
 
 
 def run_sweep(
@@ -159,19 +192,22 @@ def run_sweep(
     that many ``granet train`` processes at once (each logging to ``OUT/<name>.log``).
     """
     workers = workers or sweep.workers
-    todo = []
-    for job in sweep.jobs:
-        state = _state(job, overwrite)
-        if state == "done":
-            print(f"[sweep] {job.name}: finished earlier, kept", file=sys.stderr)
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(sweep.out, "sweep folder", SWEEP_LOCK):
+        todo = []
+        for job in sweep.jobs:
+            state = _state(job, overwrite)
+            if state == "done":
+                print(f"[sweep] {job.name}: finished earlier, kept", file=sys.stderr)
+            else:
+                todo.append((job, state == "resume"))
+        check_schedules(Sweep([job for job, _ in todo], sweep.out, workers))
+        if workers == 1:
+            _run_here(todo, overwrite)
         else:
-            todo.append((job, state == "resume"))
-    if workers == 1:
-        _run_here(todo, overwrite)
-    else:
-        _run_processes(todo, workers, overwrite, sweep.out)
-    rows = summarize(read_report(job.run_dir) for job in sweep.jobs)
-    return rows, write_comparison(rows, sweep.out)
+            _run_processes(todo, workers, overwrite, sweep.out)
+        rows = summarize(read_report(job.run_dir) for job in sweep.jobs)
+        return rows, write_comparison(rows, sweep.out)
 
 
 def _run_here(todo: list[tuple[Job, bool]], overwrite: bool) -> None:
@@ -181,10 +217,9 @@ def _run_here(todo: list[tuple[Job, bool]], overwrite: bool) -> None:
             if resume:
                 train(make_config(read_run_config(job.run_dir)), job.run_dir, resume=True)
             else:
-                prepare_run_dir(job.run_dir, overwrite)
-                train(job.config, job.run_dir)
-        except TrainingInterrupted as e:
-            raise SweepInterrupted(e.signum) from e
+                train(job.config, job.run_dir, overwrite=overwrite)
+        except Interrupted as e:
+            raise Interrupted(e.signum, _STOPPED) from e
 
 
 def _command(job: Job, resume: bool, overwrite: bool, out: Path) -> list[str]:
@@ -200,26 +235,21 @@ def _command(job: Job, resume: bool, overwrite: bool, out: Path) -> list[str]:
 
 def _run_processes(todo: list[tuple[Job, bool]], workers: int, overwrite: bool, out: Path) -> None:
     """At most ``workers`` training processes at a time. Ctrl-C / SIGTERM is passed on to the
-    running ones as one SIGTERM each (they checkpoint and stop); nothing new starts."""
-    out.mkdir(parents=True, exist_ok=True)
+    running ones as SIGTERM (they checkpoint and stop; a second one makes them stop at once);
+    nothing new starts."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     pending = list(todo)
     running: dict[subprocess.Popen, Job] = {}
     failed: list[str] = []
-    stopping: int | None = None
 
-    def stop(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        if stopping is None:
-            stopping = signum
-            for proc in running:
-                proc.send_signal(signal.SIGTERM)
+    def pass_on(signum: int) -> None:
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while running or (pending and stopping is None):
-            while pending and len(running) < workers and stopping is None:
+    with stop_on_signals(pass_on) as stop:
+        while running or (pending and not stop.asked):
+            while pending and len(running) < workers and not stop.asked:
                 job, resume = pending.pop(0)
                 log = (out / f"{job.name}.log").open("a")
                 print(f"[sweep] started {job.name} (log: {log.name})", file=sys.stderr)
@@ -237,13 +267,10 @@ def _run_processes(todo: list[tuple[Job, bool]], workers: int, overwrite: bool, 
                 job = running.pop(proc)
                 ok = proc.returncode == 0
                 print(f"[sweep] {'finished' if ok else 'stopped'} {job.name}", file=sys.stderr)
-                if not ok and stopping is None:
+                if not ok and not stop.asked:
                     failed.append(f"{job.name} (exit {proc.returncode}, see {out / job.name}.log)")
             time.sleep(0.2)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-    if stopping is not None:
-        raise SweepInterrupted(stopping)
+    if stop.asked:
+        raise Interrupted(stop.signum, _STOPPED)
     if failed:
-        raise RuntimeError("some runs failed: " + "; ".join(failed))
+        raise RunFailed("some runs failed: " + "; ".join(failed))

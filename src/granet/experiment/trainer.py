@@ -1,0 +1,766 @@
+"""The training loop of one run: :class:`Trainer` builds the data, model, optimizer and
+sparsifier from a :class:`Config`, trains epoch by epoch, validates, keeps the best and last
+checkpoints, and tests the chosen checkpoint once.
+
+Reproducible and resumable to the bit (on the same device and software): the shuffling order of
+epoch ``e`` comes from a generator seeded from ``(seed, e)``, and :meth:`Trainer.state_dict`
+holds the model, optimizer, sparsifier and grad-scaler states, the position in the epoch and
+every RNG state. Ctrl-C or SIGTERM stops the loop at the next step boundary, writes
+``checkpoints/last.pt`` and raises :class:`~granet.experiment.signals.Interrupted`.
+
+Model selection never looks at the test set: ``checkpoints/best.pt`` is the epoch with the best
+validation accuracy among the epochs at the final sparsity (for gradual methods, the epochs
+before pruning ends are sparser than asked and are not eligible; the last epoch always is). The
+test set is evaluated once, at the end, on that checkpoint. With ``val_size: 0`` there is no
+validation split: the model trains on the whole training set and the last epoch is tested, as the
+papers report.
+
+Experiments hook into the loop through :class:`Callbacks` (after every step, after every
+topology round, at the end of every epoch) and can start a run from a given state
+(:class:`StartFrom`: another run's checkpoint, weights pruned by the caller).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import granet
+from granet.experiment import parallel
+from granet.experiment.config import Config
+from granet.experiment.datasets import DataBundle, load_dataset
+from granet.experiment.models import build_model
+from granet.experiment.report import (
+    layer_summary,
+    percent,
+    reached_target,
+    run_report,
+    write_report,
+)
+from granet.experiment.runs import (
+    CHECKPOINT_FORMAT,
+    RunFailed,
+    append_metrics,
+    checkpoint_path,
+    load_checkpoint,
+    read_metrics,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+from granet.experiment.signals import Interrupted, StopRequest, stop_on_signals
+from granet.readback import HostCopy
+
+AMP_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHECK_EVERY = 10  # steps between the checks for a stop request (several processes) or a NaN loss
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+# ---------------------------------------------------------------------------- building blocks
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else the CPU; otherwise ``cpu``, ``cuda``, ``cuda:N``
+    (a GPU this machine has) or ``mps``. Under torchrun with several processes, each process's
+    GPU is ``cuda:LOCAL_RANK``. Anything else is a ``ValueError`` naming the setting."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps; got {name!r}")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ValueError(f"device {name!r}: the CPU has no device {device.index}; use cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} asked for, but MPS is not available here")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"device {name!r} asked for, but this machine has {count} CUDA device(s): "
+                f"cuda:0 to cuda:{count - 1}"
+            )
+    ranks = parallel.current()
+    if device.type == "cuda" and ranks.world > 1:
+        if device.index is not None:
+            raise ValueError(
+                f"under torchrun each process uses cuda:LOCAL_RANK; use --device cuda or auto, "
+                f"not {name!r}"
+            )
+        device = torch.device("cuda", ranks.local)
+    return device
+
+
+def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum (the paper's), or AdamW."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.momentum > 0,
+            weight_decay=config.weight_decay,
+        )
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def lr_factor(step: int, total_steps: int, steps_per_epoch: int, config: Config) -> float:
+    """Multiplier of the base LR for optimizer step ``step`` (0-based).
+
+    Linear warmup over ``warmup_epochs``, then either x0.1 at each of ``lr_milestones``
+    (fractions of training; the paper's 1/2 and 3/4 by default) or a cosine decay to zero.
+    """
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    if config.schedule == "cosine":
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 0.1 ** sum(step >= round(m * total_steps) for m in config.lr_milestones)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator that shuffles epoch ``epoch``: a function of ``(seed, epoch)`` only."""
+    (state,) = np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state))
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The sample indices of every batch of epoch ``epoch``, in order."""
+    order = torch.randperm(n, generator=epoch_generator(seed, epoch)).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def _loader(dataset: Dataset, batch_sampler: Any, config: Config, device: torch.device, gen):
+    # ``generator`` keeps the loader from drawing its worker base seed from the global RNG.
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=config.workers,
+        pin_memory=device.type == "cuda",
+        generator=gen,
+    )
+
+
+def eval_loader(
+    dataset: Dataset, config: Config, device: torch.device, ranks: parallel.Ranks = parallel.SINGLE
+) -> DataLoader:
+    """In order, in batches of ``batch_size``; with several processes, each evaluates its share."""
+    mine, size = range(ranks.rank, len(dataset), ranks.world), config.batch_size
+    batches = [list(mine[i : i + size]) for i in range(0, len(mine), size)]
+    return _loader(dataset, batches, config, device, torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp: str = "none",
+    ranks: parallel.Ranks = parallel.SINGLE,
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` over ``loader`` (over every process's
+    loader when ``ranks`` has several)."""
+    model.eval()
+    # loss sum, correct, seen: float64 counts are exact far beyond any data set's size
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != "none"):
+            out = model(x)
+        sums[0] += F.cross_entropy(out.float(), y, reduction="sum")
+        sums[1] += (out.argmax(1) == y).sum()
+        sums[2] += len(y)
+    loss, correct, seen = parallel.sum_across(sums, ranks).tolist()
+    return loss / seen, correct / seen
+
+
+def check_shares(examples: int, batch_size: int, processes: int) -> None:
+    """Every process must get at least one example of every global batch."""
+    last = examples % batch_size or batch_size
+    if min(batch_size, last) < processes:
+        raise ValueError(
+            f"batch_size {batch_size} (the global batch) leaves a batch of "
+            f"{min(batch_size, last)} example(s) for {processes} processes: every process needs "
+            "at least one; change batch_size (or val_size)"
+        )
+
+
+def check_schedule(config: Config, train_size: int) -> None:
+    """Refuse a config whose sparsity schedule cannot reach its target on a training set of
+    ``train_size`` examples, without building its model: the library's own check, run by a
+    sparsifier on a stand-in layer (the check depends on the schedule only)."""
+    if config.method == "dense":
+        return
+    total = config.epochs * math.ceil(train_size / config.batch_size)
+    c = config.resolved(total)
+    stand_in = nn.Linear(32, 32)
+    optimizer = torch.optim.SGD(stand_in.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # about the stand-in's layer, not the run's
+        granet.sparsify(
+            stand_in, optimizer, c.method, total_steps=total, **c.sparsifier_options()
+        ).remove()
+
+
+def load_data(config: Config, ranks: parallel.Ranks = parallel.SINGLE) -> DataBundle:
+    """The run's data set (on several processes, loaded by one per cache at a time)."""
+    return parallel.staged(
+        lambda: load_dataset(
+            config.dataset,
+            config.data_root,
+            val_size=config.val_size,
+            seed=config.seed,
+            augment=config.augment,
+        ),
+        ranks,
+    )
+
+
+def log(message: str) -> None:
+    """A log line on stderr, from process 0 only (above a progress bar, if one is shown)."""
+    if parallel.current().main:
+        tqdm.write(message, file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------- extension
+class Callbacks:
+    """Hooks into :meth:`Trainer.fit`; subclass and override the ones you need.
+
+    Each is called on every process of a multi-process run, at the same point; anything that
+    calls a collective (:meth:`Trainer.save`, :meth:`Trainer.evaluate`) must run on all.
+    """
+
+    def on_step(self, trainer: Trainer) -> None:
+        """After every optimizer step (``trainer.step`` is the number of steps done)."""
+
+    def on_round(self, trainer: Trainer) -> None:
+        """After a step that ran a topology round (``trainer.sparsifier.last_round``)."""
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        """After an epoch's validation, metrics line and checkpoints (``record`` is its
+        ``metrics.jsonl`` line; ``trainer.epoch`` the number of epochs done)."""
+
+
+@dataclass
+class StartFrom:
+    """A state to start a run from instead of a freshly initialised model.
+
+    ``model`` is a model state dict (of the config's architecture). ``optimizer`` and
+    ``sparsifier`` are state dicts, or None for fresh ones. Without a sparsifier state the
+    model is loaded before the sparsifier is built, so that ``init: existing`` takes its zeros
+    as the masks (weights pruned one-shot by the caller; ``init: random`` would mask it afresh,
+    ``scale_init`` rescale it); with one, the weights and masks are exactly those given.
+    ``epoch`` is the number of epochs already trained: the run goes on from epoch
+    ``epoch + 1`` at the learning rate of that point of the schedule; a fresh sparsifier then
+    schedules over the remaining steps only.
+    """
+
+    model: Mapping[str, torch.Tensor]
+    optimizer: Mapping[str, Any] | None = None
+    sparsifier: Mapping[str, Any] | None = None
+    epoch: int = 0
+
+    @classmethod
+    def checkpoint(
+        cls, path: str | Path, *, optimizer: bool = True, sparsifier: bool = True
+    ) -> StartFrom:
+        """From a checkpoint taken at the end of an epoch (:meth:`Trainer.save` in an epoch-end
+        hook, or a finished run's ``last.pt``): its model, optimizer and sparsifier states
+        (each unless turned off) and its epoch."""
+        state = load_checkpoint(path)
+        position = state.get("position") or {}
+        if position.get("batch"):
+            raise ValueError(f"{path} was taken in the middle of an epoch: resume that run instead")
+        return cls(
+            state["model"],
+            state.get("optimizer") if optimizer else None,
+            state.get("sparsifier") if sparsifier else None,
+            int(position.get("epoch", 0)),
+        )
+
+
+# ---------------------------------------------------------------------------------- trainer
+class Trainer:
+    """One run: data, model, optimizer, sparsifier, and the loop that trains them.
+
+    ``run_dir`` is where the run's files go (``metrics.jsonl``, checkpoints, the report); None
+    keeps everything in memory. The trainer writes there as told: the run folder's marker, lock
+    and resume checks are :func:`granet.experiment.train.train`'s. ``data`` is the data set
+    (default: the config's); ``device`` the torch device (default: the config's).
+    ``sparsifier_options`` go to the sparsifier on top of the config's (the options a file
+    cannot hold: a score or schedule given as a callable). ``start`` starts from a given state;
+    ``progress`` shows a tqdm bar.
+
+    With several processes (torchrun), every process builds the same trainer; ``model`` is its
+    replica and DDP averages the gradients; process 0 alone writes files. Every process holds
+    the same state, so a checkpoint resumes on any number of processes.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        run_dir: str | Path | None = None,
+        *,
+        data: DataBundle | None = None,
+        device: torch.device | str | None = None,
+        callbacks: Sequence[Callbacks] = (),
+        sparsifier_options: Mapping[str, Any] | None = None,
+        start: StartFrom | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.ranks = parallel.current()
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.device = resolve_device(config.device) if device is None else torch.device(device)
+        self.callbacks = list(callbacks)
+        self.progress = progress and self.ranks.main
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        seed_everything(config.seed)
+        if data is None:
+            data = load_data(config, self.ranks)
+            log(
+                f"data: {data.source}; {len(data.train)} train, {len(data.val)} validation, "
+                f"{len(data.test)} test"
+            )
+        self.data = data
+        check_shares(len(self.data.train), config.batch_size, self.ranks.world)
+        self.steps_per_epoch = math.ceil(len(self.data.train) / config.batch_size)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.config = config.resolved(self.total_steps)
+        self.data_shape = {
+            "num_classes": self.data.num_classes,
+            "in_channels": self.data.in_channels,
+            "image_size": self.data.image_size,
+        }
+        self.model = build_model(config.model, **self.data_shape).to(self.device)
+        if start is not None:
+            self.model.load_state_dict(start.model)
+        self.trained: nn.Module = self.model  # what the training forward pass runs
+        if self.ranks.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.trained = DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = make_optimizer(self.model, self.config)
+        first = 0 if start is None else start.epoch * self.steps_per_epoch
+        # a given sparsifier state goes on with its own schedule; a fresh one gets the rest
+        fresh = start is None or start.sparsifier is None
+        steps = self.total_steps - first if fresh else self.total_steps
+        self.sparsifier = self._sparsifier(steps, sparsifier_options or {})
+        if start is not None:
+            if start.sparsifier is not None and self.sparsifier is not None:
+                self.sparsifier.load_state_dict(start.sparsifier)
+                # building the sparsifier applied its own first masks: the weights again
+                self.model.load_state_dict(start.model)
+            if start.optimizer is not None:
+                self.optimizer.load_state_dict(start.optimizer)
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.config.amp == "fp16" and self.device.type == "cuda"
+        )
+        self.sparse_names = list(layer_summary(self.model, self.sparsifier))
+        self.epoch = 0 if start is None else start.epoch  # epochs done
+        self.batch = 0  # batches of the current epoch done
+        self.step = first  # optimizer steps done
+        self.train_seconds = 0.0
+        self.best: dict[str, Any] | None = None
+        self._val_loader = (
+            eval_loader(self.data.val, self.config, self.device, self.ranks)
+            if len(self.data.val)
+            else None
+        )
+        self._next_round = self._upcoming_round()
+        self._finite_check: HostCopy | None = None
+        self._reset_sums()
+
+    def _sparsifier(self, steps: int, options: Mapping[str, Any]) -> granet.Sparsifier | None:
+        c = self.config
+        if c.method == "dense":
+            return None
+        return granet.sparsify(
+            self.trained,
+            self.optimizer,
+            c.method,
+            total_steps=steps,
+            exclude=tuple(c.exclude),
+            **{**c.sparsifier_options(), **options},
+        )
+
+    def _upcoming_round(self) -> int | None:
+        return None if self.sparsifier is None else self.sparsifier.next_update()
+
+    def _reset_sums(self) -> None:
+        zeros = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.sums = {
+            "loss": zeros.clone(),
+            "correct": zeros.clone(),
+            "seen": 0,
+            "density": torch.zeros(len(self.sparse_names), dtype=torch.float64, device=self.device),
+            "seconds": 0.0,
+        }
+
+    # ---------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that resumes the run exactly, and the settings it was made with. Every
+        process must call this at the same point (it sums the epoch's counts across them)."""
+        sp = self.sparsifier
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "settings": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sparsifier": None if sp is None else sp.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "position": {"epoch": self.epoch, "batch": self.batch, "step": self.step},
+            "sums": self._sums_across(),
+            "train_seconds": self.train_seconds,
+            "best": self.best,
+            "rng": rng_state(self.device),
+            "data_shape": self.data_shape,
+            "data_source": self.data.source,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], source: str | Path = "checkpoint") -> None:
+        """Continue exactly where :meth:`state_dict` was taken; ``source`` names it in errors."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"{source} has checkpoint format {state.get('format')!r}; this granet reads "
+                f"format {CHECKPOINT_FORMAT}"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.sparsifier is not None:
+                self.sparsifier.load_state_dict(state["sparsifier"])
+            self.scaler.load_state_dict(state["scaler"])
+            pos = state["position"]
+            epoch, batch, step = int(pos["epoch"]), int(pos["batch"]), int(pos["step"])
+            sums, best = state["sums"], state["best"]
+            seconds = float(state["train_seconds"])
+            set_rng_state(state["rng"], self.device)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise ValueError(f"{source} does not hold a state of this run: {e}") from None
+        if state.get("data_source") != self.data.source:
+            log(
+                f"warning: this run was trained on {state.get('data_source')}; resuming it on "
+                f"{self.data.source}"
+            )
+        self.epoch, self.batch, self.step = epoch, batch, step
+        if self.ranks.main:  # the saved sums are over all processes: count them once
+            self.sums = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in sums.items()}
+        self.train_seconds, self.best = seconds, best
+        self._next_round = self._upcoming_round()
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`state_dict` to ``path`` (process 0; every process must call this)."""
+        state = self.state_dict()
+        if self.ranks.main:
+            save_checkpoint(state, path)
+
+    def _sums_across(self) -> dict[str, Any]:
+        """The epoch's running sums over all processes (the densities are the same on all)."""
+        s = self.sums
+        if self.ranks.world == 1:
+            return s
+        seen = torch.tensor(float(s["seen"]), dtype=torch.float64, device=self.device)
+        totals = parallel.sum_across(torch.stack([s["loss"], s["correct"], seen]), self.ranks)
+        return {**s, "loss": totals[0], "correct": totals[1], "seen": int(totals[2].item())}
+
+    # ---------------------------------------------------------------- one step, one epoch
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """One optimizer step on this process's share ``x, y`` of a global batch of
+        ``batch_size`` examples; returns the share's mean loss."""
+        c = self.config
+        lr = c.lr * lr_factor(self.step, self.total_steps, self.steps_per_epoch, c)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=AMP_DTYPES[c.amp], enabled=c.amp != "none"):
+            out = self.trained(x)
+            loss = F.cross_entropy(
+                out.float(), y, label_smoothing=c.label_smoothing, reduction="sum"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        # DDP averages the processes' gradients: scaled so, they are those of the global mean
+        self.scaler.scale(loss * (self.ranks.world / batch_size)).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        self.batch += 1
+        s = self.sums
+        s["loss"] += loss.detach()
+        s["correct"] += (out.detach().argmax(1) == y).sum()
+        s["seen"] += len(y)
+        if self.sparsifier is not None:
+            masks = self.sparsifier.masks.values()
+            s["density"] += torch.stack([m.sum() / m.numel() for m in masks])
+        else:
+            s["density"] += 1.0
+        return loss.detach() / len(y)
+
+    def evaluate(self, split: str = "test") -> tuple[float, float]:
+        """Mean loss and accuracy of the model as it stands on ``split`` (``"val"`` or
+        ``"test"``). The validation split is evaluated by all processes, each its share; the
+        test set by this process alone."""
+        if split == "val":
+            if self._val_loader is None:
+                raise ValueError("this run has no validation split (val_size: 0)")
+            return evaluate(self.model, self._val_loader, self.device, self.config.amp, self.ranks)
+        if split != "test":
+            raise ValueError(f"split must be 'val' or 'test'; got {split!r}")
+        loader = eval_loader(self.data.test, self.config, self.device)
+        return evaluate(self.model, loader, self.device, self.config.amp)
+
+    def end_epoch(self) -> dict[str, Any]:
+        """Validate, log the epoch to metrics.jsonl, keep the best checkpoint, save the last."""
+        started = time.perf_counter()
+        c, s = self.config, self._sums_across()
+        if not math.isfinite(s["loss"].item()):
+            self._diverged()
+        last = self.epoch + 1 == c.epochs
+        if self._val_loader is None:  # no validation split: the last epoch is the one tested
+            val_loss = val_acc = None
+            is_best = last
+        else:
+            val_loss, val_acc = self.evaluate("val")
+            eligible = reached_target(self.sparsifier, c.sparsity) or last
+            is_best = eligible and (self.best is None or val_acc > self.best["val_accuracy"])
+        steps = self.batch
+        stats = self.sparsifier.stats() if self.sparsifier is not None else None
+        seconds = s["seconds"] + time.perf_counter() - started
+        record = {
+            "epoch": self.epoch + 1,
+            "step": self.step,
+            "train_loss": s["loss"].item() / s["seen"],
+            "train_accuracy": s["correct"].item() / s["seen"],
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "sparsity": stats["sparsity"] if stats else 0.0,
+            "itop_rate": stats["itop_rate"] if stats else None,
+            "regrow_fraction": stats["regrow_fraction"] if stats else None,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "seconds": seconds,
+            "samples": s["seen"],
+            "best": is_best,
+            "layer_density": dict(zip(self.sparse_names, (s["density"] / steps).tolist())),
+        }
+        writes = self.run_dir is not None and self.ranks.main
+        if writes:
+            append_metrics(self.run_dir, record)
+        if is_best:
+            self.best = {"epoch": self.epoch + 1, "val_accuracy": val_acc}
+        if is_best and writes:
+            save_checkpoint(
+                {
+                    "model": self.model.state_dict(),
+                    "sparsifier": None if stats is None else self.sparsifier.state_dict(),
+                    "data_shape": self.data_shape,
+                    **self.best,
+                },
+                checkpoint_path(self.run_dir, "best"),
+            )
+        self.train_seconds += time.perf_counter() - started
+        self.epoch += 1
+        self.batch = 0
+        self._reset_sums()
+        self._save_last()
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, record)
+        return record
+
+    def _save_last(self) -> None:
+        if self.run_dir is not None:
+            self.save(checkpoint_path(self.run_dir, "last"))
+
+    # ------------------------------------------------------------------------- the loop
+    def fit(self, epochs: int | None = None) -> None:
+        """Train until ``epochs`` epochs are done (default: the config's, the whole schedule).
+
+        Raises :class:`Interrupted` on Ctrl-C / SIGTERM once the run's ``last.pt`` is written
+        (with no ``run_dir``: at once), and :class:`RunFailed` if the loss becomes non-finite.
+        """
+        c = self.config
+        until = c.epochs if epochs is None else epochs
+        if not self.epoch <= until <= c.epochs:
+            raise ValueError(f"epochs must be in [{self.epoch}, {c.epochs}]; got {until}")
+        with stop_on_signals() as stop:
+            while self.epoch < until:
+                if self._stop(stop):  # arrived during the previous epoch's validation
+                    self._interrupt(stop)
+                record = self._epoch(stop)
+                if record is None:
+                    self._interrupt(stop)
+                log(_epoch_line(record, c.epochs))
+            if self._stop(stop):
+                self._interrupt(stop)
+
+    def _epoch(self, stop: StopRequest) -> dict[str, Any] | None:
+        """Train the rest of the current epoch and end it: its metrics record, or None when
+        stopped for a signal."""
+        c = self.config
+        batches = epoch_batches(len(self.data.train), c.batch_size, c.seed, self.epoch)
+        batches = batches[self.batch :]
+        loader = _loader(
+            self.data.train,
+            parallel.shard(batches, self.ranks),
+            c,
+            self.device,
+            epoch_generator(c.seed, self.epoch),
+        )
+        self.model.train()
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=self.batch,
+            desc=f"epoch {self.epoch + 1}/{c.epochs}",
+            disable=not self.progress,
+            leave=False,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        shown = 0.0
+        started = time.perf_counter()
+        stopping = False
+        for (x, y), batch in zip(loader, batches):
+            loss = self.train_step(x, y, len(batch))
+            bar.update()
+            if self.progress and time.monotonic() - shown > 0.5:
+                shown = time.monotonic()
+                bar.set_postfix(
+                    loss=f"{loss.item():.3f}",
+                    acc=f"{self.sums['correct'].item() / self.sums['seen']:.3f}",
+                    sparsity=f"{self.sparsifier.sparsity() if self.sparsifier else 0.0:.3f}",
+                    refresh=False,
+                )
+            self._hooks()
+            stopping = self._stop(stop, self.step)
+            if stopping:
+                break
+        bar.close()
+        elapsed = time.perf_counter() - started
+        self.sums["seconds"] += elapsed
+        self.train_seconds += elapsed
+        return None if stopping else self.end_epoch()
+
+    def _hooks(self) -> None:
+        for cb in self.callbacks:
+            cb.on_step(self)
+        sp = self.sparsifier
+        if sp is not None and self._next_round is not None and sp.step >= self._next_round:
+            self._next_round = sp.next_update()
+            for cb in self.callbacks:
+                cb.on_round(self)
+
+    def _stop(self, stop: StopRequest, step: int | None = None) -> bool:
+        """Whether to stop here for a Ctrl-C / SIGTERM, after checking that the loss is finite.
+
+        With several processes a decision all share, taken between epochs and every
+        ``CHECK_EVERY`` steps: a signal reaches each process at its own moment, and they must all
+        stop after the same step. The loss is checked every ``CHECK_EVERY`` steps; on one GPU
+        through a copy read at the next check, so the host never waits for the device.
+        """
+        check = step is None or step % CHECK_EVERY == 0
+        if self.ranks.world == 1:
+            if check:
+                self._check_finite()
+            return stop.asked
+        if not check:
+            return False
+        asked = torch.tensor(float(stop.asked), dtype=torch.float64, device=self.device)
+        flags = torch.stack([asked, (~torch.isfinite(self.sums["loss"])).double()])
+        signal_seen, diverged = parallel.max_across(flags, self.ranks).tolist()
+        if diverged:
+            self._diverged()
+        return bool(signal_seen)
+
+    def _check_finite(self) -> None:
+        latest = HostCopy([torch.isfinite(self.sums["loss"])])
+        if self.device.type == "cuda":  # read the previous check's copy, long arrived
+            pending, self._finite_check = self._finite_check, latest
+        else:
+            pending = latest
+        if pending is not None and not bool(pending.result()[0]):
+            self._diverged()
+
+    def _diverged(self) -> None:
+        where = self.run_dir if self.run_dir is not None else "the run"
+        kept = (
+            f"; {where}'s last checkpoint is from epoch {self.epoch}"
+            if self.run_dir is not None and self.epoch
+            else ""
+        )
+        raise RunFailed(
+            f"the training loss became non-finite (inf or nan) by step {self.step}, epoch "
+            f"{self.epoch + 1}: training stopped{kept}. Lower lr (now {self.config.lr:g}) or "
+            "check the data"
+        )
+
+    def _interrupt(self, stop: StopRequest) -> None:
+        self._save_last()
+        signum = stop.signum or signal.SIGTERM  # a process the signal has not reached yet
+        where = self.run_dir
+        raise Interrupted(
+            signum,
+            f"stopped at step {self.step}"
+            + (
+                f"; checkpoint saved. Continue with: granet train --resume {where}"
+                if where is not None
+                else ""
+            ),
+            where,
+            self.step,
+        )
+
+    def close(self) -> None:
+        """Let go of the process group and the parameters: drop the DDP wrapper and detach the
+        sparsifier (the weights keep their zeros). The trainer cannot train afterwards; call
+        it at the end of a multi-process run, before the group is destroyed."""
+        if self.sparsifier is not None:
+            self.sparsifier.remove()
+        self.sparsifier = None
+        self.trained = self.model
+
+    # ----------------------------------------------------------------------- the report
+    def finish(self) -> dict[str, Any]:
+        """Test the best checkpoint once and write report.json, report.md and the plots
+        (process 0 only; needs ``run_dir``)."""
+        if self.run_dir is None:
+            raise ValueError("finish() writes the run's report: the trainer needs a run_dir")
+        path = checkpoint_path(self.run_dir, "best")
+        best = load_checkpoint(path)
+        try:
+            self.model.load_state_dict(best["model"])
+            if self.sparsifier is not None:
+                self.sparsifier.load_state_dict(best["sparsifier"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{path} does not hold a state of this run: {e}") from None
+        test_loss, test_acc = self.evaluate("test")
+        metrics = read_metrics(self.run_dir)
+        report = run_report(self, best, test_loss, test_acc, metrics)
+        write_report(self.run_dir, report, metrics)
+        return report
+
+
+def _epoch_line(r: dict[str, Any], epochs: int) -> str:
+    itop = "" if r["itop_rate"] is None else f"  itop {r['itop_rate']:.3f}"
+    return (
+        f"epoch {r['epoch']}/{epochs}  loss {r['train_loss']:.4f}  "
+        f"train {percent(r['train_accuracy'])}  val {percent(r['val_accuracy'])}  "
+        f"sparsity {r['sparsity']:.4f}{itop}  lr {r['lr']:.3g}  {r['seconds']:.1f}s"
+        + ("  *best" if r["best"] else "")
+    )
