@@ -244,6 +244,36 @@ def test_layers_without_a_sparse_route_are_named_once_and_run_dense():
     assert sp._compute.sparse_layers() == ["fc1.weight", "fc2.weight"]
 
 
+class Attention(nn.Module):
+    """A Linear, a MultiheadAttention (which reads its weights itself), a Linear head."""
+
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.out = nn.Linear(64, 32), nn.Linear(32, 10)
+        self.att = nn.MultiheadAttention(32, 4)
+        self.to(dtype)
+
+    def forward(self, x):
+        h = self.inp(x.flatten(1)).unflatten(0, (2, -1))  # (sequence 2, batch 8, 32)
+        return self.out(self.att(h, h, h)[0].mean(0).repeat(2, 1))
+
+
+def test_attention_weights_run_dense_and_train_like_dense_compute():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (dense, d_opt, _), (sparse, s_opt, s_sp) = side_by_side(
+            "granet", OPTIMIZERS["adamw"], model=Attention, sparsity=0.5
+        )
+    said = [str(w.message) for w in caught if "compute=" in str(w.message)]
+    assert "att.out_proj.weight (MultiheadAttention has no sparse training route)" in said[0]
+    assert s_sp._compute.sparse_layers() == ["inp.weight", "out.weight"]
+    for i in range(KW["total_steps"]):
+        step(dense, d_opt, i)
+        step(sparse, s_opt, i)
+        assert gap(dense, sparse) < 1e-12, i
+
+
 def test_an_unsupported_dtype_is_named_once_and_runs_dense():
     net = net64(torch.bfloat16)
     opt = torch.optim.SGD(net.parameters(), lr=0.05)

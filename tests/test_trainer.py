@@ -132,3 +132,23 @@ def test_a_schedule_that_cannot_reach_its_target_is_refused_before_training():
     check_schedule(make_config({**SETTINGS, "method": "rigl", "update_every": 100}), 900)
     with pytest.raises(ValueError, match="never reaches sparsity=0.9"):
         make(epochs=1, update_every=4)
+
+
+def test_layer_densities_are_the_mean_over_the_epochs_steps():
+    class Densities(Callbacks):
+        def __init__(self):
+            self.steps, self.epochs = [], []
+
+        def on_step(self, trainer):
+            masks = trainer.sparsifier.masks.values()
+            self.steps.append([m.float().mean().item() for m in masks])
+
+        def on_epoch_end(self, trainer, record):
+            self.epochs.append(list(record["layer_density"].values()))
+
+    seen = Densities()
+    make([seen], method="gmp", update_every=1, epochs=2).fit()
+    assert seen.steps[0] != seen.steps[-1]  # the masks changed from step to step
+    for epoch, logged in enumerate(seen.epochs):
+        steps = seen.steps[epoch * STEPS_PER_EPOCH : (epoch + 1) * STEPS_PER_EPOCH]
+        assert logged == pytest.approx([sum(layer) / len(steps) for layer in zip(*steps)])

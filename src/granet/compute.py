@@ -479,12 +479,16 @@ def _updatable(p: torch.Tensor, group: dict[str, Any]) -> bool:
 
 
 def _owners(model: nn.Module) -> dict[int, list[nn.Module]]:
-    """id(parameter) -> the modules that hold it as their ``weight``."""
+    """id(parameter) -> the modules that hold it as their ``weight`` (``out_proj``'s is
+    MultiheadAttention's: it reads the weight itself and never calls ``out_proj``)."""
     owners: dict[int, list[nn.Module]] = {}
     for module in model.modules():
         w = module._parameters.get("weight")
         if w is not None:
             owners.setdefault(id(w), []).append(module)
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            owners[id(module.out_proj.weight)] = [module]
     return owners
 
 

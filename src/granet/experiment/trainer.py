@@ -406,6 +406,7 @@ class Trainer:
         return None if self.sparsifier is None else self.sparsifier.next_update()
 
     def _reset_sums(self) -> None:
+        self._density_cache: tuple[list[tuple[int, int]], torch.Tensor] | None = None
         zeros = torch.zeros((), dtype=torch.float64, device=self.device)
         self.sums = {
             "loss": zeros.clone(),
@@ -466,6 +467,7 @@ class Trainer:
             self.sums = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in sums.items()}
         self.train_seconds, self.best = seconds, best
         self._next_round = self._upcoming_round()
+        self._density_cache = None
 
     def save(self, path: str | Path) -> None:
         """Write :meth:`state_dict` to ``path`` (process 0; every process must call this)."""
@@ -507,12 +509,20 @@ class Trainer:
         s["loss"] += loss.detach()
         s["correct"] += (out.detach().argmax(1) == y).sum()
         s["seen"] += len(y)
-        if self.sparsifier is not None:
-            masks = self.sparsifier.masks.values()
-            s["density"] += torch.stack([m.sum() / m.numel() for m in masks])
-        else:
-            s["density"] += 1.0
+        s["density"] += self._densities()
         return loss.detach() / len(y)
+
+    def _densities(self) -> torch.Tensor | float:
+        """The layers' densities now, counted again only when a mask has changed (a sum over
+        every mask entry each step would cost a quarter of a 98%-sparse sparse-compute step)."""
+        if self.sparsifier is None:
+            return 1.0
+        masks = list(self.sparsifier.masks.values())
+        key = [(id(m), m._version) for m in masks]
+        if self._density_cache is None or self._density_cache[0] != key:
+            densities = torch.stack([m.sum() / m.numel() for m in masks])
+            self._density_cache = (key, densities)
+        return self._density_cache[1]
 
     def evaluate(self, split: str = "test") -> tuple[float, float]:
         """Mean loss and accuracy of the model as it stands on ``split`` (``"val"`` or
