@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                       # everything but the accuracy sweeps
     python benchmarks/run.py overhead update --out results/cpu
+    python benchmarks/run.py compute compute-layers compute-conv compute-run   # sparse compute
     python benchmarks/run.py --quick               # seconds: the smoke test of the suite
     python benchmarks/run.py accuracy              # the Fashion-MNIST sweeps (hours on a CPU),
                                                    # then the MLP table beside the reference
@@ -32,6 +33,10 @@ BENCHMARKS: dict[str, tuple[str, list[str], bool]] = {
     "update": ("update_cost.py", ["--plot", "{out}/update_cost.png"], True),
     "memory": ("memory.py", [], True),
     "inference": ("inference.py", [], False),
+    "compute": ("compute.py", ["step", "--threads", "1"], True),
+    "compute-layers": ("compute.py", ["layers", "--threads", "1"], True),
+    "compute-conv": ("compute.py", ["conv", "--threads", "1", "--batch-sizes", "128"], True),
+    "compute-run": ("compute.py", ["run", "--threads", "1", "--out", "{out}/compute-runs"], True),
 }
 ACCURACY = [
     "accuracy/mlp.yaml",
@@ -41,7 +46,7 @@ ACCURACY = [
     "accuracy/lenet5-granet-s0.yaml",
     "accuracy/lenet5-scale-init.yaml",
 ]
-QUICK = ["overhead", "epochs", "update", "memory", "inference"]
+QUICK = ["overhead", "epochs", "update", "memory", "inference", "compute", "compute-run"]
 
 
 def run(name: str, out: Path, quick: bool) -> None:

@@ -76,3 +76,31 @@ class SignalAt(Callbacks):
     def on_step(self, trainer) -> None:
         if self.when and trainer.step == self.step:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def assert_identical(a: Any, b: Any, where: str = "state") -> None:
+    """Two nested states (dicts, lists, tensors, numbers) are equal, tensors bit for bit;
+    the first difference is named by its path."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        assert torch.is_tensor(a) and torch.is_tensor(b), where
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), where
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def one_line_error(err: str, command: str = "train") -> str:
+    """The one error line a ``granet`` command printed (log lines may come before it), with
+    no traceback anywhere."""
+    assert "Traceback" not in err, err
+    errors = [ln for ln in err.splitlines() if ": error: " in ln]
+    assert len(errors) == 1 and errors[0].startswith(f"granet {command}: error: "), err
+    return errors[0]

@@ -17,7 +17,11 @@ def test_quick_suite_writes_its_results(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path)]
     subprocess.run(
-        [*cmd, "overhead", "epochs", "update", "memory"], env=env, check=True, timeout=600
+        [*cmd, "overhead", "epochs", "update", "memory", "compute", "compute-layers"]
+        + ["compute-conv", "compute-run"],
+        env=env,
+        check=True,
+        timeout=600,
     )
     overhead = json.loads((tmp_path / "overhead.json").read_text())
     assert set(overhead["median_step_ms"]) == {"dense", "floor", "granet"}
@@ -33,6 +37,23 @@ def test_quick_suite_writes_its_results(tmp_path):
     assert memory["mask_bytes_per_weight"] == 1 + 4
     assert memory["host_bytes_per_weight"] == 1 / 8
     assert memory["sparsifier_state_bytes"] < memory["model_state_bytes"] / 8
+    compute = json.loads((tmp_path / "compute.json").read_text())
+    mlp, lenet5 = compute["results"]
+    assert mlp["sparse_layers"] == ["fc1.weight", "fc2.weight", "fc3.weight", "fc4.weight"]
+    assert lenet5["sparse_layers"] == ["fc1.weight", "fc2.weight", "fc3.weight"]
+    assert mlp["speedup"] > 0 and "aten::" in mlp["profile"]
+    (layer,) = json.loads((tmp_path / "compute-layers.json").read_text())["results"]
+    assert layer["shape"] == [64, 48] and layer["speedup"] > 0
+    conv = json.loads((tmp_path / "compute-conv.json").read_text())["results"]
+    assert [c["layer"] for c in conv] == [
+        "lenet5.conv1",
+        "lenet5.conv2",
+        "small-cnn.conv1",
+        "small-cnn.conv2",
+    ]
+    runs = json.loads((tmp_path / "compute-run.json").read_text())["runs"]
+    assert [r["compute"] for r in runs] == ["dense", "auto"]
+    assert all(0 <= r["test_accuracy"] <= 1 and r["peak_rss_mib"] > 0 for r in runs)
 
 
 def test_unknown_benchmark_is_refused():

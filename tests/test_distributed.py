@@ -129,6 +129,16 @@ def worker(rank, store, out):
         run(model, opt, RESUME_AT, STEPS, rank, WORLD)
         results[f"resumed-{method}"] = snapshot(net, sp)
 
+    # sparse kernels under DDP: the dense .grad buffer is all-reduced, the update stays sparse
+    model, net, opt, sp = build("granet", rank, ddp=True, compute="sparse")
+    run(model, opt, 0, STEPS, rank, WORLD)
+    results["straight-granet-sparse-compute"] = snapshot(net, sp)
+    linear = ["fc1.weight", "fc2.weight"]
+    results["sparse-compute"] = {
+        "layers": sp._compute.sparse_layers(),
+        "inactive-grads": any(net.get_parameter(n).grad[~sp.masks[n]].any() for n in linear),
+    }
+
     results["tampered"] = tampered_round(rank, activate_five)
     results["tampered-unchecked"] = tampered_round(rank, activate_five, verify_ranks=False)
     results["one-rank-skips"] = tampered_round(rank, drop_a_gradient)
@@ -211,6 +221,20 @@ def test_resume_on_another_world_size(results, method):
         assert resumed["step"] == STEPS
         assert same_masks(resumed, straight)
         assert max_weight_gap(resumed, straight) < WEIGHT_ATOL
+
+
+@pytest.mark.filterwarnings("ignore:granet. compute='sparse' runs these layers dense")
+def test_sparse_compute_under_ddp_matches_one_dense_compute_process(results):
+    first, second = (r["straight-granet-sparse-compute"] for r in results["ranks"])
+    single = results["single"]["straight-granet"]
+    assert same_masks(first, second) and max_weight_gap(first, second) == 0.0
+    assert same_masks(single, first)
+    assert max_weight_gap(single, first) < WEIGHT_ATOL
+    for rank in results["ranks"]:  # the Linear layers ran on CSR kernels: no inactive gradients
+        assert rank["sparse-compute"] == {
+            "layers": ["fc1.weight", "fc2.weight"],
+            "inactive-grads": False,
+        }
 
 
 def test_guard_names_the_tampered_layer_on_every_rank(results):

@@ -72,3 +72,13 @@ def test_erk_never_exceeds_one_and_meets_budget(dims, density):
     assert all(0 <= d <= 1 + 1e-12 for d in ds)
     total = sum(d * w.numel() for d, w in zip(ds, ws))
     assert total == pytest.approx(density * sum(w.numel() for w in ws), rel=1e-6)
+
+
+def test_erk_takes_each_tensor_as_one_layer_whatever_its_layout():
+    e = 32
+    conv1d, linear = torch.empty(e, 4 * e), torch.empty(4 * e, e)  # (in, out) and (out, in)
+    packed, q = torch.empty(3 * e, e), torch.empty(e, e)  # in_proj_weight and a lone projection
+    ds = erk([conv1d, linear, packed, torch.empty(e, 3 * e), q], 0.1)
+    assert ds[0] == ds[1] and ds[2] == ds[3]
+    assert ds[2] / ds[4] == pytest.approx((4 / (3 * e)) / (2 / e))
+    assert er([conv1d, linear], 0.1)[0] == er([conv1d, linear], 0.1)[1]

@@ -1,15 +1,20 @@
-"""save_sparse / load_sparse: bit-exact round trips, file size, and refusal of bad files."""
+"""save_sparse / load_sparse: bit-exact round trips, file size, the safetensors layout, files of
+version 1, and refusal of bad files."""
 
 from __future__ import annotations
 
 import io
+import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from granet.export import (
@@ -92,7 +97,7 @@ def assert_same_state(a: nn.Module, b: nn.Module) -> None:
 @pytest.mark.parametrize("build", [mlp, cnn])
 def test_round_trip_is_bit_exact(tmp_path, build, sparsity, dtype):
     model = trained_like(build, sparsity, dtype)
-    path = tmp_path / "model.gsp"
+    path = tmp_path / "model.safetensors"
     save_sparse(model, path)
     fresh = trained_like(build, 0.0, dtype, seed=1)
     assert load_sparse(path, fresh) is fresh
@@ -101,8 +106,8 @@ def test_round_trip_is_bit_exact(tmp_path, build, sparsity, dtype):
 
 def test_every_tensor_comes_back_including_buffers(tmp_path):
     model = trained_like(cnn, 0.9, torch.float32)
-    save_sparse(model, tmp_path / "m.gsp")
-    names = [t["name"] for t in inspect_sparse(tmp_path / "m.gsp")["tensors"]]
+    save_sparse(model, tmp_path / "m.safetensors")
+    names = [t["name"] for t in inspect_sparse(tmp_path / "m.safetensors")["tensors"]]
     assert names == list(model.state_dict())
     assert "1.running_var" in names and "1.num_batches_tracked" in names
 
@@ -121,11 +126,11 @@ def test_special_values_and_odd_shapes_round_trip(tmp_path):
     }
     for name, value in buffers.items():
         model.register_buffer(name, value)
-    save_sparse(model, tmp_path / "m.gsp")
+    save_sparse(model, tmp_path / "m.safetensors")
     fresh = nn.Module()
     for name, value in buffers.items():
         fresh.register_buffer(name, torch.ones_like(value).contiguous())
-    load_sparse(tmp_path / "m.gsp", fresh)
+    load_sparse(tmp_path / "m.safetensors", fresh)
     assert_same_state(model, fresh)
     assert torch.isnan(fresh.special[0])
 
@@ -133,10 +138,10 @@ def test_special_values_and_odd_shapes_round_trip(tmp_path):
 def test_negative_zero_of_a_sparse_tensor_comes_back_as_positive_zero(tmp_path):
     model = nn.Module()
     model.register_buffer("w", torch.tensor([-0.0] * 99 + [2.0]))
-    save_sparse(model, tmp_path / "m.gsp")
-    (entry,) = inspect_sparse(tmp_path / "m.gsp")["tensors"]
+    save_sparse(model, tmp_path / "m.safetensors")
+    (entry,) = inspect_sparse(tmp_path / "m.safetensors")["tensors"]
     assert entry["encoding"] != "dense" and entry["nnz"] == 1
-    load_sparse(tmp_path / "m.gsp", model)
+    load_sparse(tmp_path / "m.safetensors", model)
     assert not torch.signbit(model.w[:99]).any()
 
 
@@ -154,13 +159,15 @@ def test_encoding_is_chosen_per_tensor(tmp_path):
         "sparse": sparse,
     }.items():
         model.register_buffer(name, value)
-    save_sparse(model, tmp_path / "m.gsp")
-    encodings = {t["name"]: t["encoding"] for t in inspect_sparse(tmp_path / "m.gsp")["tensors"]}
+    save_sparse(model, tmp_path / "m.safetensors")
+    encodings = {
+        t["name"]: t["encoding"] for t in inspect_sparse(tmp_path / "m.safetensors")["tensors"]
+    }
     assert encodings == {"dense": "dense", "halved": "bitmask", "far": "gap16", "sparse": "gap8"}
     fresh = nn.Module()
     for name, value in model.named_buffers():
         fresh.register_buffer(name, torch.empty_like(value))
-    assert_same_state(model, load_sparse(tmp_path / "m.gsp", fresh))
+    assert_same_state(model, load_sparse(tmp_path / "m.safetensors", fresh))
 
 
 @given(
@@ -181,15 +188,15 @@ def test_file_is_small_at_98_percent(tmp_path, dtype):
         for layer in model:
             if isinstance(layer, nn.Linear):
                 layer.weight.mul_(torch.rand_like(layer.weight) >= 0.98)
-    save_sparse(model, tmp_path / "m.gsp")
+    save_sparse(model, tmp_path / "m.safetensors")
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
-    assert (tmp_path / "m.gsp").stat().st_size <= 0.06 * buffer.tell()
+    assert (tmp_path / "m.safetensors").stat().st_size <= 0.06 * buffer.tell()
 
 
 @pytest.fixture
 def saved(tmp_path):
-    path = tmp_path / "m.gsp"
+    path = tmp_path / "m.safetensors"
     save_sparse(trained_like(mlp, 0.9, torch.float32), path)
     return path
 
@@ -212,9 +219,7 @@ def test_truncated_file_is_refused(saved, keep):
 
 
 def test_unknown_version_is_refused(saved):
-    data = bytearray(saved.read_bytes())
-    struct.pack_into("<I", data, 8, FORMAT_VERSION + 1)
-    saved.write_bytes(bytes(data))
+    rewrite(saved, format_version=str(FORMAT_VERSION + 1))
     with pytest.raises(ValueError, match=f"format version {FORMAT_VERSION + 1}"):
         load_sparse(saved, mlp())
 
@@ -255,5 +260,105 @@ def test_sparse_layout_tensors_are_refused(tmp_path):
     model = nn.Module()
     model.register_buffer("w", torch.eye(3).to_sparse())
     with pytest.raises(ValueError, match="'w' is not a dense"):
-        save_sparse(model, tmp_path / "m.gsp")
+        save_sparse(model, tmp_path / "m.safetensors")
     assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------- the safetensors file
+def test_the_file_is_plain_safetensors(tmp_path):
+    model = trained_like(mlp, 0.9, torch.float32)
+    save_sparse(model, tmp_path / "m.safetensors")
+    stored = load_file(tmp_path / "m.safetensors")  # no pickle, no granet
+    weight = model[1].weight.detach()
+    assert torch.equal(stored["1.weight:values"], weight[weight != 0])
+    assert stored["1.weight:positions"].dtype in (torch.uint8, torch.uint16)
+    assert torch.equal(stored["1.bias"], model[1].bias.detach())
+    with safe_open(tmp_path / "m.safetensors", framework="pt") as f:  # memory-mapped
+        meta = f.metadata()
+        assert f.get_slice("1.weight:values").get_shape() == [int((weight != 0).sum())]
+    assert (meta["format"], meta["format_version"]) == ("granet.sparse", str(FORMAT_VERSION))
+    assert meta["checksum"].startswith("sha256:")
+    layout = json.loads(meta["layout"])
+    assert [e["name"] for e in layout] == list(model.state_dict())
+    assert layout[0] == {
+        "name": "1.weight",
+        "dtype": "float32",
+        "shape": [48, 64],
+        "encoding": "gap8",
+        "nnz": int((weight != 0).sum()),
+    }
+
+
+def test_a_tied_weight_is_stored_once(tmp_path):
+    model = nn.Sequential(nn.Embedding(500, 16), nn.Linear(16, 500, bias=False))
+    model[1].weight = model[0].weight
+    save_sparse(model, tmp_path / "m.safetensors")
+    tensors = inspect_sparse(tmp_path / "m.safetensors")["tensors"]
+    assert [(t["encoding"], t.get("of")) for t in tensors] == [
+        ("dense", None),
+        ("alias", "0.weight"),
+    ]
+    assert tensors[1]["bytes"] == 0 and tensors[1]["nnz"] == 500 * 16
+    fresh = nn.Sequential(nn.Embedding(500, 16), nn.Linear(16, 500, bias=False))
+    load_sparse(tmp_path / "m.safetensors", fresh)
+    assert torch.equal(fresh[0].weight, model[0].weight)
+    assert torch.equal(fresh[1].weight, model[0].weight)
+
+
+def test_dtypes_safetensors_lacks_round_trip_as_bytes(tmp_path):
+    model = nn.Module()
+    sparse = torch.zeros(300, dtype=torch.complex128)
+    sparse[3], sparse[200] = 1 + 2j, -3j
+    model.register_buffer("c", sparse)
+    model.register_buffer("d", torch.randn(4, 3, dtype=torch.complex128))
+    save_sparse(model, tmp_path / "m.safetensors")
+    assert load_file(tmp_path / "m.safetensors")["d"].dtype == torch.uint8
+    fresh = nn.Module()
+    fresh.register_buffer("c", torch.ones(300, dtype=torch.complex128))
+    fresh.register_buffer("d", torch.ones(4, 3, dtype=torch.complex128))
+    assert_same_state(model, load_sparse(tmp_path / "m.safetensors", fresh))
+
+
+def rewrite(path: Path, **metadata: str) -> None:
+    """Write ``path`` again with some of its metadata replaced (as a tool might)."""
+    with safe_open(path, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        meta = {**f.metadata(), **metadata}
+    save_file(tensors, path, metadata=meta)
+
+
+def test_a_changed_layout_is_refused(saved):
+    with safe_open(saved, framework="pt") as f:
+        layout = json.loads(f.metadata()["layout"])
+    layout[0]["nnz"] -= 1
+    rewrite(saved, layout=json.dumps(layout))
+    with pytest.raises(ValueError, match="corrupted"):
+        load_sparse(saved, mlp())
+
+
+def test_other_safetensors_files_are_refused(tmp_path):
+    save_file(mlp().state_dict(), tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="safetensors file but not a granet sparse model file"):
+        load_sparse(tmp_path / "model.safetensors", mlp())
+
+
+# ---------------------------------------------------------------------- version 1 files
+V1 = Path(__file__).parent / "data" / "mlp-90-v1.gnt"  # save_sparse of granet 0.1.0
+
+
+def test_version_1_files_still_load():
+    assert inspect_sparse(V1)["version"] == 1
+    assert inspect_sparse(V1)["tensors"][0]["encoding"] == "gap8"
+    assert_same_state(trained_like(mlp, 0.9, torch.float32), load_sparse(V1, mlp()))
+
+
+def test_a_corrupt_version_1_file_is_refused(tmp_path):
+    data = bytearray(V1.read_bytes())
+    data[-100] ^= 0x01
+    (tmp_path / "m.gnt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupted"):
+        load_sparse(tmp_path / "m.gnt", mlp())
+    struct.pack_into("<I", data, 8, 7)
+    (tmp_path / "m.gnt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="format version 7"):
+        load_sparse(tmp_path / "m.gnt", mlp())

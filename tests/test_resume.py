@@ -9,28 +9,30 @@ import granet
 KW = dict(sparsity=0.9, total_steps=40, update_every=4)
 
 
-def build(method, seed=11):
+def build(method, seed=11, compute="dense"):
     torch.manual_seed(seed)
     net = SmallNet()
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-    sp = granet.sparsify(net, opt, method, **KW)
+    sp = granet.sparsify(net, opt, method, compute=compute, **KW)
     return net, opt, sp
 
 
+@pytest.mark.filterwarnings("ignore:granet. compute='sparse' runs these layers dense")
+@pytest.mark.parametrize("compute", ["dense", "sparse"])
 @pytest.mark.parametrize("method", ["granet", "set", "snfs"])
-def test_bitwise_resume(method):
-    net, opt, sp = build(method)
+def test_bitwise_resume(method, compute):
+    net, opt, sp = build(method, compute=compute)
     train(net, opt, 40)
     straight = net.state_dict()
 
-    net, opt, sp = build(method)
+    net, opt, sp = build(method, compute=compute)
     train(net, opt, 14)
     buf = io.BytesIO()
     torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "sp": sp.state_dict()}, buf)
 
     torch.manual_seed(999)  # whatever the global RNG does in between
     torch.rand(1000)
-    net2, opt2, sp2 = build(method, seed=12)  # fresh objects, other initial weights
+    net2, opt2, sp2 = build(method, seed=12, compute=compute)  # fresh, other initial weights
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
     net2.load_state_dict(ckpt["model"])

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from granet import checks
+from granet.compute import AUTO_MAX_DENSITY, AUTO_MIN_NUMEL, COMPUTE
 from granet.criteria import GROWTH, IMPORTANCE
 from granet.distributions import DISTRIBUTIONS
 from granet.initial import INIT
@@ -35,6 +36,8 @@ class Option:
     choices: tuple[str, ...] | None = None
     method: bool = False  # None means the method's own default
     cli: bool = True  # settable from a config file and a flag (callables are not)
+    # False: how the step is computed, not what; a saved state with another value still loads
+    affects_result: bool = True
 
 
 def _option(
@@ -199,6 +202,17 @@ class Algorithm:
     )
     seed: int = _option(
         0, "seeds the sparsifier's own generators", int, lambda n, v: checks.integer(n, v)
+    )
+    compute: str = _option(
+        "dense",
+        "kernels of the training step: dense on masked weights, sparse (CSR kernels for every "
+        "selected nn.Linear on CPU; other layers dense, with a warning), or auto (CSR kernels "
+        f"for the CPU nn.Linear layers of at least {AUTO_MIN_NUMEL:,} weights at a density of "
+        f"at most {AUTO_MAX_DENSITY:.0%}, decided again after every topology round)",
+        str,
+        _one_of(COMPUTE),
+        choices=tuple(COMPUTE),
+        affects_result=False,
     )
 
     def __post_init__(self) -> None:

@@ -32,6 +32,7 @@ from granet.experiment.config import (
     Config,
 )
 from granet.experiment.datasets import DATASETS
+from granet.experiment.loggers import LOGGERS
 from granet.experiment.models import MODELS
 
 _D = Config()
@@ -137,6 +138,15 @@ _TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
         ),
     ),
     ("--workers", dict(type=int, help="data-loading processes (default: 0)")),
+    (
+        "--log",
+        dict(
+            nargs="+",
+            metavar=_choices(LOGGERS),
+            help="also log the scalars of every epoch and topology round there, beside "
+            "metrics.jsonl (default: none)",
+        ),
+    ),
 ]
 
 
@@ -232,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue an interrupted run with its own settings (only --device may change)",
+        help="continue an interrupted run with its own settings (only --device, --data-root, "
+        "--workers and --log may change)",
     )
     train.add_argument(
         "--overwrite",
@@ -397,13 +408,19 @@ _NOT_SETTINGS = ("command", "config", "out", "resume", "overwrite", "debug")
 def cmd_train(args: argparse.Namespace) -> int:
     from granet.experiment import parallel
     from granet.experiment.config import make_config, resolve_config
-    from granet.experiment.runs import CONFIG_FILE, REPORT_MD, default_run_dir, read_run_config
+    from granet.experiment.runs import (
+        CONFIG_FILE,
+        PLACEMENT,
+        REPORT_MD,
+        default_run_dir,
+        read_run_config,
+    )
     from granet.experiment.train import train
     from granet.experiment.trainer import resolve_device
 
     flags = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
     if args.resume:
-        others = [k for k in flags if k != "device"] + [
+        others = [k for k in flags if k not in PLACEMENT] + [
             k for k in ("config", "out", "overwrite") if getattr(args, k)
         ]
         if others:
@@ -501,7 +518,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a folder; give the file to write")
-    print(json.dumps(export_run(args.run_dir, args.out), indent=2, default=str))
+    try:
+        written = export_run(args.run_dir, args.out)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, f"cannot write it: {e.strerror}", args.out) from None
+    print(json.dumps(written, indent=2, default=str))
     return 0
 
 

@@ -38,7 +38,13 @@ def _scaled(raw: Sequence[float], sizes: Sequence[int], density: float) -> list[
 
 
 def erk(weights: Sequence[torch.Tensor], density: float) -> list[float]:
-    """Erdős–Rényi–Kernel: density proportional to ``sum(shape) / prod(shape)``."""
+    """Erdős–Rényi–Kernel: density proportional to ``sum(shape) / prod(shape)``.
+
+    Each tensor is one layer as stored: a Hugging Face ``Conv1D`` weight, kept (in, out), gets
+    the density of the ``nn.Linear`` weight (out, in) of the same map; an attention's packed
+    ``in_proj_weight`` (3E, E), like GPT-2's ``c_attn``, is one E -> 3E map (query, key and
+    value kept as three (E, E) weights get more: ``2/E`` against ``4/(3E)`` before scaling).
+    """
     shapes = [w.shape for w in weights]
     raw = [sum(s) / math.prod(s) for s in shapes]
     return _scaled(raw, [math.prod(s) for s in shapes], density)

@@ -1,44 +1,53 @@
-"""Save a model whose weights contain zeros as a small file; load it back bit-exactly.
+"""Save a model whose weights contain zeros as a small safetensors file; load it back bit-exactly.
 
 ``save_sparse(model, path)`` writes every tensor of ``model.state_dict()`` (parameters and
 buffers). A tensor is stored *sparse* -- its non-zero values plus their positions -- when that is
 smaller than storing it as it is, otherwise *dense*. ``load_sparse(path, model)`` checks the file
 and copies every tensor into a freshly built model of the same architecture.
 
-File format, version 1 (all integers little-endian)::
+The file is a `safetensors <https://github.com/huggingface/safetensors>`_ file (format version
+2): no pickle, readable with ``safetensors.safe_open`` (memory-mapped) or ``load_file`` from any
+language with a safetensors reader. Its tensors, for a state-dict entry ``name``:
 
-    offset  size  field
-    0       8     magic  b"GRANETSP"
-    8       4     format version, uint32
-    12      32    sha256 of everything from offset 44 to the end of the file
-    44      8     header length H, uint64
-    52      H     header: UTF-8 JSON  {"tensors": [entry, ...]}
-    52+H    ...   payload: one block per tensor, in header order, no padding
+- ``name``: a tensor stored ``dense``, as it is;
+- ``name:values`` and ``name:positions``: a tensor stored sparse, its ``nnz`` non-zero elements
+  (1-D, row-major (C) order) and their positions in one of the encodings below;
+- nothing for an ``alias``: an entry that is the very tensor of an earlier one (a tied weight,
+  such as GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``), stored once.
 
-A header entry is ``{"name", "dtype", "shape", "encoding", "nnz", "offset", "index_bytes"}``:
-``dtype`` is the torch dtype name (``"float32"``, ``"bfloat16"`` ...), ``offset`` is where the
-tensor's block starts in the payload, ``nnz`` the number of non-zero elements (the tensor's
-sparsity is ``1 - nnz / numel``). A block holds the element bytes and then ``index_bytes`` bytes
-of positions. Elements are raw little-endian bytes in row-major (C) order, so every dtype --
-bfloat16 included -- round-trips bit for bit, with one exception: in a sparse-encoded tensor a
-zero is not stored, so a ``-0.0`` comes back as ``+0.0``. Masking weights by multiplication
-leaves a ``-0.0`` wherever a negative weight was pruned; keeping those signs would cost a bit
-per zero, more than the rest of the file at high sparsity. NaN and inf are values like any other.
+Elements keep their dtype where safetensors has it (float64/32/16, bfloat16, int64/32/16/8,
+uint8, bool); any other dtype is stored as its raw bytes (``uint8``), the true dtype in the
+layout. Every dtype round-trips bit for bit (NaN payloads, infinities, subnormals), with one
+exception: in a sparse-encoded tensor a zero is not stored, so a ``-0.0`` comes back as ``+0.0``.
+Masking weights by multiplication leaves a ``-0.0`` wherever a negative weight was pruned;
+keeping those signs would cost a bit per zero, more than the rest of the file at high sparsity.
 
-Encodings (chosen per tensor: the smallest, ``dense`` on a tie):
+The file's metadata (safetensors' string-to-string ``__metadata__``):
 
-- ``dense``: all ``numel`` elements; no positions.
-- ``bitmask``: the ``nnz`` non-zero elements, then one bit per element (1 = non-zero), packed
-  little-endian bit order (``numpy.packbits(..., bitorder="little")``), ``ceil(numel / 8)`` bytes.
-- ``gap8`` / ``gap16``: the ``nnz`` non-zero elements, then their flat positions as gaps: for each
-  non-zero element, the number ``g`` of zeros since the previous one (or since the start) is
-  written as ``g // M`` words equal to ``M`` followed by one word ``g % M``, with words of
-  8 / 16 bits and ``M = 255`` / ``65535``. A word below ``M`` ends an element's gap, so the
-  positions decode as a cumulative sum. At 98% sparsity this costs about one byte per non-zero
-  weight, against 6.25 bytes for a bitmask; below ~88% sparsity the bitmask is smaller.
+- ``format``: ``"granet.sparse"``; ``format_version``: ``"2"``;
+- ``layout``: JSON, one entry per state-dict entry in order, ``{"name", "dtype", "shape",
+  "encoding", "nnz"}`` (``"of"``, the name it repeats, for an alias); ``dtype`` is the torch dtype
+  name, ``nnz`` the number of non-zero elements (the tensor's sparsity is ``1 - nnz / numel``);
+- ``checksum``: ``"sha256:"`` and the hex digest of the layout's UTF-8 bytes followed, for every
+  stored tensor in sorted name order, by its name's UTF-8 bytes, a zero byte and its raw bytes.
 
-The file is read whole and its checksum verified before anything is decoded, so a truncated or
-corrupted file is refused with a ``ValueError``, as is an unknown format version.
+Encodings of positions (chosen per tensor: the smallest, ``dense`` on a tie):
+
+- ``bitmask``: one bit per element (1 = non-zero), packed little-endian bit order
+  (``numpy.packbits(..., bitorder="little")``), ``ceil(numel / 8)`` bytes, ``uint8``.
+- ``gap8`` / ``gap16``: the flat positions as gaps: for each non-zero element, the number ``g``
+  of zeros since the previous one (or since the start) is written as ``g // M`` words equal to
+  ``M`` followed by one word ``g % M``, with ``uint8`` / ``uint16`` words and ``M = 255`` /
+  ``65535``. A word below ``M`` ends an element's gap, so the positions decode as a cumulative
+  sum. At 98% sparsity this costs about one byte per non-zero weight, against 6.25 bytes for a
+  bitmask; below ~88% sparsity the bitmask is smaller.
+
+The checksum is verified before anything is decoded, so a truncated or corrupted file is refused
+with a one-line ``ValueError``, as is an unknown format version or a model that does not match.
+
+Files of format version 1 (granet 0.1's own container, ``GRANETSP`` magic bytes, the same
+encodings) are still read by ``load_sparse`` and ``inspect_sparse``; ``save_sparse`` writes
+version 2 only.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ import math
 import os
 import struct
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -58,42 +68,72 @@ from torch import nn
 
 __all__ = ["FORMAT_VERSION", "inspect_sparse", "load_sparse", "save_sparse"]
 
-FORMAT_VERSION = 1
-MAGIC = b"GRANETSP"
-_PREFIX = struct.Struct("<8sI32s")  # magic, version, sha256
-_HEADER_LEN = struct.Struct("<Q")
-ENCODINGS = ("dense", "bitmask", "gap8", "gap16")
+FORMAT = "granet.sparse"
+FORMAT_VERSION = 2
+ENCODINGS = ("dense", "bitmask", "gap8", "gap16", "alias")
 _GAP_WORDS = {"gap8": np.dtype("<u1"), "gap16": np.dtype("<u2")}
+# dtypes safetensors stores as themselves; others are stored as their bytes
+_TYPED = {
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+}
+# version 1: magic, version, sha256, then a JSON header and one byte block per tensor
+_V1_MAGIC = b"GRANETSP"
+_V1_PREFIX = struct.Struct("<8sI32s")
+_V1_HEADER_LEN = struct.Struct("<Q")
 
 
 def save_sparse(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write ``model.state_dict()`` to ``path`` in the compact format described above.
+    """Write ``model.state_dict()`` to ``path`` in the format described above.
 
     The file is written to a temporary name and renamed, so ``path`` is either the old file or
     the complete new one.
     """
-    entries: list[dict[str, Any]] = []
-    blocks: list[bytes] = []
-    offset = 0
+    from safetensors.torch import save
+
+    layout: list[dict[str, Any]] = []
+    stored: dict[str, torch.Tensor] = {}
+    seen: dict[tuple[Any, ...], str] = {}
     for name, tensor in model.state_dict().items():
         if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
             raise ValueError(
                 f"state_dict entry {name!r} is not a dense (strided) tensor; "
                 "save_sparse stores plain tensors only"
             )
-        entry, block = _encode(tensor)
-        entries.append({"name": name, **entry, "offset": offset})
-        blocks.append(block)
-        offset += len(block)
-    header = json.dumps({"tensors": entries}, separators=(",", ":")).encode()
-    body = b"".join([_HEADER_LEN.pack(len(header)), header, *blocks])
-    data = _PREFIX.pack(MAGIC, FORMAT_VERSION, hashlib.sha256(body).digest()) + body
+        meta = {"name": name, "dtype": _dtype_name(tensor.dtype), "shape": list(tensor.shape)}
+        same = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if tensor.numel() and same in seen:
+            layout.append({**meta, "encoding": "alias", "nnz": 0, "of": seen[same]})
+            continue
+        seen[same] = name
+        encoding, nnz, parts = _encode(tensor)
+        layout.append({**meta, "encoding": encoding, "nnz": nnz})
+        for key, part in zip(_keys(name, encoding), parts):
+            if key in stored:
+                raise ValueError(f"state_dict entry {name!r} clashes with the stored {key!r}")
+            stored[key] = part
+    layout_json = json.dumps(layout, separators=(",", ":"))
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "layout": layout_json,
+        "checksum": _checksum(layout_json, stored.items()),
+    }
 
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        # serialised in memory, written by Python: a full disk is an OSError, not a SafetensorError
+        Path(tmp).write_bytes(save(stored, metadata=metadata))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -107,9 +147,9 @@ def load_sparse(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     ``ValueError`` names the first tensor that differs. Values come back bit-exactly (zeros of
     sparse-encoded tensors as ``+0.0``, see the module docstring).
     """
-    header, payload = _read(path)
+    layout, tensors, _ = _read(path)
     state = model.state_dict()
-    stored = {entry["name"]: entry for entry in header["tensors"]}
+    stored = {entry["name"]: entry for entry in layout}
     for name, tensor in state.items():
         if name not in stored:
             raise ValueError(f"{path}: the model has tensor {name!r}, the file does not")
@@ -122,44 +162,64 @@ def load_sparse(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         if _dtype(entry) != tensor.dtype:
             raise ValueError(
                 f"{path}: tensor {name!r} is {entry['dtype']} in the file but "
-                f"{str(tensor.dtype).removeprefix('torch.')} in the model; convert the model "
-                "first (e.g. model.half())"
+                f"{_dtype_name(tensor.dtype)} in the model; convert the model first "
+                "(e.g. model.half())"
             )
     for name in stored:
         if name not in state:
             raise ValueError(f"{path}: the file has tensor {name!r}, the model does not")
-    model.load_state_dict({name: _decode(entry, payload, path) for name, entry in stored.items()})
+    values: dict[str, torch.Tensor] = {}
+    for entry in layout:
+        if entry["encoding"] == "alias":
+            values[entry["name"]] = values[entry["of"]]
+        else:
+            values[entry["name"]] = _decode(entry, tensors, path)
+    model.load_state_dict(values)
     return model
 
 
 def inspect_sparse(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of a file written by :func:`save_sparse`, checksum verified.
 
-    Returns ``{"version", "bytes", "tensors"}``; each tensor is its header entry plus ``numel``,
-    ``sparsity`` (``1 - nnz / numel``, 0 for empty tensors) and ``bytes`` (its block's size).
+    Returns ``{"version", "bytes", "tensors"}``; each tensor is its layout entry plus ``numel``,
+    ``sparsity`` (``1 - nnz / numel``, 0 for empty tensors) and ``bytes`` (what it stores: 0
+    for an alias).
     """
-    header, _ = _read(path)
-    tensors = []
-    for entry in header["tensors"]:
+    layout, tensors, version = _read(path)
+    out = []
+    for entry in layout:
         numel = math.prod(entry["shape"])
-        tensors.append(
+        if entry["encoding"] == "alias":
+            nnz = next(e["nnz"] for e in layout if e["name"] == entry["of"])
+        else:
+            nnz = entry["nnz"]
+        stored = sum(tensors[k].nbytes for k in _keys(entry["name"], entry["encoding"]))
+        out.append(
             {
                 **entry,
+                "nnz": nnz,
                 "numel": numel,
-                "sparsity": 1 - entry["nnz"] / numel if numel else 0.0,
-                "bytes": _values_bytes(entry) + entry["index_bytes"],
+                "sparsity": 1 - nnz / numel if numel else 0.0,
+                "bytes": stored,
             }
         )
-    return {"version": FORMAT_VERSION, "bytes": Path(path).stat().st_size, "tensors": tensors}
+    return {"version": version, "bytes": Path(path).stat().st_size, "tensors": out}
 
 
-def _encode(tensor: torch.Tensor) -> tuple[dict[str, Any], bytes]:
-    """Header fields (without name and offset) and payload block of one tensor."""
-    itemsize = tensor.element_size()
-    numel = tensor.numel()
+# ----------------------------------------------------------------------------- encoding
+def _keys(name: str, encoding: str) -> tuple[str, ...]:
+    """The names a state-dict entry is stored under."""
+    if encoding == "alias":
+        return ()
+    if encoding == "dense":
+        return (name,)
+    return (f"{name}:values", f"{name}:positions")
+
+
+def _encode(tensor: torch.Tensor) -> tuple[str, int, list[torch.Tensor]]:
+    """The encoding of one tensor, its non-zero count and the tensors it is stored as."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    raw = flat.view(torch.uint8).numpy()
-    elements = raw.reshape(numel, itemsize)
+    numel, itemsize = flat.numel(), flat.element_size()
     nonzero = (flat != 0).numpy()
     positions = np.flatnonzero(nonzero)
     nnz = len(positions)
@@ -172,42 +232,53 @@ def _encode(tensor: torch.Tensor) -> tuple[dict[str, Any], bytes]:
             for enc, word in _GAP_WORDS.items()
         },
     }
-    sparse_encoding = min(index_sizes, key=index_sizes.__getitem__)
-    meta = {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
-    if nnz * itemsize + index_sizes[sparse_encoding] >= numel * itemsize:
-        return {**meta, "encoding": "dense", "nnz": nnz, "index_bytes": 0}, raw.tobytes()
-    if sparse_encoding == "bitmask":
+    encoding = min(index_sizes, key=index_sizes.__getitem__)
+    if nnz * itemsize + index_sizes[encoding] >= numel * itemsize:
+        # a copy: safetensors refuses tensors that share memory, as tied weights' views do
+        return "dense", nnz, [_storable(flat.reshape(tensor.shape).clone())]
+    if encoding == "bitmask":
         index = np.packbits(nonzero, bitorder="little")
     else:
-        index = _gap_encode(gaps, _GAP_WORDS[sparse_encoding])
-    entry = {**meta, "encoding": sparse_encoding, "nnz": nnz, "index_bytes": index.nbytes}
-    return entry, elements[nonzero].tobytes() + index.tobytes()
+        index = _gap_encode(gaps, _GAP_WORDS[encoding])
+    # the values are taken byte for byte, so that no element passes through arithmetic
+    elements = flat.view(torch.uint8).reshape(numel, itemsize)[torch.from_numpy(nonzero)]
+    values = elements.reshape(-1).view(flat.dtype)
+    return encoding, nnz, [_storable(values), torch.from_numpy(index)]
 
 
-def _decode(entry: dict[str, Any], payload: memoryview, path: str | os.PathLike) -> torch.Tensor:
-    dtype = _dtype(entry)
-    shape = entry["shape"]
+def _decode(
+    entry: dict[str, Any], tensors: dict[str, torch.Tensor], path: str | os.PathLike
+) -> torch.Tensor:
+    dtype, shape = _dtype(entry), entry["shape"]
     numel = math.prod(shape)
-    itemsize = dtype.itemsize
-    start = entry["offset"]
-    end = start + _values_bytes(entry)
-    values = np.frombuffer(payload[start:end], dtype=np.uint8)
-    out = torch.empty(numel * itemsize, dtype=torch.uint8)
     if entry["encoding"] == "dense":
-        out.numpy()[:] = values
+        return _typed(tensors[entry["name"]], dtype).reshape(shape)
+    values = tensors[f"{entry['name']}:values"]
+    index = tensors[f"{entry['name']}:positions"].numpy()
+    if entry["encoding"] == "bitmask":
+        nonzero = np.unpackbits(index, count=numel, bitorder="little").astype(bool)
+        positions = np.flatnonzero(nonzero)
     else:
-        index = payload[end : end + entry["index_bytes"]]
-        if entry["encoding"] == "bitmask":
-            bits = np.frombuffer(index, dtype=np.uint8)
-            nonzero = np.unpackbits(bits, count=numel, bitorder="little").astype(bool)
-            positions = np.flatnonzero(nonzero)
-        else:
-            positions = _gap_decode(np.frombuffer(index, dtype=_GAP_WORDS[entry["encoding"]]))
-        if len(positions) != entry["nnz"] or (len(positions) and positions[-1] >= numel):
-            raise ValueError(f"{path}: positions of tensor {entry['name']!r} are inconsistent")
-        elements = out.zero_().numpy().reshape(numel, itemsize)
-        elements[positions] = values.reshape(-1, itemsize)
-    return out.view(dtype).reshape(shape)
+        positions = _gap_decode(index)
+    if len(positions) != entry["nnz"] or (len(positions) and positions[-1] >= numel):
+        raise ValueError(f"{path}: positions of tensor {entry['name']!r} are inconsistent")
+    itemsize = dtype.itemsize
+    out = torch.zeros(numel, itemsize, dtype=torch.uint8)
+    out[torch.from_numpy(positions)] = _typed(values, dtype).view(torch.uint8).reshape(-1, itemsize)
+    return out.reshape(-1).view(dtype).reshape(shape)
+
+
+def _storable(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as safetensors can store it: itself, or its bytes."""
+    tensor = tensor.contiguous()
+    if tensor.dtype in _TYPED:
+        return tensor
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def _typed(stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A stored tensor as ``dtype`` (from its bytes where it was stored as bytes), flat."""
+    return stored.reshape(-1).view(dtype) if stored.dtype != dtype else stored.reshape(-1)
 
 
 def _max_word(word: np.dtype) -> int:
@@ -230,9 +301,8 @@ def _gap_decode(words: np.ndarray) -> np.ndarray:
     return np.cumsum(w + ends)[ends] - 1
 
 
-def _values_bytes(entry: dict[str, Any]) -> int:
-    count = math.prod(entry["shape"]) if entry["encoding"] == "dense" else entry["nnz"]
-    return count * _dtype(entry).itemsize
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _dtype(entry: dict[str, Any]) -> torch.dtype:
@@ -242,28 +312,88 @@ def _dtype(entry: dict[str, Any]) -> torch.dtype:
     return dtype
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, Any], memoryview]:
-    """The verified header and the payload of a file."""
-    data = Path(path).read_bytes()
-    if data[: len(MAGIC)] != MAGIC:
-        raise ValueError(f"{path} is not a granet sparse model file (bad magic bytes)")
-    if len(data) < _PREFIX.size + _HEADER_LEN.size:
-        raise ValueError(f"{path} is truncated ({len(data)} bytes)")
-    _, version, digest = _PREFIX.unpack_from(data)
-    if version != FORMAT_VERSION:
+def _checksum(layout: str, tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    digest = hashlib.sha256(layout.encode())
+    for key, tensor in sorted(tensors, key=lambda kv: kv[0]):
+        digest.update(key.encode() + b"\0")
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return f"sha256:{digest.hexdigest()}"
+
+
+# ------------------------------------------------------------------------------ reading
+def _read(
+    path: str | os.PathLike,
+) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], int]:
+    """The verified layout, the stored tensors by name and the format version of a file."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:8] == _V1_MAGIC:
+        return _read_v1(path)
+    if len(head) < 9 or head[8:9] != b"{":
+        raise ValueError(f"{path} is not a granet sparse model file (neither safetensors nor v1)")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (no dict)
+    except Exception as e:  # safetensors' parse errors, of several types
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path} is truncated or corrupted ({reason})") from None
+    if metadata.get("format") != FORMAT:
+        if "checksum" in metadata or "layout" in metadata:  # granet's, with a damaged header
+            raise ValueError(f"{path} is truncated or corrupted (no granet format field)")
+        raise ValueError(f"{path} is a safetensors file but not a granet sparse model file")
+    version = metadata.get("format_version")
+    if version != str(FORMAT_VERSION):
         raise ValueError(
-            f"{path} has format version {version}; this granet reads version {FORMAT_VERSION} "
-            "only (upgrade granet, or re-export the model)"
+            f"{path} has format version {version}; this granet reads versions 1 and "
+            f"{FORMAT_VERSION} (upgrade granet, or re-export the model)"
         )
-    body = memoryview(data)[_PREFIX.size :]
-    if hashlib.sha256(body).digest() != digest:
+    layout_json = metadata.get("layout", "")
+    if _checksum(layout_json, tensors.items()) != metadata.get("checksum"):
         raise ValueError(f"{path} is truncated or corrupted (sha256 checksum mismatch)")
-    (header_len,) = _HEADER_LEN.unpack_from(body)
-    header = json.loads(bytes(body[_HEADER_LEN.size : _HEADER_LEN.size + header_len]))
-    payload = body[_HEADER_LEN.size + header_len :]
-    for entry in header["tensors"]:
+    layout = json.loads(layout_json)
+    expected = {k for entry in layout for k in _keys(entry["name"], entry["encoding"])}
+    for entry in layout:
         if entry["encoding"] not in ENCODINGS:
             raise ValueError(f"{path}: tensor {entry['name']!r} has unknown encoding")
-        if entry["offset"] + _values_bytes(entry) + entry["index_bytes"] > len(payload):
+    if expected != set(tensors):
+        raise ValueError(f"{path}: the stored tensors do not match the layout")
+    return layout, tensors, FORMAT_VERSION
+
+
+def _read_v1(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], int]:
+    """A version-1 file as the layout and stored tensors of version 2."""
+    data = Path(path).read_bytes()
+    if len(data) < _V1_PREFIX.size + _V1_HEADER_LEN.size:
+        raise ValueError(f"{path} is truncated ({len(data)} bytes)")
+    _, version, digest = _V1_PREFIX.unpack_from(data)
+    if version != 1:
+        raise ValueError(
+            f"{path} has format version {version}; this granet reads versions 1 and "
+            f"{FORMAT_VERSION} (upgrade granet, or re-export the model)"
+        )
+    body = memoryview(data)[_V1_PREFIX.size :]
+    if hashlib.sha256(body).digest() != digest:
+        raise ValueError(f"{path} is truncated or corrupted (sha256 checksum mismatch)")
+    (header_len,) = _V1_HEADER_LEN.unpack_from(body)
+    header = json.loads(bytes(body[_V1_HEADER_LEN.size : _V1_HEADER_LEN.size + header_len]))
+    payload = np.frombuffer(body[_V1_HEADER_LEN.size + header_len :], dtype=np.uint8)
+    layout, tensors = [], {}
+    for entry in header["tensors"]:
+        if entry["encoding"] not in ENCODINGS[:4]:
+            raise ValueError(f"{path}: tensor {entry['name']!r} has unknown encoding")
+        dense = entry["encoding"] == "dense"
+        count = math.prod(entry["shape"]) if dense else entry["nnz"]
+        start, size = entry["offset"], count * _dtype(entry).itemsize
+        if start + size + entry["index_bytes"] > len(payload):
             raise ValueError(f"{path}: tensor {entry['name']!r} lies past the end of the file")
-    return header, payload
+        blocks = [payload[start : start + size]]
+        if not dense:
+            index = payload[start + size : start + size + entry["index_bytes"]]
+            blocks.append(index.view(_GAP_WORDS.get(entry["encoding"], np.uint8)))
+        for key, block in zip(_keys(entry["name"], entry["encoding"]), blocks):
+            tensors[key] = torch.from_numpy(block.copy())
+        layout.append({k: entry[k] for k in ("name", "dtype", "shape", "encoding", "nnz")})
+    return layout, tensors, 1

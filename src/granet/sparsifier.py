@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from granet.algorithm import OPTION, Algorithm
+from granet.compute import SparseCompute
 from granet.criteria import GROWTH, IMPORTANCE
 from granet.distributed import data_parallel_group, refuse_sharded, verify_agreement
 from granet.distributions import DISTRIBUTIONS
@@ -29,7 +30,7 @@ from granet.masks import apply_masks, pack_bits, top_mask, unpack_bits
 from granet.pruning import PRUNING
 from granet.readback import HostCopy
 from granet.schedules import MIN_REGROW_FRACTION, CosineDecay, CubicSparsity, UpdateCadence
-from granet.selection import Rule, select_parameters, unwrap
+from granet.selection import Rule, select_parameters, unwrap, unwrap_optimizer
 
 # id(parameter) -> (the parameter, the sparsifier holding it), both weakly
 _HELD: dict[int, tuple[weakref.ref, weakref.ref]] = {}
@@ -88,8 +89,10 @@ class Sparsifier:
         """Select the sparse tensors of ``model``, draw their masks and hook ``optimizer``.
 
         ``options`` are the fields of :class:`Algorithm` (``sparsity``, ``total_steps``, ...);
-        ``total_steps`` is required.
+        ``total_steps`` is required. ``optimizer`` may be a wrapper holding the torch optimizer
+        (accelerate's, Lightning's): the sparsifier hooks the optimizer inside.
         """
+        optimizer = unwrap_optimizer(optimizer)
         for name, rules in (("include", include), ("exclude", exclude)):
             if isinstance(rules, (str, type)):
                 raise ValueError(f"{name} must be a list of rules; got the single rule {rules!r}")
@@ -162,6 +165,12 @@ class Sparsifier:
         # in at once; elsewhere at the next round or report (see ``_settle``).
         self._reads_free = all(p.device.type == "cpu" for p in self.params)
         self._pending: tuple[int, HostCopy] | None = None
+        self._compute = None
+        if alg.compute != "dense":
+            self._compute = SparseCompute(
+                alg.compute, self.model, self.names, self.params, self._masks, optimizer, self._warn
+            )
+            self._compute.dense_grad = self._dense_grad_due()
         self._apply()
         self._verify()
         self._hook = optimizer.register_step_post_hook(self._on_step)
@@ -238,7 +247,10 @@ class Sparsifier:
         # A fused optimizer under GradScaler is called even when the step is skipped for inf
         # gradients; it then sees ``found_inf``. Non-fused optimizers are simply not called.
         found_inf = getattr(optimizer, "found_inf", None)
-        if found_inf is not None and bool(found_inf):
+        stepped = found_inf is None or not bool(found_inf)
+        # tensors whose sparse-compute update touched only active entries need no mask multiply
+        updated = self._compute.finish_step(stepped) if self._compute else set()
+        if not stepped:
             return
         self.step += 1
         for observe in self._observers:
@@ -246,10 +258,20 @@ class Sparsifier:
         if self.dynamic and self.step >= self._first_round and self.cadence.is_update(self.step):
             self.update_topology()
         else:
-            self._apply()
+            self._apply(skip=updated)
+        if self._compute:
+            self._compute.dense_grad = self._dense_grad_due()
 
-    def _targets(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Parameters and every optimizer-state tensor shaped like them, with their multipliers.
+    def _dense_grad_due(self) -> bool:
+        """Whether the next step needs the full dense gradient of every sparse tensor: a
+        topology round follows it, or a score observes every step's gradients."""
+        return bool(self._observers) or self.next_update() == self.step + 1
+
+    def _targets(
+        self, skip: set[int] = frozenset()
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Parameters and every optimizer-state tensor shaped like them, with their multipliers;
+        none of the sparse tensors numbered in ``skip``.
 
         Rebuilt only when the masks change or the optimizer holds other state tensors (lazy
         state creation, ``optimizer.load_state_dict``, a tensor replaced in place of another) or
@@ -258,13 +280,19 @@ class Sparsifier:
         elsewhere the bool masks.
         """
         state = self.optimizer.state
-        key = tuple(
-            id(v) for p in self.params for v in state.get(p, {}).values() if torch.is_tensor(v)
-        ) + tuple(p.dtype for p in self.params)
+        key = (
+            tuple(
+                id(v) for p in self.params for v in state.get(p, {}).values() if torch.is_tensor(v)
+            )
+            + tuple(p.dtype for p in self.params)
+            + tuple(sorted(skip))
+        )
         cache = self._target_cache
         if cache is None or cache[0] != key:
             tensors, multipliers, copies = [], [], {}
             for i, (p, m) in enumerate(zip(self.params, self._masks)):
+                if i in skip:
+                    continue
                 shaped = [v for v in state.get(p, {}).values() if torch.is_tensor(v)]
                 for t in [p, *(v for v in shaped if v.shape == p.shape)]:
                     if t.device.type == "cpu":
@@ -278,8 +306,8 @@ class Sparsifier:
             self._target_cache = (key, (tensors, multipliers), held)
         return self._target_cache[1]
 
-    def _apply(self) -> None:
-        apply_masks(*self._targets())
+    def _apply(self, skip: set[int] = frozenset()) -> None:
+        apply_masks(*self._targets(skip))
 
     # ------------------------------------------------------------ update round
     def update_topology(self) -> None:
@@ -357,6 +385,8 @@ class Sparsifier:
         for m, new in zip(self._masks, masks):
             m.copy_(torch.where(ok, new, m))
         self._target_cache = None
+        if self._compute:
+            self._compute.refresh(self._masks)
         self._apply()
 
     def _drop_and_regrow(
@@ -462,8 +492,10 @@ class Sparsifier:
         return self.cadence.next_update(self.step)
 
     def stats(self) -> dict[str, Any]:
-        """A snapshot for logging: step, schedule, sparsity, ITOP rate, per-layer density."""
+        """A snapshot for logging: step, schedule, sparsity, ITOP rate, per-layer density and
+        kernels."""
         self._settle()
+        sparse = set(self._compute.sparse_layers()) if self._compute else set()
         return {
             "step": self.step,
             "next_update": self.next_update(),
@@ -478,6 +510,7 @@ class Sparsifier:
                     "nnz": n,
                     "numel": p.numel(),
                     "shape": list(p.shape),
+                    "compute": "sparse" if name in sparse else "dense",
                 }
                 for name, p, n in zip(self.names, self.params, self._nnz)
             },
@@ -546,6 +579,9 @@ class Sparsifier:
             if hasattr(s, "load_state_dict") and scores.get(role):
                 s.load_state_dict(scores[role])
         self._target_cache = None
+        if self._compute:
+            self._compute.refresh(self._masks)
+            self._compute.dense_grad = self._dense_grad_due()
         self._apply()
 
     def _check_belongs(self, state: dict[str, Any]) -> None:
@@ -558,7 +594,7 @@ class Sparsifier:
         differ = [
             f"{k}={theirs.get(k)!r} (here {mine.get(k)!r})"
             for k in mine
-            if theirs.get(k) != mine[k]
+            if theirs.get(k) != mine[k] and (k not in OPTION or OPTION[k].affects_result)
         ]
         if differ:
             raise ValueError("sparsifier state belongs to another run: it has " + ", ".join(differ))
@@ -566,6 +602,8 @@ class Sparsifier:
     def remove(self) -> None:
         """Detach from the optimizer and release the tensors; the weights keep their zeros."""
         self._hook.remove()
+        if self._compute:
+            self._compute.remove()
         for p in self.params:
             entry = _HELD.get(id(p))
             if entry is not None and entry[1]() is self:

@@ -20,6 +20,7 @@ import granet
 from granet import checks
 from granet.algorithm import OPTIONS, cli_options
 from granet.experiment.datasets import DATASETS
+from granet.experiment.loggers import LOGGERS
 from granet.experiment.models import MODELS
 
 METHOD_CHOICES = (*granet.METHODS, "dense")
@@ -64,6 +65,8 @@ class RunSettings:
     device: str = "auto"
     amp: str = "none"
     workers: int = 0
+    # where the run's scalars also go, beside metrics.jsonl (keys of loggers.LOGGERS)
+    log: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -195,6 +198,8 @@ def _check_ranges(c: Config) -> None:
     need(0 <= c.warmup_epochs < c.epochs, "warmup_epochs", f"in [0, epochs={c.epochs})")
     need(0.0 <= c.label_smoothing < 1.0, "label_smoothing", "in [0, 1)")
     need(c.workers >= 0, "workers", ">= 0")
+    for name in c.log:
+        checks.choice("log", name, LOGGERS)
 
 
 def _typed_values(values: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ the run folder. Without torchrun (or with N = 1) nothing here does anything.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -61,7 +62,14 @@ def _uses_cuda(device: str) -> bool:
 @contextmanager
 def process_group(device: str) -> Iterator[Ranks]:
     """Join the run's process group when started by torchrun with several processes (NCCL for
-    GPUs, each process on ``cuda:LOCAL_RANK``; gloo for the CPU), and leave it afterwards."""
+    GPUs, each process on ``cuda:LOCAL_RANK``; gloo for the CPU), and leave it afterwards.
+
+    Leaving is ordered: after a block that ended normally, every process waits for the others
+    (process 0 may still be writing the report); then whatever still holds the group (a DDP
+    wrapper or a sparsifier in a reference cycle) is collected while the interpreter is whole,
+    and only then is the group destroyed. Left to the interpreter's exit, the group's threads
+    outlive it and the process aborts ("terminate called without an active exception").
+    """
     launched = _launched()
     if launched.world == 1 or dist.is_initialized():
         yield current()
@@ -72,7 +80,9 @@ def process_group(device: str) -> Iterator[Ranks]:
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         yield current()
+        dist.barrier()
     finally:
+        gc.collect()
         dist.destroy_process_group()
 
 

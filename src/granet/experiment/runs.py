@@ -55,9 +55,9 @@ CHECKPOINT_DIR = "checkpoints"
 CHECKPOINTS = ("best", "last")
 CHECKPOINT_FORMAT = 3  # 3: the settings and a SHA-256 of the contents
 MARKER_KIND = "granet run"
-# Where and how fast a run trains, not what it computes: these may change between a run and its
-# resumption; every other setting must stay as the run began.
-PLACEMENT = ("device", "data_root", "workers")
+# Where and how fast a run trains and where its scalars are also logged, not what it computes:
+# these may change between a run and its resumption; every other setting must stay as it began.
+PLACEMENT = ("device", "data_root", "workers", "log")
 _TMP_SUFFIX = ".tmp"
 
 
@@ -417,8 +417,14 @@ def open_run(
         if not run_dir.is_dir():
             raise FileNotFoundError(f"no run folder at {run_dir}")
         if not is_run_dir(run_dir):
+            older = (run_dir / CONFIG_FILE).is_file()
             raise ValueError(
-                f"{run_dir} is not a granet run folder (no {MARKER_FILE}); nothing to resume"
+                f"{run_dir} is not a granet run folder (no {MARKER_FILE}); "
+                + (
+                    "a run of an older granet, which this one cannot resume"
+                    if older
+                    else "nothing to resume"
+                )
             )
     elif run_dir.is_dir():
         _refuse_existing(run_dir, overwrite)  # before this process adds anything to it
@@ -482,6 +488,11 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     """The settings a run was trained with (its ``config.yaml``)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
+        if is_run_dir(run_dir):
+            raise FileNotFoundError(
+                f"{run_dir} has no {CONFIG_FILE}: the run was stopped during its start-up, "
+                "before it had settings; start it again with --overwrite"
+            )
         raise FileNotFoundError(f"{run_dir} is not a granet run folder: no {CONFIG_FILE}")
     try:
         values = yaml.safe_load(path.read_text())

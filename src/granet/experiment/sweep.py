@@ -41,6 +41,8 @@ from granet.experiment.config import (
 from granet.experiment.report import summarize, write_comparison
 from granet.experiment.runs import (
     CONFIG_FILE,
+    MARKER_FILE,
+    PLACEMENT,
     REPORT_JSON,
     FolderLock,
     RunFailed,
@@ -153,8 +155,9 @@ def check_schedules(sweep: Sweep) -> None:
 
 def _state(job: Job, overwrite: bool) -> str:
     """``"done"``, ``"resume"`` or ``"new"``; an existing run made with other settings is an
-    error (its numbers would not belong in this sweep's table)."""
-    if overwrite or not is_run_dir(job.run_dir) or not (job.run_dir / CONFIG_FILE).is_file():
+    error (its numbers would not belong in this sweep's table). A finished run of a granet
+    before run folders had a marker is kept; an unfinished one cannot be resumed."""
+    if overwrite or not (job.run_dir / CONFIG_FILE).is_file():
         return "new"  # no folder, or one stopped during start-up before it had settings
     try:
         stored = make_config(read_run_config(job.run_dir)).effective()
@@ -164,14 +167,21 @@ def _state(job: Job, overwrite: bool) -> str:
     differ = [
         k
         for k, v in wanted.items()
-        if stored.get(k) != v and not (k in _RESOLVED_LATER and v is None)
+        if k not in PLACEMENT and stored.get(k) != v and not (k in _RESOLVED_LATER and v is None)
     ]
     if differ:
         raise ValueError(
             f"{job.run_dir} was trained with other settings ({', '.join(differ)}); "
             "run the sweep with --overwrite to redo it, or change its out folder"
         )
-    return "done" if (job.run_dir / REPORT_JSON).is_file() else "resume"
+    if (job.run_dir / REPORT_JSON).is_file():
+        return "done"
+    if not is_run_dir(job.run_dir):
+        raise ValueError(
+            f"{job.run_dir} is an unfinished run of an older granet (no {MARKER_FILE}): this "
+            "one cannot resume it; delete it to train it again"
+        )
+    return "resume"
 
 
 def run_sweep(

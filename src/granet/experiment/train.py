@@ -27,6 +27,7 @@ import torch
 
 from granet.experiment import parallel
 from granet.experiment.config import Config
+from granet.experiment.loggers import RunLoggers
 from granet.experiment.report import hardware, percent
 from granet.experiment.runs import (
     CHECKPOINT_DIR,
@@ -40,7 +41,7 @@ from granet.experiment.runs import (
     read_report,
     truncate_metrics,
 )
-from granet.experiment.trainer import Callbacks, Trainer, log, resolve_device
+from granet.experiment.trainer import Callbacks, StartFrom, Trainer, log, resolve_device
 
 
 @contextmanager
@@ -51,6 +52,20 @@ def _open(run_dir: Path, resume: bool, overwrite: bool, ranks: parallel.Ranks) -
             lambda: stack.enter_context(open_run(run_dir, resume=resume, overwrite=overwrite)),
             ranks,
         )
+
+
+class _Logging(Callbacks):
+    """Feeds the run's loggers (the ``log`` setting): each epoch's metrics record and each
+    topology round's statistics."""
+
+    def __init__(self, loggers: RunLoggers) -> None:
+        self.loggers = loggers
+
+    def on_round(self, trainer: Trainer) -> None:
+        self.loggers.log_round(trainer.sparsifier.stats())
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self.loggers.log_epoch(record)
 
 
 def _seen_by_all(path: Path, ranks: parallel.Ranks, device: torch.device) -> bool:
@@ -107,6 +122,7 @@ def train(
     progress: bool | None = None,
     callbacks: Sequence[Callbacks] = (),
     sparsifier_options: Mapping[str, Any] | None = None,
+    start: StartFrom | None = None,
 ) -> dict[str, Any] | None:
     """Train one run into ``run_dir`` and return its report.
 
@@ -115,7 +131,9 @@ def train(
     finished run returns its report). ``progress`` shows a tqdm bar (default: when stderr is a
     terminal); otherwise one log line per epoch. ``callbacks`` hook into the training loop;
     ``sparsifier_options`` go to the sparsifier on top of the config's (Python-only options: a
-    score or schedule given as a callable). Raises
+    score or schedule given as a callable). ``start`` starts the run from a given state (see
+    :class:`~granet.experiment.trainer.StartFrom`); give the same one to resume it (its
+    checkpoint, once it has one, takes over). Raises
     :class:`~granet.experiment.signals.Interrupted` after saving a checkpoint on Ctrl-C /
     SIGTERM.
 
@@ -137,6 +155,7 @@ def train(
             device=device,
             callbacks=callbacks,
             sparsifier_options=sparsifier_options,
+            start=start,
             progress=progress,
         )
         config = trainer.config
@@ -162,10 +181,20 @@ def train(
             f"({hardware(device, ranks.world)}): {config.epochs} epochs x "
             f"{trainer.steps_per_epoch} steps, into {run_dir}"
         )
-        trainer.fit()
-        if not ranks.main:
-            return None
-        report = trainer.finish()
+        loggers = None
+        if ranks.main and config.log:  # a resumed run's loggers drop what came after its checkpoint
+            loggers = RunLoggers(config.log, run_dir, trainer.step if resume else None)
+            trainer.callbacks.append(_Logging(loggers))
+        try:
+            trainer.fit()
+            # process 0 tests and reports; the others wait for it and share its outcome
+            report = parallel.on_main(trainer.finish, ranks)
+        finally:
+            trainer.close()
+            if loggers is not None:
+                loggers.close()
+    if not ranks.main:
+        return None
     chosen = "best by validation" if report["data"]["val"] else "the last epoch"
     log(
         f"test accuracy {percent(report['test_accuracy'])} (checkpoint {chosen}, "

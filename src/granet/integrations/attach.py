@@ -1,0 +1,140 @@
+"""What the framework callbacks share: the options checked when a callback is made
+(:class:`SparsifierHolder`), building the sparsifier on the framework's model and optimizer,
+resuming it without disturbing what the framework restored, and its scalars for logs.
+
+A framework restores the model (and, for the Hugging Face Trainer, the optimizer) from its
+checkpoint before a callback can build the sparsifier, and building one applies freshly drawn
+masks. :func:`attach` therefore keeps a copy of the sparse tensors and their optimizer state,
+builds, loads the saved sparsifier state and puts the copies back: the run continues exactly
+where the checkpoint left it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from granet import checks
+from granet.methods import METHODS
+from granet.selection import select_parameters, unwrap, unwrap_optimizer
+from granet.sparsifier import Sparsifier
+
+# Sparsifier keywords that are not fields of granet.Algorithm
+_BUILD_ONLY = ("algorithm", "include", "exclude", "verify_ranks")
+
+
+def method_class(method: str, options: dict[str, Any]) -> type[Sparsifier]:
+    """The sparsifier class called ``method``, with ``options`` checked now, so that a bad option
+    fails where the callback is made rather than when training starts."""
+    cls = checks.choice("method", method.lower() if isinstance(method, str) else method, METHODS)
+    fields = {k: v for k, v in options.items() if k not in _BUILD_ONLY}
+    cls.resolve(options.get("algorithm"), **fields)
+    return cls
+
+
+def attach(
+    cls: type[Sparsifier],
+    model: nn.Module,
+    optimizer: Any,
+    total_steps: int,
+    options: dict[str, Any],
+    state: dict[str, Any] | None = None,
+) -> Sparsifier:
+    """A ``cls`` sparsifier on ``model`` and ``optimizer`` (a wrapper is fine), for a run of
+    ``total_steps`` optimizer steps unless ``options`` names its own; with ``state`` (a
+    :meth:`Sparsifier.state_dict`), resumed from it with the current weights and optimizer state
+    left exactly as they are."""
+    options = {"total_steps": total_steps, **options}
+    if state is None:
+        return cls(model, optimizer, **options)
+    params = [
+        p
+        for _, p in select_parameters(
+            unwrap(model), options.get("include"), options.get("exclude", ())
+        )
+    ]
+    opt_state = unwrap_optimizer(optimizer).state
+    tensors = [
+        t
+        for p in params
+        for t in (p, *opt_state.get(p, {}).values())
+        if torch.is_tensor(t) and t.shape == p.shape
+    ]
+    copies = [t.detach().to("cpu", copy=True) for t in tensors]
+    sparsifier = None
+    try:
+        algorithm = options.get("algorithm")
+        if options.get("init", algorithm.init if algorithm else None) == "existing":
+            # the run started from the zeros of weights that are gone now: rebuild their count,
+            # so that the settings the state was saved with come out again
+            _set_sparsity(params, state["settings"]["init_sparsity"])
+        sparsifier = cls(model, optimizer, **options)
+        sparsifier.load_state_dict(state)
+    except BaseException:
+        if sparsifier is not None:
+            sparsifier.remove()
+        raise
+    finally:
+        with torch.no_grad():
+            for t, copy in zip(tensors, copies):
+                t.copy_(copy)
+    return sparsifier
+
+
+class SparsifierHolder:
+    """What a framework callback holds: ``method`` and its options, checked when it is made,
+    and from the start of training ``self.sparsifier``, built (or resumed) by :meth:`_attach`."""
+
+    def __init__(self, method: str = "granet", **sparsifier_kwargs: Any) -> None:
+        self._cls = method_class(method, sparsifier_kwargs)
+        self.method = method
+        self.options = sparsifier_kwargs
+        self.sparsifier: Sparsifier | None = None
+        self._scalars: Scalars | None = None
+
+    def _attach(
+        self, model: nn.Module, optimizer: Any, total_steps: int, state: dict[str, Any] | None
+    ) -> None:
+        if self.sparsifier is not None:  # an earlier training run of the same callback
+            self.sparsifier.remove()
+        self.sparsifier = attach(self._cls, model, optimizer, total_steps, self.options, state)
+        self._scalars = Scalars(self.sparsifier)
+
+
+def _set_sparsity(params: Sequence[torch.Tensor], sparsity: float) -> None:
+    """Overwrite ``params`` with ones and zeros, ``sparsity`` of them zeros over all, spread
+    evenly over the tensors."""
+    numel = sum(p.numel() for p in params)
+    ones = round((1.0 - sparsity) * numel)
+    shares = [ones * p.numel() // numel for p in params]
+    for i in range(ones - sum(shares)):
+        shares[i] += 1
+    with torch.no_grad():
+        for p, n in zip(params, shares):
+            p.zero_().view(-1)[:n] = 1
+
+
+class Scalars:
+    """The sparsifier's numbers for a framework's logs, under ``granet/``: sparsity, ITOP rate
+    and the last round's pruned, dropped and regrown counts. Recomputed only after a topology
+    round (reading the ITOP bits costs a pass over one bit per sparse weight)."""
+
+    def __init__(self, sparsifier: Sparsifier) -> None:
+        self.sparsifier = sparsifier
+        self._key: Any = ()  # the next round's step when last computed
+        self._values: dict[str, float] = {}
+
+    def __call__(self) -> dict[str, float]:
+        sp = self.sparsifier
+        key = sp.next_update()
+        if key != self._key:
+            self._values = {
+                "granet/sparsity": sp.sparsity(),
+                "granet/itop_rate": sp.itop_rate(),
+                **{f"granet/{k}": float(v) for k, v in sp.last_round.items()},
+            }
+            self._key = key
+        return dict(self._values)

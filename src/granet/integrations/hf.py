@@ -1,0 +1,136 @@
+"""granet in the Hugging Face ``Trainer``: ``Trainer(..., callbacks=[GraNetCallback("rigl")])``.
+
+Needs the ``granet[hf]`` extra (transformers, accelerate). The callback builds the sparsifier
+when training begins, on the Trainer's model and optimizer (the sparsifier hooks the torch
+optimizer inside accelerate's wrapper, so a step that accelerate skips on an fp16 overflow is
+not counted), with ``total_steps`` the Trainer's ``max_steps``. It writes the sparsifier's state
+into every ``checkpoint-N`` folder and reads it back when ``trainer.train(resume_from_checkpoint=
+...)`` resumes, and adds its scalars (``granet/sparsity``, ``granet/itop_rate``,
+``granet/pruned``, ``granet/dropped``, ``granet/regrown``) to the Trainer's training logs, which
+its reporters (TensorBoard, W&B, ...) then see.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import CallbackHandler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from granet.integrations.attach import SparsifierHolder
+
+__all__ = ["STATE_FILE", "GraNetCallback"]
+
+STATE_FILE = "granet_sparsifier.pt"
+
+
+class GraNetCallback(SparsifierHolder, TrainerCallback):
+    """Sparse training with ``method`` (a name of ``granet.METHODS``) in a ``Trainer``:
+    ``GraNetCallback(method="granet", **sparsifier_kwargs)``.
+
+    ``sparsifier_kwargs`` are those of the method's class (``sparsity``, ``update_every``,
+    ``include`` ...; ``total_steps`` defaults to the Trainer's ``max_steps``). The sparsifier is
+    ``self.sparsifier`` once training has begun.
+    """
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        self._log_first()
+        saved = self._saved_state(args, state) if state.global_step > 0 else None
+        self._attach(model, optimizer, state.max_steps, saved)
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.sparsifier is None or not state.is_world_process_zero:
+            return
+        folder = _checkpoint(args, state)
+        if not os.path.isdir(folder):
+            warnings.warn(
+                f"granet: no checkpoint folder {folder}; the sparsifier state was not saved and "
+                "this checkpoint cannot be resumed with GraNetCallback",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        saved = {"global_step": state.global_step, "sparsifier": self.sparsifier.state_dict()}
+        torch.save(saved, os.path.join(folder, STATE_FILE))
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if self._scalars is None or logs is None or any(k.startswith("eval_") for k in logs):
+            return
+        values = self._scalars()
+        last = state.log_history[-1] if state.log_history else {}
+        if all(last.get(k) == v for k, v in logs.items()):  # the record of these logs
+            last.update(values)
+        logs.update(values)
+
+    def _log_first(self) -> None:
+        """Move this callback to the front of the Trainer's callbacks, so that the scalars it adds
+        to the logs reach the reporters (added before user callbacks) in the same call."""
+        caller = _caller_locals(CallbackHandler)
+        callbacks = caller["self"].callbacks if caller else []
+        if self in callbacks and callbacks[0] is not self:
+            # the handler is iterating this list: moving this entry to the front from index i
+            # leaves the entries after i where they are, so none is skipped or called twice
+            callbacks.remove(self)
+            callbacks.insert(0, self)
+
+    def _saved_state(self, args: TrainingArguments, state: TrainerState) -> dict[str, Any]:
+        """The sparsifier state of the checkpoint the Trainer resumes from."""
+        caller = _caller_locals(Trainer)
+        folder = (caller or {}).get("resume_from_checkpoint") or _checkpoint(args, state)
+        path = os.path.join(folder, STATE_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"resume_from_checkpoint: {folder} holds no {STATE_FILE}, so it was not saved "
+                "with GraNetCallback; to start sparse training from its weights, load them and "
+                "train without resume_from_checkpoint"
+            )
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["global_step"] != state.global_step:
+            raise ValueError(
+                f"{path} was saved at step {saved['global_step']}, but the Trainer resumes at "
+                f"step {state.global_step}"
+            )
+        return saved["sparsifier"]
+
+
+def _checkpoint(args: TrainingArguments, state: TrainerState) -> str:
+    """The folder the Trainer saves the checkpoint of this step in (outside a hyperparameter
+    search, whose trials have folders of their own)."""
+    return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+
+def _caller_locals(kind: type) -> dict[str, Any] | None:
+    """The local variables of the nearest caller that is a method of a ``kind`` object. The
+    Trainer hands its callbacks neither its callback handler nor the checkpoint it resumes from,
+    so they are read where it called the callback from; ``None`` if no caller is one."""
+    frame = sys._getframe(1)
+    try:
+        while frame is not None:
+            if isinstance(frame.f_locals.get("self"), kind):
+                return dict(frame.f_locals)
+            frame = frame.f_back
+        return None
+    finally:
+        del frame

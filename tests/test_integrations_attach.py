@@ -1,0 +1,122 @@
+"""What the framework callbacks share: early option checks, resuming on restored weights without
+disturbing them (init="existing" included), the cached log scalars; no framework imported."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import SmallNet, train
+
+import granet
+from granet.integrations.attach import Scalars, attach, method_class
+
+KW = dict(sparsity=0.8, update_every=4)
+T = 24
+
+
+class Wrapped:
+    """An optimizer wrapper of the kind frameworks hand over (accelerate, Lightning)."""
+
+    def __init__(self, optimizer) -> None:
+        self.optimizer = optimizer
+
+
+def pruned_net() -> SmallNet:
+    torch.manual_seed(0)
+    net = SmallNet()
+    with torch.no_grad():
+        for p in (net.conv2.weight, net.fc1.weight, net.fc2.weight):
+            p.mul_(p.abs() > p.abs().flatten().quantile(0.7))
+    return net
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("granet", {"sparsity": 0.8}),
+        ("rigl", {"init": "existing"}),
+        ("granet", {"init": "existing", "sparsity": 0.8}),
+    ],
+)
+def test_resuming_on_restored_weights_continues_the_run_exactly(method, options):
+    cls = method_class(method, options)
+    net = pruned_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    sp = attach(cls, net, Wrapped(opt), T, {**options, "update_every": 4})
+    train(net, opt, 10)
+    saved = copy.deepcopy((net.state_dict(), opt.state_dict(), sp.state_dict()))
+    train(net, opt, T - 10, 10)
+
+    # the framework restores the model and optimizer, then the callback attaches
+    net2 = SmallNet()
+    net2.load_state_dict(saved[0])
+    opt2 = torch.optim.SGD(net2.parameters(), lr=0.05, momentum=0.9)
+    opt2.load_state_dict(saved[1])
+    restored = copy.deepcopy((net2.state_dict(), opt2.state_dict()["state"]))
+    sp2 = attach(cls, net2, Wrapped(opt2), T, {**options, "update_every": 4}, saved[2])
+    for (name, p), q in zip(net2.state_dict().items(), restored[0].values()):
+        assert torch.equal(p, q), name  # nothing the framework restored was touched
+    for key, state in opt2.state_dict()["state"].items():
+        assert torch.equal(state["momentum_buffer"], restored[1][key]["momentum_buffer"])
+    train(net2, opt2, T - 10, 10)
+    assert sp2.step == sp.step == T
+    for name in sp.masks:
+        assert torch.equal(sp.masks[name], sp2.masks[name]), name
+    for (name, p), q in zip(net.state_dict().items(), net2.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_a_state_of_other_settings_is_refused_and_changes_nothing():
+    net = pruned_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    state = granet.GraNet(net, opt, total_steps=T, **KW).state_dict()
+    net2 = pruned_net()
+    before = copy.deepcopy(net2.state_dict())
+    opt2 = torch.optim.SGD(net2.parameters(), lr=0.05)
+    with pytest.raises(ValueError, match="belongs to another run: it has sparsity=0.8"):
+        attach(granet.GraNet, net2, opt2, T, {"sparsity": 0.9, "update_every": 4}, state)
+    assert all(torch.equal(p, before[n]) for n, p in net2.state_dict().items())
+    granet.GraNet(net2, opt2, total_steps=T, **KW)  # the failed attach holds no tensor
+
+
+def test_options_are_checked_when_the_callback_is_made():
+    assert method_class("RigL", {}) is granet.RigL
+    with pytest.raises(ValueError, match="method must be one of granet, gmp"):
+        method_class("lottery", {})
+    with pytest.raises(ValueError, match="unknown option"):
+        method_class("granet", {"sparsty": 0.9})
+    with pytest.raises(ValueError, match="sparsity must be"):
+        method_class("granet", {"sparsity": 1.5})
+    assert method_class("set", {"include": [torch.nn.Linear], "algorithm": None}) is granet.SET
+
+
+def test_scalars_follow_the_rounds():
+    net = SmallNet()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    sp = granet.GraNet(net, opt, total_steps=T, sparsity=0.8, update_every=4)
+    scalars = Scalars(sp)
+    first = scalars()
+    assert first == {
+        "granet/sparsity": pytest.approx(0.5, abs=1e-3),
+        "granet/itop_rate": pytest.approx(0.5, abs=1e-3),
+        "granet/pruned": 0.0,
+        "granet/dropped": 0.0,
+        "granet/regrown": 0.0,
+    }
+    train(net, opt, 3)
+    assert scalars() == first  # no round yet
+    train(net, opt, 1, 3)
+    after = scalars()
+    assert after["granet/sparsity"] == pytest.approx(sp.sparsity()) and after != first
+    assert after["granet/pruned"] == sp.last_round["pruned"] > 0
+
+
+def test_granet_and_its_integrations_package_import_no_framework():
+    code = (
+        "import sys, granet, granet.integrations, granet.integrations.attach\n"
+        "found = {'transformers', 'accelerate', 'lightning', 'tensorboard'} & set(sys.modules)\n"
+        "assert not found, found\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

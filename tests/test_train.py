@@ -1,0 +1,42 @@
+"""``train()``, the run life-cycle, with a run that starts from another run's state (as a study
+continues from a checkpoint): it is stopped, resumed with the same start, and ends as the run it
+continues would have."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import SignalAt, assert_identical
+
+from granet.experiment.config import make_config
+from granet.experiment.runs import checkpoint_path, load_checkpoint, read_metrics
+from granet.experiment.signals import Interrupted
+from granet.experiment.train import train
+from granet.experiment.trainer import Callbacks, StartFrom
+
+SETTINGS = {"dataset": "synthetic", "model": "lenet5", "epochs": 3, "batch_size": 300}
+
+
+class SaveAtEpoch(Callbacks):
+    def __init__(self, epoch, path):
+        self.epoch, self.path = epoch, path
+
+    def on_epoch_end(self, trainer, record):
+        if trainer.epoch == self.epoch:
+            trainer.save(self.path)
+
+
+def test_a_run_started_from_another_runs_state_resumes_with_it(tmp_path):
+    config = make_config(SETTINGS)
+    train(
+        config, tmp_path / "whole", progress=False, callbacks=[SaveAtEpoch(1, tmp_path / "e1.pt")]
+    )
+    start = StartFrom.checkpoint(tmp_path / "e1.pt")
+    with pytest.raises(Interrupted):
+        train(config, tmp_path / "later", progress=False, start=start, callbacks=[SignalAt(4)])
+    assert load_checkpoint(checkpoint_path(tmp_path / "later"))["position"]["step"] == 4
+    train(config, tmp_path / "later", resume=True, progress=False, start=start)
+    assert [m["epoch"] for m in read_metrics(tmp_path / "later")] == [2, 3]
+    keys = ("model", "optimizer", "sparsifier", "position")
+    final = load_checkpoint(checkpoint_path(tmp_path / "later"))
+    whole = load_checkpoint(checkpoint_path(tmp_path / "whole"))
+    assert_identical({k: final[k] for k in keys}, {k: whole[k] for k in keys})
