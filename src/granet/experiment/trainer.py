@@ -374,8 +374,6 @@ class Trainer:
         self.sparsifier = self._sparsifier(steps, sparsifier_options or {})
         if start is not None:
             if start.sparsifier is not None and self.sparsifier is not None:
-                # the fresh sparsifier's own initial masks zeroed weights the state keeps
-                self.model.load_state_dict(start.model)
                 self.sparsifier.load_state_dict(start.sparsifier)
                 # building the sparsifier applied its own first masks: the weights again
                 self.model.load_state_dict(start.model)
