@@ -54,6 +54,12 @@ def test_uniform_prune_removes_the_fraction_of_each_tensor(rate, zeros, seed):
             assert w[m].abs().min() >= w[active & ~m].abs().max()
 
 
+def test_a_rate_that_removes_nothing_keeps_the_masks():
+    w = torch.tensor([[0.0, 3.0, -2.0, 1.0]])
+    for pruning in ("global", "uniform"):  # 0.1 x 3 rounds to 0
+        assert prune_masks([w], 0.1, pruning)[0].tolist() == [[False, True, True, True]]
+
+
 def test_given_masks_say_what_remains_even_at_zero():
     w = torch.tensor([[0.0, 3.0, -2.0, 0.0, 1.0, 5.0]])
     active = torch.tensor([[True, True, True, False, True, True]])  # the first: regrown at zero

@@ -54,8 +54,8 @@ def prune_masks(
         return [top_mask(s, n - round(rate * n)).view(s.shape) for s, n in zip(scores, nnz)]
     # global_pruning keeps round((1 - target) * N) weights: the target that keeps ``keep``
     keep, total = sum(nnz) - round(rate * sum(nnz)), sum(s.numel() for s in scores)
-    new, _ = global_pruning(scores, nnz, 1.0 - keep / total)
-    return new
+    pruned = global_pruning(scores, nnz, 1.0 - keep / total)
+    return [m.clone() for m in masks] if pruned is None else pruned[0]  # None: rate x n < 1/2
 
 
 def regrow_masks(
