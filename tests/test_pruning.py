@@ -28,3 +28,17 @@ def test_uniform_pruning_takes_each_layer_to_the_target_of_its_size():
 
 def test_registry_names():
     assert list(PRUNING) == ["global", "uniform"]
+
+
+def test_nothing_to_prune_is_none():
+    scores = scores_of([5.0, 1.0, 0.0, 0.0], [3.0, 0.0])
+    assert global_pruning(scores, [2, 1], 0.5) is None  # keeps round(0.5 * 6) = 3 of 3
+    assert uniform_pruning(scores, [2, 1], 0.5) is None  # 2 of 4 and 1 of 2 already
+
+
+def test_uniform_prunes_a_denser_layer_when_the_total_is_at_the_target():
+    # 4 + 1 of 10 active is the global 50% target, but the first layer is above its own 50%
+    scores = scores_of([4.0, 3.0, 2.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0])
+    assert global_pruning(scores, [4, 1], 0.5) is None
+    masks, counts = uniform_pruning(scores, [4, 1], 0.5)
+    assert counts == [3, 1] and masks[0].tolist() == [True, True, True, False, False, False]

@@ -336,8 +336,11 @@ class Sparsifier:
         # (1) gradual pruning; the pruned weights are zeroed at once (as in the reference), so
         # one that regrows in this same round restarts at zero with zero optimizer state
         target = self.sparsity_schedule(step)
-        if target > alg.init_sparsity and round((1.0 - target) * self._numel) < sum(self._nnz):
-            new, counts = PRUNING[alg.pruning](importance, self._nnz, target)
+        pruned_masks = None
+        if target > alg.init_sparsity:
+            pruned_masks = PRUNING[alg.pruning](importance, self._nnz, target)
+        if pruned_masks is not None:
+            new, counts = pruned_masks
             for m, n in zip(masks, new):
                 m.copy_(n)
             self._commit(masks, ok)
