@@ -1,15 +1,17 @@
 """The pruning-plasticity study of docs/plasticity.md: Fashion-MNIST, MLP and LeNet-5, a dense
 base and a 50% sparse (RigL) base, seeds 0 and 1, each a ``granet plasticity`` run.
 
-    python benchmarks/plasticity.py run [--streams 2]     # the 8 studies, 2 at a time (hours)
+    python benchmarks/plasticity.py run [--streams 2]     # the 8 studies, 2 at a time (~1 h)
     python benchmarks/plasticity.py run --studies lenet5-dense-seed0 ...   # some of them
+    python benchmarks/plasticity.py run --studies mlp-dense-seed0-once ...  # one-shot regrowth
     python benchmarks/plasticity.py summary               # the tables and figures of the docs
 
 ``run`` starts the studies as separate ``granet plasticity`` processes (one thread each), logs
 each to ``OUT/<study>.log`` and its wall-clock time to ``OUT/times.jsonl``; run it again to
 resume stopped studies. ``summary`` reads every study's ``plasticity.csv`` and prints, per model
 and base, the mean over seeds (and the spread) of each cell, the two findings of the paper as
-numbers, and draws ``docs/img/plasticity_<model>_<base>.png``.
+numbers, the ``<study>-once`` studies (``prune+regrow-once``) against ``prune``, and draws
+``docs/img/plasticity_<model>_<base>.png``.
 """
 
 from __future__ import annotations
@@ -39,13 +41,9 @@ STUDIES = {
     for model in MODELS
     for base, flags in BASES.items()
 }
-# the paper's one-shot regrowth, on LeNet-5 only (its base runs are those above, trained again)
+# the paper's one-shot regrowth, its own studies (their base runs are those above, trained again)
 ONCE = {
-    f"lenet5-{base}-seed0-once": [
-        *STUDIES[f"lenet5-{base}-seed0"],
-        *("--variants", "prune+regrow-once"),
-    ]
-    for base in BASES
+    f"{name}-once": [*flags, "--variants", "prune+regrow-once"] for name, flags in STUDIES.items()
 }
 STUDIES |= ONCE
 MAIN = [name for name in STUDIES if name not in ONCE]
@@ -167,35 +165,56 @@ def summary(out: Path, figures: Path) -> None:
             path = figures / f"plasticity_{model}_{base}.png"
             plot_plasticity(means, path, variants, [5.0, 7.5], title)
             print(f"\n![plasticity, {model}, {base} base]({os.path.relpath(path, ROOT / 'docs')})")
-    for name in ONCE:
-        path = out / name / "plasticity.csv"
-        if not path.is_file():
-            continue
-        with path.open() as f:
-            once = {(float(r["rate"]), int(r["prune_epoch"])): r for r in csv.DictReader(f)}
-        with (out / name.removesuffix("-once") / "plasticity.csv").open() as f:
-            pruned = {
-                (float(r["rate"]), int(r["prune_epoch"])): r
-                for r in csv.DictReader(f)
-                if r["variant"] == "prune"
-            }
-        print(f"\n### {name}: prune+regrow-once against prune (same seed)\n")
-        print("| epoch |" + "".join(f" prune {r:g} | once {r:g} |" for r in (0.2, 0.5, 0.9)))
-        print("|" + "---|" * 7)
-        for e in sorted({k[1] for k in once}):
-            line = f"| {e} |"
-            for r in (0.2, 0.5, 0.9):
-                line += f" {float(pruned[(r, e)]['plasticity']):.3f} |"
-                line += f" {float(once[(r, e)]['plasticity']):.3f} |"
-            print(line)
-        same = all(pruned[k]["t_final"] == once[k]["t_final"] for k in once)
-        print(f"\n(base runs trained twice, identical final accuracy: {same})")
+    for model in MODELS:
+        for base in BASES:
+            once_summary(out, model, base)
     times = out / "times.jsonl"
     if times.is_file():
         print("\nWall-clock times:")
         for line in times.read_text().splitlines():
             t = json.loads(line)
             print(f"- {t['study']}: {t['seconds'] / 60:.0f} min (exit {t['exit']})")
+
+
+def once_summary(out: Path, model: str, base: str) -> None:
+    """The one-shot regrowth against the fixed prune, cell by cell, over the seeds both have."""
+    pairs: dict[tuple[float, int], list[tuple[float, float]]] = defaultdict(list)
+    seeds, same = [], True
+    for seed in SEEDS:
+        name = f"{model}-{base}-seed{seed}"
+        once_csv, main_csv = out / f"{name}-once" / "plasticity.csv", out / name / "plasticity.csv"
+        if not (once_csv.is_file() and main_csv.is_file()):
+            continue
+        seeds.append(seed)
+        with once_csv.open() as f:
+            once = {(float(r["rate"]), int(r["prune_epoch"])): r for r in csv.DictReader(f)}
+        with main_csv.open() as f:
+            pruned = {
+                (float(r["rate"]), int(r["prune_epoch"])): r
+                for r in csv.DictReader(f)
+                if r["variant"] == "prune"
+            }
+        for key, r in once.items():
+            pairs[key].append((float(pruned[key]["plasticity"]), float(r["plasticity"])))
+            same &= pruned[key]["t_final"] == r["t_final"]
+    if not pairs:
+        return
+    rates = sorted({rate for rate, _ in pairs})
+    print(f"\n### {model}, {base} base: prune+regrow-once against prune (seeds {seeds})\n")
+    print("| epoch |" + "".join(f" prune {r:g} | once {r:g} |" for r in rates))
+    print("|" + "---|" * (1 + 2 * len(rates)))
+    for e in sorted({e for _, e in pairs}):
+        line = f"| {e} |"
+        for r in rates:
+            prune_p, once_p = zip(*pairs[(r, e)])
+            line += f" {statistics.fmean(prune_p):.3f} | {statistics.fmean(once_p):.3f} |"
+        print(line)
+    for r in rates:
+        cells = [c for (rate, _), cs in pairs.items() if rate == r for c in cs]
+        wins = sum(o > p for p, o in cells)
+        gain = statistics.fmean(o - p for p, o in cells)
+        print(f"- rate {r:g}: once above prune in {wins} of {len(cells)} cells, mean {gain:+.3f}")
+    print(f"(base runs trained twice, identical final accuracy: {same})")
 
 
 def main() -> None:
