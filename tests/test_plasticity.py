@@ -24,11 +24,13 @@ import torch
 from helpers import SignalAt
 
 from granet.cli import main
+from granet.experiment.models import build_model
 from granet.experiment.plasticity import (
     COLUMNS,
     VARIANTS,
     Cell,
     Study,
+    _gradients,
     base_config,
     continuation_config,
     every_tenth,
@@ -37,7 +39,7 @@ from granet.experiment.plasticity import (
 )
 from granet.experiment.runs import load_checkpoint, read_metrics, save_checkpoint
 from granet.experiment.signals import Interrupted
-from granet.experiment.trainer import Callbacks, StartFrom, Trainer
+from granet.experiment.trainer import Callbacks, StartFrom, Trainer, load_data
 
 # issue 12's interface: these columns first, in this order
 REQUIRED = ("prune_epoch", "rate", "variant", "t_pre")
@@ -318,7 +320,8 @@ FLAGS = ["plasticity", "--dataset", "synthetic", "--model", "lenet5", "--epochs"
         ),
         (["--pruning", "layer"], "pruning must be one of global, uniform; got 'layer'"),
         (["--continue", "restart"], "continue must be one of schedule, rewind; got 'restart'"),
-        (["--continue", "rewind"], "continue_epochs must be an integer; got None"),
+        (["--continue", "rewind"], "continue=rewind needs continue_epochs (--continue-epochs N)"),
+        (["--rates", "0.1234567", "0.1234568"], "rates must differ in their first 6 digits"),
         (["--continue-epochs", "3"], "continue_epochs is for continue=rewind"),
         (["--workers", "0"], "workers must be an integer >= 1; got 0"),
         (["--train-size", "0"], "train_size must be >= 1"),
@@ -371,3 +374,23 @@ def test_start_from_a_sparse_checkpoint_keeps_its_weights(tmp_path):
     assert all(
         torch.equal(second.sparsifier.masks[n], m) for n, m in first.sparsifier.masks.items()
     )
+
+
+def test_a_study_refused_before_training_leaves_no_folder(tmp_path):
+    out = tmp_path / "study"
+    flags = [*FLAGS, "--method", "granet", "--update-every", "100", "--out", str(out)]
+    code, _, err = run_cli(*flags)
+    assert code == 2 and "the schedule never reaches sparsity=0.9" in err
+    assert not out.exists()  # so the corrected command is not refused as another study
+
+
+def test_the_one_shot_regrowth_gradient_does_not_depend_on_the_global_rng():
+    config = base_config(None, {**SMALL, "augment": True})  # random crops and flips
+    data = load_data(config)
+    model = build_model("lenet5", num_classes=10, in_channels=1, image_size=data.image_size)
+    names = [n for n, _ in model.named_parameters()]
+    torch.manual_seed(1)
+    first = _gradients(model, config, data, 1, names)
+    torch.manual_seed(2)
+    second = _gradients(model, config, data, 1, names)
+    assert all(torch.equal(first[n], second[n]) for n in names)

@@ -52,7 +52,6 @@ import io
 import json
 import math
 import shutil
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -85,12 +84,13 @@ from granet.experiment.runs import (
     write_atomic,
 )
 from granet.experiment.signals import Interrupted, stop_on_signals
-from granet.experiment.sweep import Job, run_processes
+from granet.experiment.sweep import Job, resume_command, resumed_config, run_processes
 from granet.experiment.train import train
 from granet.experiment.trainer import (
     Callbacks,
     StartFrom,
     Trainer,
+    check_schedule,
     epoch_batches,
     load_data,
     log,
@@ -179,6 +179,7 @@ class Cell:
 
     @property
     def name(self) -> str:
+        """The cell's folder name under ``cells/``."""
         return f"e{self.prune_epoch}-r{self.rate:g}-{self.variant}"
 
 
@@ -208,6 +209,8 @@ class Study:
         checks.choice("continue", self.continuation, dict.fromkeys(CONTINUATIONS))
         rewind = self.continuation == "rewind"
         if rewind:
+            if self.continue_epochs is None:
+                raise ValueError("continue=rewind needs continue_epochs (--continue-epochs N)")
             checks.integer("continue_epochs", self.continue_epochs, 1)
         elif self.continue_epochs is not None:
             raise ValueError(
@@ -242,6 +245,8 @@ class Study:
         if not variants or len(set(variants)) != len(variants):
             raise ValueError(f"variants must name each variant once; got {list(variants)}")
         rates = tuple(float(r) for r in rates)
+        if len({f"{r:g}" for r in rates}) != len(rates):
+            raise ValueError(f"rates must differ in their first 6 digits; got {list(rates)}")
         for name, value in (
             ("prune_epochs", prune_epochs),
             ("rates", rates),
@@ -465,8 +470,14 @@ def _gradients(
     device = resolve_device(config.device)
     probe = copy.deepcopy(model).to(device).train()
     batch = epoch_batches(len(data.train), config.batch_size, config.seed, epoch)[0]
-    x, y = next(iter(DataLoader(data.train, batch_sampler=[batch])))
-    F.cross_entropy(probe(x.to(device)), y.to(device)).backward()
+    # augmentation and dropout draw from a seeded RNG, not from whatever the process did before
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed + epoch)
+        x, y = next(iter(DataLoader(data.train, batch_sampler=[batch])))
+        loss = F.cross_entropy(
+            probe(x.to(device)), y.to(device), label_smoothing=config.label_smoothing
+        )
+        loss.backward()
     params = dict(probe.named_parameters())
     return {n: params[n].grad.detach().cpu() for n in names}
 
@@ -586,7 +597,7 @@ def _run_cells(
                     raise Interrupted(stop.signum, _STOPPED)
                 try:
                     train(
-                        make_config(read_run_config(run_dir)),
+                        resumed_config(run_dir, study.base),
                         run_dir,
                         resume=True,
                         callbacks=callbacks,
@@ -600,7 +611,7 @@ def _run_cells(
     def command(job: Job, resume: bool, overwrite: bool, logs: Path) -> list[str]:
         if not _prepared(job.run_dir):
             prepare_cell(study, out, by_name[job.name], data)
-        return [sys.executable, "-m", "granet", "train", "--resume", str(job.run_dir)]
+        return resume_command(job.run_dir, study.base)
 
     # a job's config is the base run's: the continuation's own is known once it is pruned
     jobs = [(Job(c.name, study.base, _cell_dir(out, c)), True) for c in todo]
@@ -738,10 +749,11 @@ def run_study(
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file, not a study folder")
     _refuse_foreign(out)
+    data = load_data(study.base)  # missing data or an unreachable schedule: no folder written
+    check_schedule(study.base, len(data.train))
     out.mkdir(parents=True, exist_ok=True)
     with FolderLock(out, "plasticity study", STUDY_LOCK):
         _open_study(study, out, overwrite)
-        data = load_data(study.base)
         log(f"[plasticity] {out}: {len(study.cells)} continuations; data: {data.source}")
         _train_base(study, out, data, callbacks, progress)
         _run_cells(study, out, data, workers, callbacks, progress)

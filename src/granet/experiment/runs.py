@@ -345,9 +345,7 @@ class RunFolder:
 
     def record_settings(self, config: Any) -> None:
         """Write ``config.yaml`` and its hash into ``run.json`` (a new run, once resolved)."""
-        from granet.experiment.config import save_config
-
-        save_config(config, self.path / CONFIG_FILE)
+        write_atomic(self.path / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
         self.marker = write_marker(self.path, settings_hash(config), self.marker["run_id"])
 
     def check_settings(self, config: Any, checkpoint: Mapping[str, Any] | None) -> None:

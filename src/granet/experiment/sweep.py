@@ -216,17 +216,34 @@ def _run_here(todo: list[tuple[Job, bool]], overwrite: bool) -> None:
         print(f"[sweep] run {i}/{len(todo)}: {job.name}", file=sys.stderr)
         try:
             if resume:
-                train(make_config(read_run_config(job.run_dir)), job.run_dir, resume=True)
+                train(resumed_config(job.run_dir, job.config), job.run_dir, resume=True)
             else:
                 train(job.config, job.run_dir, overwrite=overwrite)
         except Interrupted as e:
             raise Interrupted(e.signum, _STOPPED) from e
 
 
+def resumed_config(run_dir: Path, placed: Config) -> Config:
+    """The settings ``run_dir`` was trained with, but placed as ``placed`` is (the
+    :data:`PLACEMENT` settings: device, data root, loader workers, loggers)."""
+    return make_config({**read_run_config(run_dir), **{k: getattr(placed, k) for k in PLACEMENT}})
+
+
+def resume_command(run_dir: Path, placed: Config) -> list[str]:
+    """``granet train --resume run_dir`` with ``placed``'s :data:`PLACEMENT` flags."""
+    cmd = [sys.executable, "-m", "granet", "train", "--resume", str(run_dir)]
+    for key in PLACEMENT:
+        value = getattr(placed, key)
+        if value is not None and value != []:
+            flag = "--" + key.replace("_", "-")
+            cmd += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+    return cmd
+
+
 def _command(job: Job, resume: bool, overwrite: bool, out: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "granet", "train"]
     if resume:
-        return [*cmd, "--resume", str(job.run_dir)]
+        return resume_command(job.run_dir, job.config)
+    cmd = [sys.executable, "-m", "granet", "train"]
     config_file = out / ".configs" / f"{job.name}.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     save_config(job.config, config_file)
@@ -257,28 +274,38 @@ def run_processes(
             proc.send_signal(signal.SIGTERM)
 
     with stop_on_signals(pass_on) as stop:
-        while running or (pending and not stop.asked):
-            while pending and len(running) < workers and not stop.asked:
-                job, resume = pending.pop(0)
-                log = (out / f"{job.name}.log").open("a")
-                print(f"[sweep] started {job.name} (log: {log.name})", file=sys.stderr)
-                running[
-                    subprocess.Popen(
-                        command(job, resume, overwrite, out),
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                        start_new_session=True,  # a terminal's Ctrl-C reaches us only
-                    )
-                ] = job
-                log.close()
-            for proc in [p for p in running if p.poll() is not None]:
-                job = running.pop(proc)
-                ok = proc.returncode == 0
-                print(f"[sweep] {'finished' if ok else 'stopped'} {job.name}", file=sys.stderr)
-                if not ok and not stop.asked:
-                    failed.append(f"{job.name} (exit {proc.returncode}, see {out / job.name}.log)")
-            time.sleep(0.2)
+        try:
+            while running or (pending and not stop.asked):
+                while pending and len(running) < workers and not stop.asked:
+                    job, resume = pending.pop(0)
+                    cmd = command(job, resume, overwrite, out)  # may take a while (a prune)
+                    if stop.asked:  # asked meanwhile: nothing new starts
+                        break
+                    with (out / f"{job.name}.log").open("a") as log:
+                        print(f"[sweep] started {job.name} (log: {log.name})", file=sys.stderr)
+                        proc = subprocess.Popen(
+                            cmd,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            env=env,
+                            start_new_session=True,  # a terminal's Ctrl-C reaches us only
+                        )
+                    running[proc] = job
+                for proc in [p for p in running if p.poll() is not None]:
+                    job = running.pop(proc)
+                    ok = proc.returncode == 0
+                    said = "finished" if ok else "stopped"
+                    print(f"[sweep] {said} {job.name}", file=sys.stderr)
+                    if not ok and not stop.asked:
+                        failed.append(
+                            f"{job.name} (exit {proc.returncode}, see {out / job.name}.log)"
+                        )
+                time.sleep(0.2)
+        finally:  # an error here: the running ones checkpoint and stop rather than run on
+            for proc in running:
+                proc.send_signal(signal.SIGTERM)
+            for proc in running:
+                proc.wait()
     if stop.asked:
         raise Interrupted(stop.signum, _STOPPED)
     if failed:
