@@ -1,6 +1,7 @@
 """compute="sparse" / "auto": CSR kernels in the training step give the masked-dense results."""
 
 import copy
+import gc
 import io
 import json
 import pickle
@@ -331,6 +332,53 @@ def test_copies_and_pickles_run_dense_and_remove_restores_the_forward():
     sp.remove()
     assert all("forward" not in m.__dict__ for m in net.modules())
     assert torch.allclose(net(x), out, atol=1e-12)
+
+
+def test_a_copy_runs_sparse_under_a_sparsifier_of_its_own():
+    _, (net, _, _) = side_by_side("static", OPTIMIZERS["sgd"])
+    for twin in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        sp = granet.Static(twin, OPTIMIZERS["sgd"](twin.parameters()), compute="sparse", **KW)
+        assert sp._compute.sparse_layers() == sp.names
+
+
+def test_a_dropped_sparsifier_lets_go_of_its_model():
+    (_, _, _), (net, opt, sp) = side_by_side("rigl", OPTIMIZERS["sgd"])
+    step(net, opt, 0)
+    del sp, opt
+    gc.collect()
+    opt = OPTIMIZERS["sgd"](net.parameters())
+    sp = granet.RigL(net, opt, compute="sparse", **KW)  # not "another sparsifier holds ..."
+    assert sp._compute.sparse_layers() == sp.names
+
+
+def test_an_inference_mode_pass_between_steps_and_rounds():
+    (dense, d_opt, _), (sparse, s_opt, _) = side_by_side("rigl", OPTIMIZERS["sgd"])
+    x, _ = batch(99)
+    for i in range(12):  # a round every 5 steps: inference passes right after rounds too
+        with torch.inference_mode():
+            sparse(x.double())
+        step(dense, d_opt, i)
+        step(sparse, s_opt, i)
+    assert gap(dense, sparse) < 1e-12
+
+
+def test_a_double_backward_through_a_sparse_layer_raises():
+    _, (net, _, _) = side_by_side("static", OPTIMIZERS["sgd"])
+    x = batch(0)[0].double().requires_grad_()
+    (g,) = torch.autograd.grad(net(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.square().sum().backward()
+
+
+def test_a_non_contiguous_weight_runs_dense():
+    net = nn.Sequential(nn.Linear(64, 48)).double()
+    net[0].weight = nn.Parameter(torch.randn(64, 48, dtype=torch.float64).t())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sp = granet.Static(net, OPTIMIZERS["sgd"](net.parameters()), compute="sparse", **KW)
+        net(batch(0)[0].double().flatten(1)).sum().backward()
+    assert sp._compute.sparse_layers() == []
+    assert any("its weight is not contiguous" in str(w.message) for w in caught)
 
 
 def test_granet_train_compute_flag_reaches_the_sparsifier(tmp_path):

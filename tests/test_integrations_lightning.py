@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
+import granet  # noqa: E402
 from granet.integrations.lightning import GraNetCallback  # noqa: E402
 
 EPOCHS, BATCHES = 4, 8  # 8 optimizer steps an epoch
@@ -156,3 +157,21 @@ def test_a_checkpoint_without_sparsifier_state_is_refused(run, tmp_path):
     torch.save(checkpoint, tmp_path / "dense.ckpt")
     with pytest.raises(ValueError, match="dense.ckpt holds no GraNetCallback state"):
         fit(tmp_path, ckpt_path=tmp_path / "dense.ckpt", checkpoints=False)
+
+
+def test_a_lightning_optimizer_is_unwrapped_for_sparse_compute():
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 600), torch.nn.ReLU(), torch.nn.Linear(600, 10))
+    inner = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    sp = granet.RigL(
+        net, LightningOptimizer(inner), sparsity=0.95, total_steps=20, compute="sparse"
+    )
+    assert sp.optimizer is inner and sp._compute.sparse_layers() == sp.names
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        inner.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        inner.step()  # the sparse update: no KeyError on the wrapper's class
+    assert all(not (p[~m] != 0).any() for p, m in zip(sp.params, sp.masks.values()))

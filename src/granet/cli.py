@@ -321,7 +321,8 @@ def _plasticity_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         metavar="DIR",
-        help="study folder (default: runs/plasticity-<dataset>-<model>-<method>-seed<seed>)",
+        help="study folder (default: runs/plasticity-<dataset>-<model>-<method>"
+        "[-s<sparsity>]-seed<seed>)",
     )
     p.add_argument(
         "--prune-epochs",

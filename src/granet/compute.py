@@ -18,7 +18,8 @@ every selected ``nn.Linear`` on the CPU through CSR kernels, forward and backwar
 The CSR positions are rebuilt only when the masks change (a topology round, ``load_state_dict``).
 The step before a topology round computes the full dense weight gradient, which gradient-based
 growth reads; so does every step when a score observes the gradients (SNFS's momentum). Results
-equal the masked-dense path's up to float rounding (sums in another order).
+equal the masked-dense path's up to float rounding (sums in another order), except under gradient
+clipping by norm, which sees only the active entries' gradient here.
 
 ``"auto"`` decides per layer by a rule, again after every mask change: a CPU ``nn.Linear`` in
 float32/float64 with at least :data:`AUTO_MIN_NUMEL` weights at a density of at most
@@ -54,8 +55,9 @@ AUTO_MIN_NUMEL = 2**18
 PROBES = 16  # entries that check a kept copy of a tensor's active entries
 CSR_DTYPES = (torch.float32, torch.float64)
 
-# module -> its _Layer, for the installed forward; a copy of the module finds none and runs dense
-_LAYERS: weakref.WeakKeyDictionary[nn.Module, _Layer] = weakref.WeakKeyDictionary()
+# module -> its _Layer (weakly: the engine owns it), for the installed forward; a copy of the
+# module, or one whose sparsifier is gone, finds none and runs dense
+_LAYERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[_Layer]] = weakref.WeakKeyDictionary()
 
 
 class _Positions:
@@ -72,7 +74,8 @@ class _Positions:
         self.shape = (rows_n, cols_n)
         self.flat = flat
         # a few entries, evenly spread, that a kept copy is checked against (see _Layer.gather)
-        self.probe = torch.linspace(0, flat.numel() - 1, PROBES).long().unique()[: flat.numel()]
+        probe = torch.arange(PROBES) * max(flat.numel() - 1, 0) // (PROBES - 1)  # exact ints
+        self.probe = probe.unique()[: flat.numel()]
         self.probe_flat = flat[self.probe]
         self.crow = _crow(rows, rows_n, index)
         self.col = cols.to(index)
@@ -139,6 +142,7 @@ class _SparseLinear(torch.autograd.Function):
         return out.t().reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a double backward raises, not misleads
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xt, values = ctx.saved_tensors
         positions = ctx.positions
@@ -163,7 +167,8 @@ class _SparseLinear(torch.autograd.Function):
 def forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     """The forward installed on a sparse-compute ``nn.Linear`` (named ``forward`` so that a
     pickled module restores the class's own)."""
-    layer = _LAYERS.get(self)
+    ref = _LAYERS.get(self)
+    layer = ref() if ref is not None else None
     if layer is not None and layer.runs_sparse(input):
         own = torch.is_grad_enabled() and self.weight.requires_grad and layer.claim_buffer()
         return _SparseLinear.apply(input, self.weight, self.bias, layer, own)
@@ -174,10 +179,15 @@ class _Layer:
     """One ``nn.Linear`` the engine may run sparse: its decision, CSR positions, grad buffer."""
 
     def __init__(self, engine: SparseCompute, index: int, name: str, module: nn.Linear) -> None:
-        self.engine, self.index, self.name, self.module = engine, index, name, module
+        self.engine, self.index, self.name = engine, index, name
+        self._module = weakref.ref(module)  # the module does not keep its sparsifier alive
         self.param = module.weight
         self._buffer_free = True
         self.refresh(None)
+
+    @property
+    def module(self) -> nn.Linear | None:
+        return self._module()
 
     def refresh(self, mask: torch.Tensor | None) -> None:
         """A new mask: the decision, positions, gradient buffer and kept entries start over."""
@@ -199,6 +209,8 @@ class _Layer:
         writes) moves the counter; writes through ``.data`` do not, and are caught by the probe
         when they change many entries (a swap to averaged weights), not when they change a few.
         """
+        if torch.is_inference_mode_enabled():  # inference tensors cannot serve a training step
+            return self.take(dense)
         kept = self._kept.get(role)
         if (
             kept is not None
@@ -322,7 +334,7 @@ class SparseCompute:
                 + "; ".join(f"{', '.join(n)} ({reason})" for reason, n in dense.items())
             )
         for layer in self.layers:
-            _LAYERS[layer.module] = layer
+            _LAYERS[layer.module] = weakref.ref(layer)
             layer.module.forward = types.MethodType(forward, layer.module)
         self.refresh(masks)
         self._taken: list[tuple[_Layer, torch.Tensor]] = []
@@ -385,10 +397,12 @@ class SparseCompute:
         """Put the layers' own forward back and detach from the optimizer."""
         self._hook.remove()
         for layer in self.layers:
-            if _LAYERS.get(layer.module) is layer:
-                del _LAYERS[layer.module]
-                if getattr(layer.module.__dict__.get("forward"), "__func__", None) is forward:
-                    del layer.module.forward
+            module = layer.module
+            ref = _LAYERS.get(module) if module is not None else None
+            if ref is not None and ref() is layer:
+                del _LAYERS[module]
+                if getattr(module.__dict__.get("forward"), "__func__", None) is forward:
+                    del module.forward
             layer.refresh(layer.mask)
 
 
@@ -499,7 +513,8 @@ def _no_route(modules: Sequence[nn.Module]) -> str | None:
     module = modules[0]
     if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward:
         return f"{type(module).__name__} has no sparse training route"
-    if "forward" in module.__dict__:
+    own = getattr(module.__dict__.get("forward"), "__func__", None)  # ours, on a copy: replaced
+    if "forward" in module.__dict__ and own not in (forward, nn.Linear.forward):
         return "the module's forward was replaced"
     return None
 
@@ -510,6 +525,8 @@ def _unsupported(w: torch.Tensor) -> str | None:
         return f"its weight is on {w.device.type}, where CSR kernels are slower than dense ones"
     if w.dtype not in CSR_DTYPES:
         return f"CPU CSR kernels do not support {w.dtype}"
+    if not w.is_contiguous():
+        return "its weight is not contiguous"
     return None
 
 

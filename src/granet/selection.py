@@ -49,10 +49,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside wrappers that hold one at ``.optimizer`` without being
-    initialised as one themselves (accelerate's ``AcceleratedOptimizer``, Lightning's
-    ``LightningOptimizer``: they have no step hooks of their own), else ``optimizer``."""
-    while not hasattr(optimizer, "_optimizer_step_post_hooks") and hasattr(optimizer, "optimizer"):
+    """The torch optimizer inside wrappers that hold one at ``.optimizer`` (accelerate's
+    ``AcceleratedOptimizer``; Lightning's ``LightningOptimizer``, which poses as its inner
+    optimizer's class and shares its hooks), else ``optimizer``."""
+    while hasattr(optimizer, "optimizer") and (
+        not isinstance(optimizer, torch.optim.Optimizer)
+        or isinstance(optimizer.optimizer, torch.optim.Optimizer)
+    ):
         optimizer = optimizer.optimizer
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(

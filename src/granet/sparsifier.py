@@ -166,13 +166,13 @@ class Sparsifier:
         self._reads_free = all(p.device.type == "cpu" for p in self.params)
         self._pending: tuple[int, HostCopy] | None = None
         self._compute = None
-        if alg.compute != "dense":
+        self._apply()
+        self._verify()
+        if alg.compute != "dense":  # hooks and forwards installed once nothing can fail
             self._compute = SparseCompute(
                 alg.compute, self.model, self.names, self.params, self._masks, optimizer, self._warn
             )
             self._compute.dense_grad = self._dense_grad_due()
-        self._apply()
-        self._verify()
         self._hook = optimizer.register_step_post_hook(self._on_step)
 
     def _existing_sparsity(
