@@ -120,3 +120,16 @@ def test_granet_and_its_integrations_package_import_no_framework():
         "assert not found, found\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"exclude": "lm_head.*"}, "exclude must be a list of rules; got the single rule"),
+        ({"include": [3]}, "include/exclude rules must be nn.Module subclasses or name patterns"),
+        ({"verify_ranks": "no"}, "verify_ranks must be True or False; got 'no'"),
+    ],
+)
+def test_selection_options_are_checked_when_the_callback_is_made(options, message):
+    with pytest.raises(ValueError, match=message):
+        method_class("granet", options)

@@ -287,9 +287,9 @@ def test_a_finished_study_is_collected_again_not_retrained(reference, capsys):
 
 def test_a_folder_of_another_study_or_not_of_a_study_is_refused(reference, tmp_path):
     out, _ = reference
-    with pytest.raises(ValueError, match=r"other settings \(rates: \[0.5\] there, \[0.9\] here\)"):
+    with pytest.raises(ValueError, match=r"other settings \(rates: \[0.5\] -> \[0.9\]\)"):
         run_study(small_study(rates=(0.9,)), out)
-    with pytest.raises(ValueError, match=r"base.epochs: 3 there, 4 here"):
+    with pytest.raises(ValueError, match=r"base.epochs: 3 -> 4"):
         run_study(
             Study(base_config(None, {**SMALL, "epochs": 4}), (1, 2), (0.5,), tuple(VARIANTS)), out
         )

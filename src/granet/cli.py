@@ -468,6 +468,7 @@ _STUDY_RUN = ("workers", "overwrite", "keep_checkpoints")
 
 
 def cmd_plasticity(args: argparse.Namespace) -> int:
+    """``granet plasticity``: build the study from the flags, run or resume it, print its table."""
     from granet.experiment.plasticity import MD_FILE, Study, base_config, default_out, run_study
     from granet.experiment.trainer import resolve_device
 

@@ -84,6 +84,21 @@ def _matches(rules: Sequence[Rule], holders: Sequence[tuple[nn.Module, str, str]
     return False
 
 
+def check_rules(include: Sequence[Rule] | None, exclude: Sequence[Rule]) -> None:
+    """Refuse rules :func:`select_parameters` cannot read, naming them (before any model)."""
+    for name, rules in (("include", include), ("exclude", exclude)):
+        if isinstance(rules, (str, type)):
+            raise ValueError(f"{name} must be a list of rules; got the single rule {rules!r}")
+        for rule in rules or ():
+            if not isinstance(rule, str) and not (
+                isinstance(rule, type) and issubclass(rule, nn.Module)
+            ):
+                raise ValueError(
+                    f"include/exclude rules must be nn.Module subclasses or name patterns; "
+                    f"got {rule!r}"
+                )
+
+
 def select_parameters(
     model: nn.Module,
     include: Sequence[Rule] | None = None,
@@ -99,16 +114,10 @@ def select_parameters(
     selected when a rule of ``include`` matches one of its holders and no rule of ``exclude``
     matches any (``exclude`` wins).
     """
+    check_rules(include, exclude)
     default = include is None
     include = default_include() if default else tuple(include)
     exclude = (*exclude, nn.Embedding) if default else tuple(exclude)
-    for rule in (*include, *exclude):
-        if not isinstance(rule, str) and not (
-            isinstance(rule, type) and issubclass(rule, nn.Module)
-        ):
-            raise ValueError(
-                f"include/exclude rules must be nn.Module subclasses or name patterns; got {rule!r}"
-            )
     holders: dict[int, list[tuple[nn.Module, str, str]]] = {}
     params: dict[int, nn.Parameter] = {}
     for module_name, module in model.named_modules():

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from granet import checks
 from granet.algorithm import OPTION, Algorithm
 from granet.compute import SparseCompute
 from granet.criteria import GROWTH, IMPORTANCE
@@ -30,7 +31,7 @@ from granet.masks import apply_masks, pack_bits, top_mask, unpack_bits
 from granet.pruning import PRUNING
 from granet.readback import HostCopy
 from granet.schedules import MIN_REGROW_FRACTION, CosineDecay, CubicSparsity, UpdateCadence
-from granet.selection import Rule, select_parameters, unwrap, unwrap_optimizer
+from granet.selection import Rule, check_rules, select_parameters, unwrap, unwrap_optimizer
 
 # id(parameter) -> (the parameter, the sparsifier holding it), both weakly
 _HELD: dict[int, tuple[weakref.ref, weakref.ref]] = {}
@@ -93,13 +94,11 @@ class Sparsifier:
         (accelerate's, Lightning's): the sparsifier hooks the optimizer inside.
         """
         optimizer = unwrap_optimizer(optimizer)
-        for name, rules in (("include", include), ("exclude", exclude)):
-            if isinstance(rules, (str, type)):
-                raise ValueError(f"{name} must be a list of rules; got the single rule {rules!r}")
+        check_rules(include, exclude)
         refuse_sharded(model, optimizer)
         self.model = unwrap(model)
         self.optimizer = optimizer
-        self.verify_ranks = verify_ranks
+        self.verify_ranks = checks.boolean("verify_ranks", verify_ranks)
         self._group = data_parallel_group(model)
         chosen = select_parameters(self.model, include, exclude)
         if not chosen:

@@ -75,6 +75,8 @@ from granet.experiment.runs import (
     REPORT_JSON,
     FolderLock,
     checkpoint_path,
+    clear_folder,
+    differing_settings,
     load_checkpoint,
     open_run,
     read_report,
@@ -333,17 +335,6 @@ def _cell_dir(out: Path, cell: Cell) -> Path:
     return out / CELLS_DIR / cell.name
 
 
-def _differences(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    diffs = []
-    for key in dict.fromkeys([*recorded, *now]):
-        a, b = recorded.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"{key}.{d}" for d in _differences(a, b)]
-        elif a != b:
-            diffs.append(f"{key}: {a!r} there, {b!r} here")
-    return diffs
-
-
 def _refuse_foreign(out: Path) -> None:
     """Refuse a folder that holds anything but a plasticity study (before locking it)."""
     foreign = out.is_dir() and not (out / STUDY_FILE).is_file()
@@ -367,11 +358,9 @@ def _open_study(study: Study, out: Path, overwrite: bool) -> None:
         if not isinstance(recorded, dict) or recorded.get("kind") != STUDY_KIND:
             raise ValueError(f"{marker} is not a granet plasticity study's")
         if overwrite:
-            for p in out.iterdir():
-                if p.name != STUDY_LOCK:
-                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            clear_folder(out, keep=(STUDY_LOCK,))
         else:
-            diffs = _differences(recorded.get("settings", {}), study.settings())
+            diffs = differing_settings(recorded.get("settings", {}), study.settings())
             if diffs:
                 raise ValueError(
                     f"{out} holds a plasticity study with other settings ({'; '.join(diffs)}); "

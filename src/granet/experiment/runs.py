@@ -231,13 +231,18 @@ def settings_hash(config: Any) -> str:
 
 
 def differing_settings(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """``key: recorded -> now`` for every setting (placement aside) that differs."""
-    keys = dict.fromkeys([*recorded, *now])
-    return [
-        f"{k}: {recorded.get(k)!r} -> {now.get(k)!r}"
-        for k in keys
-        if k not in PLACEMENT and recorded.get(k) != now.get(k)
-    ]
+    """``key: recorded -> now`` for every setting (placement aside) that differs; nested
+    settings as ``key.inner: ...``."""
+    diffs = []
+    for k in dict.fromkeys([*recorded, *now]):
+        a, b = recorded.get(k), now.get(k)
+        if k in PLACEMENT or a == b:
+            continue
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            diffs += [f"{k}.{d}" for d in differing_settings(a, b)]
+        else:
+            diffs.append(f"{k}: {a!r} -> {b!r}")
+    return diffs
 
 
 # ------------------------------------------------------------------------- marker and lock
@@ -283,6 +288,7 @@ class FolderLock:
         self.path, self.what, self._fd = folder / name, what, None
 
     def acquire(self) -> FolderLock:
+        """Take the lock, or refuse naming the process that holds it."""
         if fcntl is None:
             return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -304,6 +310,7 @@ class FolderLock:
         return self
 
     def release(self) -> None:
+        """Let the lock go (closing its file)."""
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
@@ -324,7 +331,8 @@ def _remove_stale_temporaries(run_dir: Path) -> None:
                 p.unlink(missing_ok=True)
 
 
-def _clear(run_dir: Path, keep: tuple[str, ...] = (LOCK_FILE,)) -> None:
+def clear_folder(run_dir: Path, keep: tuple[str, ...] = (LOCK_FILE,)) -> None:
+    """Remove everything in ``run_dir`` but the names in ``keep``."""
     for p in run_dir.iterdir():
         if p.name in keep:
             continue
@@ -447,7 +455,7 @@ def open_run(
                 ours = False
                 raise
             if not _unused(run_dir, read_marker(run_dir)):
-                _clear(run_dir)
+                clear_folder(run_dir)
             folder = RunFolder(run_dir, write_marker(run_dir, None), new=True)
         yield folder
     except BaseException:
@@ -464,7 +472,7 @@ def _discard(run_dir: Path, made: bool) -> None:
     if made:
         shutil.rmtree(run_dir, ignore_errors=True)
     elif run_dir.is_dir():
-        _clear(run_dir, keep=())
+        clear_folder(run_dir, keep=())
 
 
 def default_run_dir(config: Any, root: str | Path = "runs") -> Path:
@@ -529,6 +537,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def append_metrics(run_dir: Path, record: Mapping[str, Any]) -> None:
+    """Add one epoch's record to ``metrics.jsonl`` as one line."""
     with open(run_dir / METRICS_FILE, "a") as f:
         f.write(to_json(record) + "\n")
 

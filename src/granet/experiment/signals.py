@@ -39,6 +39,7 @@ class StopRequest:
 
     @property
     def asked(self) -> bool:
+        """Whether a stop was asked for (a signal arrived)."""
         return self.signum is not None
 
 

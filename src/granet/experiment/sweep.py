@@ -65,6 +65,8 @@ _STOPPED = (
 
 @dataclass(frozen=True)
 class Job:
+    """One run of a sweep: its name, settings and folder."""
+
     name: str
     config: Config
     run_dir: Path

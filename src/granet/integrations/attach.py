@@ -19,7 +19,7 @@ from torch import nn
 
 from granet import checks
 from granet.methods import METHODS
-from granet.selection import select_parameters, unwrap, unwrap_optimizer
+from granet.selection import check_rules, select_parameters, unwrap, unwrap_optimizer
 from granet.sparsifier import Sparsifier
 
 # Sparsifier keywords that are not fields of granet.Algorithm
@@ -32,6 +32,8 @@ def method_class(method: str, options: dict[str, Any]) -> type[Sparsifier]:
     cls = checks.choice("method", method.lower() if isinstance(method, str) else method, METHODS)
     fields = {k: v for k, v in options.items() if k not in _BUILD_ONLY}
     cls.resolve(options.get("algorithm"), **fields)
+    check_rules(options.get("include"), options.get("exclude", ()))
+    checks.boolean("verify_ranks", options.get("verify_ranks", True))
     return cls
 
 

@@ -47,6 +47,8 @@ class GraNetCallback(SparsifierHolder, TrainerCallback):
         optimizer: Any = None,
         **kwargs: Any,
     ) -> None:
+        """Build the sparsifier on the Trainer's model and optimizer, or resume it from the
+        checkpoint the Trainer resumes from (a resumed run without one is refused)."""
         self._log_first()
         saved = self._saved_state(args, state) if state.global_step > 0 else None
         self._attach(model, optimizer, state.max_steps, saved)
@@ -54,6 +56,7 @@ class GraNetCallback(SparsifierHolder, TrainerCallback):
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        """Save the sparsifier state into the ``checkpoint-N`` folder the Trainer just wrote."""
         if self.sparsifier is None or not state.is_world_process_zero:
             return
         folder = _checkpoint(args, state)
@@ -76,6 +79,8 @@ class GraNetCallback(SparsifierHolder, TrainerCallback):
         logs: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
+        """Add the ``granet/`` scalars to the training logs (and to their ``log_history``
+        record), not to evaluation logs."""
         if self._scalars is None or logs is None or any(k.startswith("eval_") for k in logs):
             return
         values = self._scalars()

@@ -34,6 +34,8 @@ class GraNetCallback(SparsifierHolder, pl.Callback):
         self._restored: dict[str, Any] | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build the sparsifier for the Trainer's one optimizer, or resume it from the state
+        the checkpoint gave :meth:`load_state_dict`."""
         if len(trainer.optimizers) != 1:
             raise ValueError(
                 "GraNetCallback works with one optimizer; configure_optimizers gave "
@@ -61,6 +63,7 @@ class GraNetCallback(SparsifierHolder, pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        """Log the ``granet/`` scalars at every step."""
         if self._scalars is not None:
             pl_module.log_dict(self._scalars(), on_step=True, on_epoch=False, batch_size=1)
 
