@@ -287,8 +287,8 @@ def test_a_finished_study_is_collected_again_not_retrained(reference, capsys):
 
 def test_a_folder_of_another_study_or_not_of_a_study_is_refused(reference, tmp_path):
     out, _ = reference
-    with pytest.raises(ValueError, match=r"other settings \(rates: \[0.5\] -> \[0.9\]\)"):
-        run_study(small_study(rates=(0.9,)), out)
+    with pytest.raises(ValueError, match=r"other settings \(pruning: 'global' -> 'uniform'\)"):
+        run_study(small_study(pruning="uniform"), out)
     with pytest.raises(ValueError, match=r"base.epochs: 3 -> 4"):
         run_study(
             Study(base_config(None, {**SMALL, "epochs": 4}), (1, 2), (0.5,), tuple(VARIANTS)), out
@@ -394,3 +394,18 @@ def test_the_one_shot_regrowth_gradient_does_not_depend_on_the_global_rng():
     torch.manual_seed(2)
     second = _gradients(model, config, data, 1, names)
     assert all(torch.equal(first[n], second[n]) for n in names)
+
+
+def test_a_rerun_with_more_rates_and_variants_adds_their_cells_only(tmp_path):
+    out = tmp_path / "study"
+    first = run_study(small_study(variants=("prune",)), out, progress=False)
+    base = (out / "base" / "report.json").stat().st_mtime_ns
+    kept = (out / "cells" / "e1-r0.5-prune" / "report.json").stat().st_mtime_ns
+    grown = run_study(small_study(rates=(0.5, 0.9)), out, progress=False)
+    assert (out / "base" / "report.json").stat().st_mtime_ns == base  # not trained again
+    assert (out / "cells" / "e1-r0.5-prune" / "report.json").stat().st_mtime_ns == kept
+    assert len(grown) == 2 * 2 * len(VARIANTS)
+    cells = {(r["prune_epoch"], r["rate"], r["variant"]): r for r in grown}
+    assert all(cells[(r["prune_epoch"], r["rate"], r["variant"])] == r for r in first)
+    recorded = json.loads((out / "plasticity.json").read_text())["settings"]
+    assert recorded["rates"] == [0.5, 0.9] and recorded["variants"] == list(VARIANTS)

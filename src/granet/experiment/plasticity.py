@@ -345,9 +345,14 @@ def _refuse_foreign(out: Path) -> None:
         )
 
 
+# settings a study may gain values of on a rerun: its base run and other cells stay valid
+GROWABLE = ("rates", "variants")
+
+
 def _open_study(study: Study, out: Path, overwrite: bool) -> None:
-    """Check that ``out`` is this study's folder, a new one or an empty one (with ``overwrite``:
-    any plasticity study's, emptied); the caller holds the lock."""
+    """Check that ``out`` is this study's folder (other rates or variants are fine: the cells
+    it lacks are added), a new one or an empty one (with ``overwrite``: any plasticity study's,
+    emptied); the caller holds the lock."""
     _refuse_foreign(out)
     marker = out / STUDY_FILE
     if marker.is_file():
@@ -360,13 +365,16 @@ def _open_study(study: Study, out: Path, overwrite: bool) -> None:
         if overwrite:
             clear_folder(out, keep=(STUDY_LOCK,))
         else:
-            diffs = differing_settings(recorded.get("settings", {}), study.settings())
+            settings = recorded.get("settings", {})
+            fixed = {k: v for k, v in study.settings().items() if k not in GROWABLE}
+            diffs = differing_settings({k: settings.get(k) for k in fixed}, fixed)
             if diffs:
                 raise ValueError(
                     f"{out} holds a plasticity study with other settings ({'; '.join(diffs)}); "
                     "use another --out, or --overwrite to start it again"
                 )
-            return
+            if settings == study.settings():
+                return
     record = {
         "kind": STUDY_KIND,
         "granet": granet.__version__,
