@@ -14,7 +14,7 @@ active, or else the non-zero ones.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,8 +83,13 @@ class Pruned:
 
     def sparsity(self) -> float:
         """Fraction of the sparse tensors' weights that are inactive."""
-        masks = list(self.masks.values())
-        return 1.0 - sum(int(m.count_nonzero()) for m in masks) / sum(m.numel() for m in masks)
+        return sparsity(self.masks.values())
+
+
+def sparsity(masks: Iterable[torch.Tensor]) -> float:
+    """Fraction of the entries of ``masks`` that are inactive (False)."""
+    masks = list(masks)
+    return 1.0 - sum(int(m.count_nonzero()) for m in masks) / sum(m.numel() for m in masks)
 
 
 def _zero(

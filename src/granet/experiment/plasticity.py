@@ -81,11 +81,12 @@ from granet.experiment.runs import (
     open_run,
     read_report,
     read_run_config,
+    run_name,
     settings_of,
     to_json,
     write_atomic,
 )
-from granet.experiment.signals import Interrupted, stop_on_signals
+from granet.experiment.signals import Interrupted, stop_on_signals, stopped_as
 from granet.experiment.sweep import Job, resume_command, resumed_config, run_processes
 from granet.experiment.train import train
 from granet.experiment.trainer import (
@@ -275,6 +276,11 @@ class Study:
             "continue_epochs": self.continue_epochs,
         }
 
+    def base_label(self) -> str:
+        """``dense``, or the base run's method and sparsity (``rigl at sparsity 0.5``)."""
+        b = self.base
+        return "dense" if b.method == "dense" else f"{b.method} at sparsity {b.sparsity:g}"
+
     def lr_decays(self) -> list[float]:
         """The epochs (fractional) where the base run's step schedule divides the LR by 10."""
         if self.base.schedule != "step":
@@ -297,9 +303,7 @@ def base_config(file: str | Path | None = None, flags: Mapping[str, Any] | None 
 def default_out(config: Config, root: str | Path = "runs") -> Path:
     """``runs/plasticity-<dataset>-<model>-<method>[-s<sparsity>]-seed<seed>``: the same
     command finds its study again."""
-    sparsity = "" if config.method == "dense" else f"-s{config.sparsity:g}"
-    name = f"plasticity-{config.dataset}-{config.model}-{config.method}{sparsity}-seed{config.seed}"
-    return Path(root) / name
+    return Path(root) / f"plasticity-{run_name(config)}"
 
 
 def continuation_config(study: Study, cell: Cell, sparsity: float, update_every: int) -> Config:
@@ -438,7 +442,7 @@ def _train_base(
     if resume:
         _recover_point(study, out, data)
     log(f"[plasticity] base run: {base}")
-    try:
+    with stopped_as(_STOPPED):
         report = train(
             study.base,
             base,
@@ -446,8 +450,6 @@ def _train_base(
             callbacks=[KeepPrunePoints(out, study.prune_epochs), *callbacks],
             progress=progress,
         )
-    except Interrupted as e:
-        raise Interrupted(e.signum, _STOPPED) from e
     missing = [e for e in study.prune_epochs if not _point(out, e, ".json").is_file()]
     if missing:
         raise FileNotFoundError(
@@ -488,12 +490,7 @@ def _masks_state(
     state = probe.sparsifier.state_dict()
     probe.sparsifier.remove()
     packed = {n: pack_bits(masks[n].cpu()) for n in probe.sparsifier.names}
-    state.update(
-        masks=packed,
-        ever_active=dict(packed),
-        step=step,
-        last_round=dict.fromkeys(state["last_round"], 0),
-    )
+    state.update(masks=packed, ever_active=dict(packed), step=step)
     return state
 
 
@@ -512,12 +509,7 @@ def prepare_cell(study: Study, out: Path, cell: Cell, data: DataBundle) -> dict[
     if point.get("sparsifier") is not None:
         sp = point["sparsifier"]
         masks = {n: unpack_bits(m, sp["shapes"][n]) for n, m in sp["masks"].items()}
-    density = (  # of the base checkpoint's sparse tensors
-        1.0
-        if masks is None
-        else sum(int(m.count_nonzero()) for m in masks.values())
-        / sum(m.numel() for m in masks.values())
-    )
+    before = 0.0 if masks is None else oneshot.sparsity(masks.values())  # the base's
     pruned = oneshot.prune(
         model,
         cell.rate,
@@ -550,7 +542,7 @@ def prepare_cell(study: Study, out: Path, cell: Cell, data: DataBundle) -> dict[
             "continue": study.continuation,
             "t_after_prune": accuracy,
             "test_loss_after_prune": loss,
-            "sparsity_before": 1.0 - density,
+            "sparsity_before": before,
             "sparsity_after_prune": after_prune,
             "sparsity": pruned.sparsity(),
             "base_checkpoint": str(point_path),
@@ -559,7 +551,7 @@ def prepare_cell(study: Study, out: Path, cell: Cell, data: DataBundle) -> dict[
         trainer.save(checkpoint_path(run_dir))  # last: the cell counts as prepared
         trainer.sparsifier.remove()
     log(
-        f"[plasticity] {cell.name}: sparsity {1.0 - density:.4f} -> {after_prune:.4f}"
+        f"[plasticity] {cell.name}: sparsity {before:.4f} -> {after_prune:.4f}"
         f"{f' (regrown: {pruned.sparsity():.4f})' if pruned.sparsity() != after_prune else ''}, "
         f"test accuracy after the prune {percent(accuracy)}"
     )
@@ -592,7 +584,7 @@ def _run_cells(
                     prepare_cell(study, out, cell, data)
                 if stop.asked:
                     raise Interrupted(stop.signum, _STOPPED)
-                try:
+                with stopped_as(_STOPPED):
                     train(
                         resumed_config(run_dir, study.base),
                         run_dir,
@@ -600,8 +592,6 @@ def _run_cells(
                         callbacks=callbacks,
                         progress=progress,
                     )
-                except Interrupted as e:
-                    raise Interrupted(e.signum, _STOPPED) from e
         return
     by_name = {c.name: c for c in todo}
 
@@ -613,10 +603,8 @@ def _run_cells(
     # a job's config is the base run's: the continuation's own is known once it is pruned
     jobs = [(Job(c.name, study.base, _cell_dir(out, c)), True) for c in todo]
     (out / CELLS_DIR).mkdir(exist_ok=True)
-    try:
+    with stopped_as(_STOPPED):
         run_processes(jobs, workers, False, out / CELLS_DIR, command)
-    except Interrupted as e:
-        raise Interrupted(e.signum, _STOPPED) from e
 
 
 # ------------------------------------------------------------------------------- results
@@ -661,7 +649,7 @@ def plasticity_markdown(study: Study, rows: Sequence[Mapping[str, Any]]) -> str:
     """``plasticity.md``: the settings, then per variant a table of plasticity (and the
     accuracy after continuing) by pruning epoch and rate."""
     b = study.base
-    base = "dense" if b.method == "dense" else f"{b.method} at sparsity {b.sparsity:g}"
+    base = study.base_label()
     decays = ", ".join(f"{d:g}" for d in study.lr_decays()) or "none (cosine schedule)"
     how = (
         "the rest of the base schedule"
@@ -708,7 +696,7 @@ def write_results(study: Study, out: Path, rows: Sequence[Mapping[str, Any]]) ->
     md = out / MD_FILE
     write_atomic(md, plasticity_markdown(study, rows))
     b = study.base
-    title = f"{b.model} on {b.dataset}, {'dense' if b.method == 'dense' else b.method} base"
+    title = f"{b.model} on {b.dataset}, {study.base_label()} base"
     figure = plot_plasticity(rows, out / PNG_FILE, study.variants, study.lr_decays(), title)
     return [table, md, figure]
 

@@ -475,13 +475,15 @@ def _discard(run_dir: Path, made: bool) -> None:
         clear_folder(run_dir, keep=())
 
 
-def default_run_dir(config: Any, root: str | Path = "runs") -> Path:
-    """``runs/<date>-<time>-<dataset>-<model>-<method>[-s<sparsity>]-seed<seed>``, unused."""
+def run_name(config: Any) -> str:
+    """``<dataset>-<model>-<method>[-s<sparsity>]-seed<seed>``: what a run's folder is named by."""
     sparsity = "" if config.method == "dense" else f"-s{config.sparsity:g}"
-    name = (
-        f"{time.strftime('%Y%m%d-%H%M%S')}-{config.dataset}-{config.model}-{config.method}"
-        f"{sparsity}-seed{config.seed}"
-    )
+    return f"{config.dataset}-{config.model}-{config.method}{sparsity}-seed{config.seed}"
+
+
+def default_run_dir(config: Any, root: str | Path = "runs") -> Path:
+    """``runs/<date>-<time>-`` and :func:`run_name`, unused."""
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{run_name(config)}"
     path, n = Path(root) / name, 1
     while path.exists():
         n += 1

@@ -44,6 +44,16 @@ class StopRequest:
 
 
 @contextmanager
+def stopped_as(message: str) -> Iterator[None]:
+    """Re-raise an :class:`Interrupted` from inside the block with ``message`` (what stopped,
+    and how to go on) in place of the inner one's."""
+    try:
+        yield
+    except Interrupted as e:
+        raise Interrupted(e.signum, message) from e
+
+
+@contextmanager
 def stop_on_signals(pass_on: Callable[[int], None] | None = None) -> Iterator[StopRequest]:
     """Turn SIGINT/SIGTERM into a :class:`StopRequest` while the block runs (the previous
     handlers come back afterwards). With ``pass_on``, every signal is also handed to it, and a

@@ -50,7 +50,7 @@ from granet.experiment.runs import (
     read_report,
     read_run_config,
 )
-from granet.experiment.signals import Interrupted, stop_on_signals
+from granet.experiment.signals import Interrupted, stop_on_signals, stopped_as
 from granet.experiment.train import train
 from granet.experiment.trainer import check_schedule, load_data
 
@@ -216,13 +216,11 @@ def run_sweep(
 def _run_here(todo: list[tuple[Job, bool]], overwrite: bool) -> None:
     for i, (job, resume) in enumerate(todo, 1):
         print(f"[sweep] run {i}/{len(todo)}: {job.name}", file=sys.stderr)
-        try:
+        with stopped_as(_STOPPED):
             if resume:
                 train(resumed_config(job.run_dir, job.config), job.run_dir, resume=True)
             else:
                 train(job.config, job.run_dir, overwrite=overwrite)
-        except Interrupted as e:
-            raise Interrupted(e.signum, _STOPPED) from e
 
 
 def resumed_config(run_dir: Path, placed: Config) -> Config:
