@@ -337,7 +337,7 @@ class SparseCompute:
             _LAYERS[layer.module] = weakref.ref(layer)
             layer.module.forward = types.MethodType(forward, layer.module)
         self.refresh(masks)
-        self._taken: list[tuple[_Layer, torch.Tensor]] = []
+        self._taken: list[tuple[_Layer, torch.Tensor, dict[str, Any]]] = []
         self._hook = optimizer.register_step_pre_hook(self._take_grads)
 
     def refresh(self, masks: Sequence[torch.Tensor]) -> None:
@@ -367,8 +367,9 @@ class SparseCompute:
         groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         for layer in self.layers:
             p = layer.param
-            if layer.sparse and p.grad is not None and _updatable(p, groups[id(p)]):
-                self._taken.append((layer, p.grad))
+            group = groups[id(p)]
+            if layer.sparse and p.grad is not None and _updatable(p, group):
+                self._taken.append((layer, p.grad, group))
                 p.grad = None
 
     def finish_step(self, stepped: bool) -> set[int]:
@@ -380,18 +381,16 @@ class SparseCompute:
         if not taken:
             return set()
         if stepped:
-            groups = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-            by_group: dict[int, list[tuple[_Layer, torch.Tensor]]] = {}
-            for layer, grad in taken:
-                by_group.setdefault(id(groups[id(layer.param)]), []).append((layer, grad))
+            by_group: dict[int, tuple[dict[str, Any], list[tuple[_Layer, torch.Tensor]]]] = {}
+            for layer, grad, group in taken:
+                by_group.setdefault(id(group), (group, []))[1].append((layer, grad))
             update = SPARSE_UPDATES[type(self.optimizer)]
             with torch.no_grad():
-                for group in self.optimizer.param_groups:
-                    if id(group) in by_group:
-                        update(self.optimizer, group, by_group[id(group)])
-        for layer, grad in taken:
+                for group, items in by_group.values():
+                    update(self.optimizer, group, items)
+        for layer, grad, _ in taken:
             layer.param.grad = grad
-        return {layer.index for layer, _ in taken} if stepped else set()
+        return {layer.index for layer, _, _ in taken} if stepped else set()
 
     def remove(self) -> None:
         """Put the layers' own forward back and detach from the optimizer."""
