@@ -265,3 +265,13 @@ def test_sparsifier_flags_reach_the_run(tmp_path):
     assert config["init"] == "magnitude" and config["pruning"] == "uniform"
     settings = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["sparsifier"]
     assert settings["settings"]["init"] == "magnitude"
+
+
+@pytest.mark.parametrize(
+    "command", ["train", "sweep", "plasticity", "report", "export", "bench-inference"]
+)
+def test_every_command_prints_its_help(command, capsys):
+    # the help texts come from the option declarations: a bare % in one broke argparse
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and "usage: granet" in capsys.readouterr().out

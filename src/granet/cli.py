@@ -180,7 +180,8 @@ def _default_text(option: Option) -> str:
 
 def option_flag(option: Option) -> tuple[str, dict[str, Any]]:
     """The ``granet train`` flag of a sparsifier option, from its declaration."""
-    kwargs: dict[str, Any] = {"help": f"{option.help} (default: {_default_text(option)})"}
+    text = f"{option.help} (default: {_default_text(option)})"
+    kwargs: dict[str, Any] = {"help": text.replace("%", "%%")}  # argparse formats help with %
     if option.kind is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif option.choices:
@@ -198,8 +199,9 @@ def options_table() -> str:
             continue
         option = OPTION[key]
         flag, _ = option_flag(option)
+        flags = f"`{flag}` / `--no-{flag[2:]}`" if option.kind is bool else f"`{flag}`"
         choices = f" (`{'`, `'.join(option.choices)}`)" if option.choices else ""
-        rows.append(f"| `{flag}` | {_default_text(option)} | {option.help}{choices} |")
+        rows.append(f"| {flags} | {_default_text(option)} | {option.help}{choices} |")
     return "\n".join(rows)
 
 
