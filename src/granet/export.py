@@ -345,6 +345,8 @@ def _read(
             raise ValueError(f"{path} is truncated or corrupted (no granet format field)")
         raise ValueError(f"{path} is a safetensors file but not a granet sparse model file")
     version = metadata.get("format_version")
+    if version is None:  # granet writes it always: a damaged header
+        raise ValueError(f"{path} is truncated or corrupted (no format version field)")
     if version != str(FORMAT_VERSION):
         raise ValueError(
             f"{path} has format version {version}; this granet reads versions 1 and "
