@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from torch import nn
 
 from granet.export import (
     FORMAT_VERSION,
+    _checksum,
+    _decode,
     _gap_decode,
     _gap_encode,
     inspect_sparse,
@@ -269,6 +273,20 @@ def test_sparse_layout_tensors_are_refused(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.skipif(os.name != "posix", reason="file modes and the umask are POSIX")
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_the_file_mode_follows_the_umask_as_torch_save(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        save_sparse(mlp(), tmp_path / "m.safetensors")
+        torch.save(mlp().state_dict(), tmp_path / "m.pt")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "m.pt").stat().st_mode) == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "m.safetensors"]
+
+
 # ------------------------------------------------------------------- the safetensors file
 def test_the_file_is_plain_safetensors(tmp_path):
     model = trained_like(mlp, 0.9, torch.float32)
@@ -367,3 +385,212 @@ def test_a_corrupt_version_1_file_is_refused(tmp_path):
     (tmp_path / "m.gnt").write_bytes(bytes(data))
     with pytest.raises(ValueError, match="format version 7"):
         load_sparse(tmp_path / "m.gnt", mlp())
+
+
+# -------------------------------------------------------- crafted files, checksum valid
+def every_encoding() -> nn.Module:
+    """A module whose file has each encoding: gap8, gap16, bitmask, dense and an alias."""
+    model = nn.Module()
+    gap8 = torch.zeros(1000)
+    gap8[[3, 200, 999]] = torch.tensor([1.0, -2.0, 3.0])
+    gap16 = torch.zeros(3000)
+    gap16[[5, 1500, 2999]] = 4.0
+    model.register_buffer("g8", gap8)
+    model.register_buffer("g16", gap16)
+    model.register_buffer("bm", torch.arange(64.0) % 2)
+    model.register_buffer("d", torch.arange(1.0, 5.0))
+    model.register_buffer("tied", gap8)
+    return model
+
+
+def fresh_every_encoding() -> nn.Module:
+    return every_encoding().apply(lambda m: [b.fill_(7) for b in m.buffers()])
+
+
+def craft(tmp_path: Path, change) -> Path:
+    """A file of :func:`every_encoding` whose layout, stored tensors and metadata ``change`` has
+    edited, with a checksum that matches (as a hostile writer would make it)."""
+    path = tmp_path / "m.safetensors"
+    save_sparse(every_encoding(), path)
+    with safe_open(path, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        meta = f.metadata()
+    layout = json.loads(meta["layout"])
+    assert [e["encoding"] for e in layout] == ["gap8", "gap16", "bitmask", "dense", "alias"]
+    entries = {e["name"]: e for e in layout}
+    layout = change(layout, entries, tensors, meta)
+    if layout is not None:
+        meta["layout"] = layout if isinstance(layout, str) else json.dumps(layout)
+        meta["checksum"] = _checksum(meta["layout"], tensors.items())
+    save_file(tensors, path, metadata=meta)
+    return path
+
+
+def edit(name: str, /, **fields):
+    def change(layout, entries, tensors, meta):
+        entries[name].update(fields)
+        return layout
+
+    return change
+
+
+def drop(name: str, field: str):
+    def change(layout, entries, tensors, meta):
+        del entries[name][field]
+        return layout
+
+    return change
+
+
+def store(key: str, tensor: torch.Tensor | None):
+    def change(layout, entries, tensors, meta):
+        if tensor is None:
+            del tensors[key]
+        else:
+            tensors[key] = tensor
+        return layout
+
+    return change
+
+
+def whole(layout_json: str):
+    return lambda layout, entries, tensors, meta: layout_json
+
+
+def metadata(**fields):
+    def change(layout, entries, tensors, meta):
+        for key, value in fields.items():
+            if value is None:
+                del meta[key]
+            else:
+                meta[key] = value
+
+    return change
+
+
+CRAFTED = {
+    "layout not JSON": whole("[{"),
+    "layout a dict": whole("{}"),
+    "layout entry not a dict": whole("[1]"),
+    "no nnz": drop("g8", "nnz"),
+    "no name": drop("d", "name"),
+    "no shape": drop("bm", "shape"),
+    "name not a string": edit("d", name=5),
+    "repeated name": edit("g16", name="g8"),
+    "dtype not a string": edit("d", dtype=7),
+    "unknown dtype": edit("d", dtype="float99"),
+    "dtype not a dtype": edit("d", dtype="Tensor"),
+    "shape not a list": edit("d", shape="4"),
+    "negative dimension": edit("d", shape=[-4]),
+    "bool dimension": edit("d", shape=[True, 4]),
+    "dense shape too big": edit("d", shape=[5]),
+    "sparse shape too big": edit("g8", shape=[1001]),
+    "bitmask shape too big": edit("bm", shape=[65]),
+    "unknown encoding": edit("d", encoding="rle"),
+    "negative nnz": edit("g8", nnz=-1),
+    "nnz above numel": edit("g8", nnz=1001),
+    "nnz a float": edit("g8", nnz=3.0),
+    "nnz beside the values": edit("g8", nnz=2),
+    "bitmask nnz beside its bits": edit("bm", nnz=33),
+    "alias of nothing": edit("tied", of="nothing"),
+    "alias of a later tensor": lambda layout, e, t, m: layout[::-1],
+    "alias without of": drop("tied", "of"),
+    "alias of another shape": edit("tied", shape=[10, 100]),
+    "alias of another dtype": edit("tied", dtype="int32"),
+    "no values": store("g8:values", None),
+    "no positions": store("g16:positions", None),
+    "no dense tensor": store("d", None),
+    "extra tensor": store("extra", torch.zeros(2)),
+    "values of another dtype": store("g8:values", torch.tensor([1.0, -2.0, 3.0]).double()),
+    "values too few": store("g8:values", torch.tensor([1.0, -2.0])),
+    "dense of another dtype": store("d", torch.arange(1, 5)),
+    "dense too long": store("d", torch.arange(1.0, 6.0)),
+    "signed gap words": store("g8:positions", torch.tensor([3, -100, 127], dtype=torch.int8)),
+    "gap16 as bytes": store("g16:positions", torch.tensor([5, 0, 0], dtype=torch.uint8)),
+    "positions past the end": store(
+        "g8:positions", torch.tensor([3, 196, 255, 255, 255, 100], dtype=torch.uint8)
+    ),
+    "bitmask too short": store("bm:positions", torch.zeros(7, dtype=torch.uint8)),
+    "bitmask not bytes": store("bm:positions", torch.zeros(8)),
+    "no layout": metadata(layout=None),
+    "no checksum": metadata(checksum=None),
+    "no format": metadata(format=None),
+}
+
+
+# found only where the positions are decoded, by load_sparse
+DECODED = ("positions past the end",)
+
+
+@pytest.mark.parametrize("case", CRAFTED)
+def test_a_crafted_file_is_refused_with_a_value_error_naming_it(tmp_path, case):
+    path = craft(tmp_path, CRAFTED[case])
+    reads = [lambda: load_sparse(path, fresh_every_encoding())]
+    if case not in DECODED:
+        reads.append(lambda: inspect_sparse(path))
+    for read in reads:
+        with pytest.raises(ValueError) as error:
+            read()
+        assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_crafted_files_start_from_a_good_one(tmp_path):
+    path = craft(tmp_path, lambda layout, *_: layout)
+    assert_same_state(every_encoding(), load_sparse(path, fresh_every_encoding()))
+
+
+def raw_safetensors(header: object, data: bytes = b"") -> bytes:
+    text = header if isinstance(header, str) else json.dumps(header)
+    return struct.pack("<Q", len(text)) + text.encode() + data
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        raw_safetensors([]),
+        raw_safetensors("[1, 2]"),
+        raw_safetensors({"__metadata__": {"format": 5}}),
+        raw_safetensors({"__metadata__": ["granet.sparse"]}),
+        raw_safetensors({"x": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+        raw_safetensors({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4),
+        raw_safetensors({"x": {"dtype": "F32", "shape": [2], "data_offsets": [4, 0]}}, b"\0" * 8),
+        raw_safetensors({"x": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8),
+        raw_safetensors({"x": [0, 8]}, b"\0" * 8),
+        struct.pack("<Q", 10**9) + b"{}",
+    ],
+    ids=[
+        "header a list",
+        "header a list of numbers",
+        "metadata not strings",
+        "metadata a list",
+        "unknown dtype",
+        "data past the end",
+        "offsets backwards",
+        "negative shape",
+        "tensor not an object",
+        "header past the end",
+    ],
+)
+def test_a_malformed_safetensors_header_is_refused_naming_the_file(tmp_path, content):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as error:
+        load_sparse(path, mlp())
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_every_decoded_position_is_checked_not_only_the_last():
+    # gap words of a signed type (the layout check refuses them first) decode to a negative
+    # position and then a smaller one: both caught here as well
+    entry = {"name": "w", "dtype": "float32", "shape": [10], "encoding": "gap8", "nnz": 3}
+    stored = {
+        "w:values": torch.ones(3),
+        "w:positions": torch.tensor([-5, 2, -1], dtype=torch.int8),
+    }
+    assert list(_gap_decode(stored["w:positions"].numpy())) == [-5, -2, -2]
+    with pytest.raises(ValueError, match="positions of tensor 'w' are inconsistent"):
+        _decode(entry, stored, "m.safetensors")
+    stored["w:positions"] = torch.tensor([7, -4, 1], dtype=torch.int8)
+    assert list(_gap_decode(stored["w:positions"].numpy())) == [7, 4, 6]
+    with pytest.raises(ValueError, match="positions of tensor 'w' are inconsistent"):
+        _decode(entry, stored, "m.safetensors")

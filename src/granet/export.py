@@ -57,7 +57,7 @@ import json
 import math
 import os
 import struct
-import tempfile
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,7 @@ FORMAT = "granet.sparse"
 FORMAT_VERSION = 2
 ENCODINGS = ("dense", "bitmask", "gap8", "gap16", "alias")
 _GAP_WORDS = {"gap8": np.dtype("<u1"), "gap16": np.dtype("<u2")}
+_POSITION_DTYPES = {"gap8": torch.uint8, "gap16": torch.uint16}
 # dtypes safetensors stores as themselves; others are stored as their bytes
 _TYPED = {
     torch.float64,
@@ -129,15 +130,19 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> None:
     }
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        # serialised in memory, written by Python: a full disk is an OSError, not a SafetensorError
-        Path(tmp).write_bytes(save(stored, metadata=metadata))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    data = save(stored, metadata=metadata)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    # a new file ("x"), so its mode follows the umask as torch.save's does (mkstemp's is 0600)
+    with open(tmp, "xb") as f:
+        try:
+            # serialised in memory, written by Python: a full disk is an OSError, not a
+            # SafetensorError
+            f.write(data)
+            f.close()
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def load_sparse(path: str | os.PathLike, model: nn.Module) -> nn.Module:
@@ -254,13 +259,17 @@ def _decode(
     if entry["encoding"] == "dense":
         return _typed(tensors[entry["name"]], dtype).reshape(shape)
     values = tensors[f"{entry['name']}:values"]
-    index = tensors[f"{entry['name']}:positions"].numpy()
+    index = tensors[f"{entry['name']}:positions"].reshape(-1).numpy()
     if entry["encoding"] == "bitmask":
         nonzero = np.unpackbits(index, count=numel, bitorder="little").astype(bool)
         positions = np.flatnonzero(nonzero)
     else:
         positions = _gap_decode(index)
-    if len(positions) != entry["nnz"] or (len(positions) and positions[-1] >= numel):
+    # every position, not only the last: a value must never land at another index
+    if len(positions) != entry["nnz"] or (
+        len(positions)
+        and (positions[0] < 0 or positions[-1] >= numel or not np.all(np.diff(positions) > 0))
+    ):
         raise ValueError(f"{path}: positions of tensor {entry['name']!r} are inconsistent")
     itemsize = dtype.itemsize
     out = torch.zeros(numel, itemsize, dtype=torch.uint8)
@@ -355,14 +364,86 @@ def _read(
     layout_json = metadata.get("layout", "")
     if _checksum(layout_json, tensors.items()) != metadata.get("checksum"):
         raise ValueError(f"{path} is truncated or corrupted (sha256 checksum mismatch)")
-    layout = json.loads(layout_json)
-    expected = {k for entry in layout for k in _keys(entry["name"], entry["encoding"])}
-    for entry in layout:
-        if entry["encoding"] not in ENCODINGS:
-            raise ValueError(f"{path}: tensor {entry['name']!r} has unknown encoding")
+    try:
+        layout = json.loads(layout_json)
+    except ValueError:
+        raise ValueError(f"{path}: its layout is not valid JSON") from None
+    _check_layout(path, layout, tensors)
+    return layout, tensors, FORMAT_VERSION
+
+
+_LAYOUT_FIELDS = ("name", "dtype", "shape", "encoding", "nnz")
+
+
+def _check_layout(path: str | os.PathLike, layout: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a layout that :func:`save_sparse` cannot have written, or stored tensors that do not
+    fit it (a checksum only proves that the file is as its writer made it, not who that was), so
+    that decoding meets no surprise."""
+    if not isinstance(layout, list):
+        raise ValueError(f"{path}: its layout is not a list of tensors")
+    entries: dict[str, dict[str, Any]] = {}
+    for i, entry in enumerate(layout):
+        if not isinstance(entry, dict) or any(k not in entry for k in _LAYOUT_FIELDS):
+            raise ValueError(
+                f"{path}: layout entry {i} is not an object with {', '.join(_LAYOUT_FIELDS)}"
+            )
+        name = entry["name"]
+        if not isinstance(name, str) or name in entries:
+            raise ValueError(f"{path}: layout entry {i} has a bad or repeated name {name!r}")
+        bad = _bad_entry(entry, entries, tensors)
+        if bad:
+            raise ValueError(f"{path}: tensor {name!r} {bad}")
+        entries[name] = entry
+    expected = {k for e in layout for k in _keys(e["name"], e["encoding"])}
     if expected != set(tensors):
         raise ValueError(f"{path}: the stored tensors do not match the layout")
-    return layout, tensors, FORMAT_VERSION
+
+
+def _bad_entry(
+    entry: dict[str, Any], earlier: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor]
+) -> str | None:
+    """What is wrong with one layout entry and the tensors it names, or ``None``."""
+    shape, nnz, encoding = entry["shape"], entry["nnz"], entry["encoding"]
+    dtype = getattr(torch, entry["dtype"], None) if isinstance(entry["dtype"], str) else None
+    if not isinstance(dtype, torch.dtype):
+        return f"has unknown dtype {entry['dtype']!r}"
+    if not isinstance(shape, list) or not all(_natural(n) for n in shape):
+        return f"has a bad shape {shape!r}"
+    numel = math.prod(shape)
+    if encoding not in ENCODINGS:
+        return "has unknown encoding"
+    if not _natural(nnz) or nnz > numel:
+        return f"has a bad non-zero count {nnz!r}"
+    if encoding == "alias":
+        target = earlier.get(entry.get("of"))  # type: ignore[arg-type]
+        if target is None or target["encoding"] == "alias":
+            return f"is an alias of {entry.get('of')!r}, which no earlier stored tensor is"
+        if (target["dtype"], target["shape"]) != (entry["dtype"], shape):
+            return f"is an alias of {entry['of']!r}, which has another dtype or shape"
+        return None
+    word = torch.uint8 if dtype not in _TYPED else dtype
+    sizes = {"dense": numel} if encoding == "dense" else {"values": nnz}
+    for part, count in sizes.items():
+        stored = tensors.get(entry["name"] if part == "dense" else f"{entry['name']}:{part}")
+        if stored is None:
+            return f"has no stored {part}"
+        if stored.dtype != word or stored.nbytes != count * dtype.itemsize:
+            return f"has stored {part} of another dtype or size than its layout says"
+    if encoding != "dense":
+        index = tensors.get(f"{entry['name']}:positions")
+        if index is None:
+            return "has no stored positions"
+        if encoding == "bitmask":
+            if index.dtype != torch.uint8 or index.numel() != (numel + 7) // 8:
+                return "has a bit mask of another dtype or size than its shape needs"
+        elif index.dtype != _POSITION_DTYPES[encoding]:
+            return f"has {encoding} positions stored as {_dtype_name(index.dtype)}"
+    return None
+
+
+def _natural(value: Any) -> bool:
+    """Whether ``value`` is an int >= 0 (JSON's ``true`` is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _read_v1(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], int]:
@@ -379,6 +460,15 @@ def _read_v1(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, t
     body = memoryview(data)[_V1_PREFIX.size :]
     if hashlib.sha256(body).digest() != digest:
         raise ValueError(f"{path} is truncated or corrupted (sha256 checksum mismatch)")
+    try:
+        return _v1_tensors(path, body)
+    except (KeyError, TypeError, AttributeError, struct.error, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: its header is malformed ({type(e).__name__}: {e})") from None
+
+
+def _v1_tensors(
+    path: str | os.PathLike, body: memoryview
+) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], int]:
     (header_len,) = _V1_HEADER_LEN.unpack_from(body)
     header = json.loads(bytes(body[_V1_HEADER_LEN.size : _V1_HEADER_LEN.size + header_len]))
     payload = np.frombuffer(body[_V1_HEADER_LEN.size + header_len :], dtype=np.uint8)
