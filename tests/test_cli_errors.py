@@ -171,6 +171,23 @@ def test_export_and_bench_inference_input(finished, tmp_path, capsys):
     assert f"cannot read checkpoint {checkpoint_path(broken, 'best')}" in line
 
 
+def test_export_names_what_is_wrong_with_its_input(finished, tmp_path, capsys):
+    out = tmp_path / "m.safetensors"
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "absent"):
+        line = fails(capsys, ["export", str(folder), "--out", str(out)], "export")
+        assert f"{folder} is not a granet run folder" in line and "cannot write" not in line
+    early = tmp_path / "early"
+    shutil.copytree(finished, early)
+    checkpoint_path(early, "best").unlink()
+    line = fails(capsys, ["export", str(early), "--out", str(out)], "export")
+    assert f"{early} has no best model yet: {checkpoint_path(early, 'best')} is written" in line
+    assert not out.exists()
+    out = tmp_path / "absent" / "m.safetensors"
+    line = fails(capsys, ["export", str(finished), "--out", str(out)], "export")
+    assert f"{out}: cannot write it: No such file or directory" in line
+
+
 def test_report_json_is_always_valid_json(finished):
     report = json.loads((finished / "report.json").read_text())
     report["test_loss"] = math.inf

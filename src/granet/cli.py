@@ -522,12 +522,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a folder; give the file to write")
-    try:
-        written = export_run(args.run_dir, args.out)
-    except OSError as e:
-        if e.filename is not None:
-            raise
-        raise OSError(e.errno, f"cannot write it: {e.strerror}", args.out) from None
+    written = export_run(args.run_dir, args.out)
     print(json.dumps(written, indent=2, default=str))
     return 0
 

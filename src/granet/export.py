@@ -132,17 +132,20 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> None:
     path = Path(path)
     data = save(stored, metadata=metadata)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    # a new file ("x"), so its mode follows the umask as torch.save's does (mkstemp's is 0600)
-    with open(tmp, "xb") as f:
-        try:
-            # serialised in memory, written by Python: a full disk is an OSError, not a
-            # SafetensorError
-            f.write(data)
-            f.close()
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    try:
+        # a new file ("x"), so its mode follows the umask as torch.save's does (mkstemp's is 0600)
+        with open(tmp, "xb") as f:
+            try:
+                # serialised in memory, written by Python: a full disk is an OSError, not a
+                # SafetensorError
+                f.write(data)
+                f.close()
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+    except OSError as e:  # named by the file meant, not the temporary one
+        raise OSError(e.errno, f"cannot write it: {e.strerror}", str(path)) from None
 
 
 def load_sparse(path: str | os.PathLike, model: nn.Module) -> nn.Module:

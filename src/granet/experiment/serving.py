@@ -115,8 +115,15 @@ def bench_model(
 
 
 def _load(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    from granet.experiment.runs import load_run_model
+    from granet.experiment.runs import checkpoint_path, is_run_dir, load_run_model
 
+    best = checkpoint_path(run_dir, "best")
+    if is_run_dir(run_dir) and not best.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} has no best model yet: {best} is written when an epoch at the target "
+            "sparsity ends (the last epoch at the latest); let the run go on "
+            f"(granet train --resume {run_dir})"
+        )
     return load_run_model(Path(run_dir), which="best")
 
 
