@@ -157,6 +157,20 @@ def test_malformed_files(finished, tmp_path, capsys):
     assert "epochs must be an integer" in fails(capsys, ["train", "--resume", str(run_dir)])
 
 
+@pytest.mark.parametrize("part", ["position", "sparsifier"])
+def test_a_checkpoint_with_a_negative_step_is_refused_naming_it(finished, tmp_path, capsys, part):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    (run_dir / "report.json").unlink()  # not finished: --resume loads the checkpoint
+    last = checkpoint_path(run_dir, "last")
+    state = runs.load_checkpoint(last)
+    state[part]["step"] = -3
+    runs.save_checkpoint(state, last)
+    line = fails(capsys, ["train", "--resume", str(run_dir)])
+    assert f"{last} does not hold a state of this run" in line
+    assert "is negative" in line or "step must be an integer >= 0; got -3" in line
+
+
 def test_export_and_bench_inference_input(finished, tmp_path, capsys):
     line = fails(capsys, ["export", str(finished), "--out", str(tmp_path)], "export")
     assert f"--out {tmp_path} is a folder" in line

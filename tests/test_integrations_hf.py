@@ -21,6 +21,7 @@ from transformers import (  # noqa: E402
 )
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
+from granet.checksum import with_checksum  # noqa: E402
 from granet.integrations.hf import STATE_FILE, GraNetCallback  # noqa: E402
 
 STEPS = 24
@@ -148,6 +149,93 @@ def test_a_checkpoint_without_sparsifier_state_is_refused(run, tmp_path):
     t = trainer(tmp_path, gpt2(), [callback()])
     with pytest.raises(ValueError, match=f"holds no {STATE_FILE}"):
         t.train(resume_from_checkpoint=True)
+
+
+def flip_a_mask_bit(path):
+    saved = torch.load(path, weights_only=True)
+    next(iter(saved["sparsifier"]["masks"].values()))[0] ^= 1
+    torch.save(saved, path)
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def without(key):
+    return lambda state: {k: v for k, v in state.items() if k != key}
+
+
+def resave(change):
+    def damage(path):
+        torch.save(change(torch.load(path, weights_only=True)), path)
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (flip_a_mask_bit, "its sparsifier state is corrupt: its contents do not match"),
+        (truncate, "cannot read it"),
+        (resave(lambda s: [1, 2]), "not a granet sparsifier state .*found \\[1, 2\\]"),
+        (resave(lambda s: {"global_step": 8}), "not a granet sparsifier state"),
+        (resave(lambda s: {**s, "sha256": None}), "its sparsifier state is corrupt"),
+        (resave(without("sha256")), "not a granet sparsifier state"),
+        (
+            resave(lambda s: with_checksum({**without("sha256")(s), "sparsifier": [1]})),
+            "sparsifier state must be a dict",
+        ),
+        (
+            resave(lambda s: with_checksum({**without("sha256")(s), "global_step": -8})),
+            "was saved at step -8",
+        ),
+        (resave(lambda s: with_checksum({**without("sha256")(s), "format": 3})), "has format 3"),
+    ],
+    ids=[
+        "mask bit",
+        "truncated",
+        "not a dict",
+        "key missing",
+        "checksum none",
+        "checksum removed",
+        "inner",
+        "step",
+        "format",
+    ],
+)
+def test_a_damaged_state_file_is_refused_in_one_line_naming_it(run, tmp_path, damage, message):
+    shutil.copytree(run[0] / "checkpoint-8", tmp_path / "checkpoint-8")
+    path = tmp_path / "checkpoint-8" / STATE_FILE
+    damage(path)
+    with pytest.raises(ValueError, match=message) as error:
+        trainer(tmp_path, gpt2(), [callback()]).train(resume_from_checkpoint=True)
+    assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
+
+
+def test_a_state_file_of_granet_before_checksums_resumes_with_a_warning(run, tmp_path):
+    shutil.copytree(run[0] / "checkpoint-16", tmp_path / "checkpoint-16")
+    path = tmp_path / "checkpoint-16" / STATE_FILE
+    saved = torch.load(path, weights_only=True)
+    assert set(saved) == {"format", "global_step", "sparsifier", "sha256"}
+    del saved["sha256"], saved["format"]  # as granet wrote it before checksums
+    torch.save(saved, path)
+    cb = callback()
+    with pytest.warns(UserWarning, match=f"{path}: its sparsifier state has no checksum"):
+        trainer(tmp_path, gpt2(), [cb]).train(resume_from_checkpoint=True)
+    assert cb.sparsifier.step == STEPS
+    resaved = torch.load(tmp_path / "checkpoint-24" / STATE_FILE, weights_only=True)
+    assert set(resaved) == {"format", "global_step", "sparsifier", "sha256"}
+
+
+def test_a_model_trains_again_with_a_new_callback_and_keeps_its_zeros(tmp_path):
+    model, first = gpt2(), callback()
+    trainer(tmp_path / "a", model, [first], max_steps=8, save_strategy="no").train()
+    for name, mask in first.sparsifier.masks.items():
+        assert not model.get_parameter(name)[~mask].any()
+    second = GraNetCallback("rigl", sparsity=0.9, update_every=4)
+    trainer(tmp_path / "b", model, [second], max_steps=8, save_strategy="no").train()
+    assert second.sparsifier.step == 8
+    assert second.sparsifier.sparsity() == pytest.approx(0.9, abs=1e-4)
 
 
 class Overflow(TrainerCallback):

@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
 import granet  # noqa: E402
+from granet.checksum import with_checksum  # noqa: E402
 from granet.integrations.lightning import GraNetCallback  # noqa: E402
 
 EPOCHS, BATCHES = 4, 8  # 8 optimizer steps an epoch
@@ -157,6 +158,71 @@ def test_a_checkpoint_without_sparsifier_state_is_refused(run, tmp_path):
     torch.save(checkpoint, tmp_path / "dense.ckpt")
     with pytest.raises(ValueError, match="dense.ckpt holds no GraNetCallback state"):
         fit(tmp_path, ckpt_path=tmp_path / "dense.ckpt", checkpoints=False)
+
+
+def with_granet_state(run, tmp_path, change):
+    """A copy of the run's epoch-2 checkpoint whose GraNetCallback state ``change`` edited."""
+    checkpoint = torch.load(run[0] / "ckpt" / "epoch=1-step=16.ckpt", weights_only=False)
+    states = checkpoint["callbacks"]
+    assert set(states["GraNetCallback"]) == {"sparsifier", "sha256"}
+    states["GraNetCallback"] = change(states["GraNetCallback"])
+    torch.save(checkpoint, tmp_path / "edited.ckpt")
+    return tmp_path / "edited.ckpt"
+
+
+def flip_a_mask_bit(state):
+    next(iter(state["sparsifier"]["masks"].values()))[0] ^= 1
+    return state
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (flip_a_mask_bit, "its GraNetCallback state is corrupt: its contents do not match"),
+        (lambda s: [1, 2], "not a granet GraNetCallback state .*found \\[1, 2\\]"),
+        (lambda s: "granet", "not a granet GraNetCallback state"),
+        (lambda s: {"sparsifier": s["sparsifier"]}, "not a granet GraNetCallback state"),
+        (lambda s: with_checksum({"sparsifier": 5}), "holds no sparsifier state dict"),
+        (
+            lambda s: with_checksum({"sparsifier": {**s["sparsifier"], "step": -16}}),
+            "sparsifier state step must be an integer >= 0; got -16",
+        ),
+    ],
+    ids=["mask bit", "a list", "a string", "no checksum", "inner", "negative step"],
+)
+def test_a_damaged_state_is_refused_in_one_line_naming_the_checkpoint(
+    run, tmp_path, change, message
+):
+    path = with_granet_state(run, tmp_path, change)
+    with pytest.raises(ValueError, match=message) as error:
+        fit(tmp_path, ckpt_path=path, checkpoints=False)
+    assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
+
+
+def test_a_state_of_granet_before_checksums_resumes_with_a_warning(run, tmp_path):
+    path = with_granet_state(run, tmp_path, lambda s: s["sparsifier"])
+    with pytest.warns(UserWarning, match="its GraNetCallback state has no checksum"):
+        _, _, cb = fit(tmp_path, ckpt_path=path, checkpoints=False)
+    assert cb.sparsifier.step == EPOCHS * BATCHES
+
+
+def test_a_model_fits_again_with_a_new_callback_and_keeps_its_zeros(tmp_path):
+    trainer, model, first = fit(tmp_path / "a", max_epochs=1, checkpoints=False)
+    for name, mask in first.sparsifier.masks.items():
+        assert not model.get_parameter(name)[~mask].any()
+    second = GraNetCallback("rigl", sparsity=0.9, update_every=4)
+    again = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[second],
+    )
+    again.fit(model, loader())
+    assert second.sparsifier.step == BATCHES
+    assert second.sparsifier.sparsity() == pytest.approx(0.9, abs=1e-3)
 
 
 def test_a_lightning_optimizer_is_unwrapped_for_sparse_compute():

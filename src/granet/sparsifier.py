@@ -544,6 +544,7 @@ class Sparsifier:
         """Restore :meth:`state_dict`. A state of another method or other settings, or with a
         missing or misshaped tensor, is refused with the difference named, and changes nothing.
         """
+        _check_state(state, self.names)
         self._check_belongs(state)
         for name, p in zip(self.names, self.params):
             if name not in state["masks"]:
@@ -616,6 +617,35 @@ class Sparsifier:
             f"{type(self).__name__}(sparsity={self.sparsity():.4f}, step={self.step}, "
             f"layers={len(self.params)})"
         )
+
+
+_STATE_DICTS = ("masks", "ever_active", "shapes", "generators", "last_round")
+
+
+def _check_state(state: Any, names: Sequence[str]) -> None:
+    """Refuse a :meth:`Sparsifier.state_dict` of the wrong form in one line (a ``ValueError``,
+    not the ``KeyError`` or ``TypeError`` that reading it would meet), before anything
+    changes: its parts' kinds, a step >= 0, and each sparse tensor's entries."""
+    if not isinstance(state, dict):
+        raise ValueError(f"sparsifier state must be a dict; got a {type(state).__name__}")
+    missing = [k for k in ("step", *_STATE_DICTS) if k not in state]
+    if missing:
+        raise ValueError(f"sparsifier state has no {', '.join(missing)}")
+    checks.integer("sparsifier state step", state["step"], minimum=0)
+    for key in (*_STATE_DICTS, "settings"):
+        if key in state and not isinstance(state[key], dict):
+            raise ValueError(
+                f"sparsifier state's {key} is a {type(state[key]).__name__}, not a dict"
+            )
+    if not all(torch.is_tensor(g) for g in state["generators"].values()):
+        raise ValueError("sparsifier state's generators are not all tensors")
+    for name in names:
+        if name in state["masks"] and not (
+            torch.is_tensor(state["masks"][name])
+            and torch.is_tensor(state["ever_active"].get(name))
+            and isinstance(state["shapes"].get(name), (list, tuple))
+        ):
+            raise ValueError(f"sparsifier state for {name!r} is incomplete or of the wrong kind")
 
 
 def _score(spec: Any, registry: dict[str, Any], optimizer: torch.optim.Optimizer) -> Any:

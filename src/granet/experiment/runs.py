@@ -39,6 +39,7 @@ import yaml
 from torch import nn
 
 import granet
+from granet.checksum import state_digest
 
 try:
     import fcntl
@@ -106,33 +107,6 @@ def checkpoint_path(run_dir: str | Path, which: str = "last") -> Path:
     if which not in CHECKPOINTS:
         raise ValueError(f"which must be one of {', '.join(CHECKPOINTS)}; got {which!r}")
     return Path(run_dir) / CHECKPOINT_DIR / f"{which}.pt"
-
-
-def state_digest(state: Any) -> str:
-    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes, every other
-    value's type and ``repr``, in the nesting order (as ``torch.load`` gives it back)."""
-    digest = hashlib.sha256()
-    _feed(digest, state)
-    return digest.hexdigest()
-
-
-def _feed(digest: Any, value: Any) -> None:
-    if torch.is_tensor(value):
-        t = value.detach().cpu().contiguous()
-        digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        if t.numel():
-            digest.update(t.reshape(-1).view(torch.uint8).numpy())
-    elif isinstance(value, dict):
-        digest.update(f"D{len(value)}".encode())
-        for k, v in value.items():
-            _feed(digest, k)
-            _feed(digest, v)
-    elif isinstance(value, (list, tuple)):
-        digest.update(f"L{len(value)}".encode())
-        for v in value:
-            _feed(digest, v)
-    else:
-        digest.update(f"{type(value).__name__}:{value!r};".encode())
 
 
 def _to_cpu(value: Any) -> Any:

@@ -460,6 +460,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
             pos = state["position"]
             epoch, batch, step = int(pos["epoch"]), int(pos["batch"]), int(pos["step"])
+            if min(epoch, batch, step) < 0:
+                raise ValueError(f"its position {dict(pos)} is negative")
             sums, best = state["sums"], state["best"]
             seconds = float(state["train_seconds"])
             set_rng_state(state["rng"], self.device)

@@ -98,12 +98,31 @@ class SparsifierHolder:
         self._scalars: Scalars | None = None
 
     def _attach(
-        self, model: nn.Module, optimizer: Any, total_steps: int, state: dict[str, Any] | None
+        self,
+        model: nn.Module,
+        optimizer: Any,
+        total_steps: int,
+        state: dict[str, Any] | None,
+        source: object = None,
     ) -> None:
+        """Build the sparsifier, or resume it from ``state``, read from the file ``source``
+        (which a refused state's error names)."""
         if self.sparsifier is not None:  # an earlier training run of the same callback
             self.sparsifier.remove()
-        self.sparsifier = attach(self._cls, model, optimizer, total_steps, self.options, state)
+        try:
+            self.sparsifier = attach(self._cls, model, optimizer, total_steps, self.options, state)
+        except ValueError as e:
+            if state is None:
+                raise
+            raise ValueError(f"{source}: {e}") from None
         self._scalars = Scalars(self.sparsifier)
+
+    def _detach(self) -> None:
+        """Release the model and optimizer when training ends, so that another callback (or
+        sparsifier) may train them; the weights keep their zeros, ``self.sparsifier`` its
+        state."""
+        if self.sparsifier is not None:
+            self.sparsifier.remove()
 
 
 def _set_sparsity(params: Sequence[torch.Tensor], sparsity: float) -> None:

@@ -4,10 +4,13 @@ Needs the ``granet[hf]`` extra (transformers, accelerate). The callback builds t
 when training begins, on the Trainer's model and optimizer (the sparsifier hooks the torch
 optimizer inside accelerate's wrapper, so a step that accelerate skips on an fp16 overflow is
 not counted), with ``total_steps`` the Trainer's ``max_steps``. It writes the sparsifier's state
-into every ``checkpoint-N`` folder and reads it back when ``trainer.train(resume_from_checkpoint=
-...)`` resumes, and adds its scalars (``granet/sparsity``, ``granet/itop_rate``,
-``granet/pruned``, ``granet/dropped``, ``granet/regrown``) to the Trainer's training logs, which
-its reporters (TensorBoard, W&B, ...) then see.
+into every ``checkpoint-N`` folder with a SHA-256 of its contents and reads it back, checked,
+when ``trainer.train(resume_from_checkpoint=...)`` resumes (a damaged state is refused; one saved
+before granet had checksums loads with a warning). When training ends the sparsifier lets go of
+the model, whose weights keep their zeros: it may be trained again, with a new callback. It adds
+its scalars (``granet/sparsity``, ``granet/itop_rate``, ``granet/pruned``, ``granet/dropped``,
+``granet/regrown``) to the Trainer's training logs, which its reporters (TensorBoard, W&B, ...)
+then see.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from granet.checksum import checked, with_checksum
 from granet.integrations.attach import SparsifierHolder
 
 __all__ = ["STATE_FILE", "GraNetCallback"]
 
 STATE_FILE = "granet_sparsifier.pt"
+STATE_FORMAT = 2  # 2: a SHA-256 of the contents (1, without a format field: none)
 
 
 class GraNetCallback(SparsifierHolder, TrainerCallback):
@@ -50,8 +55,15 @@ class GraNetCallback(SparsifierHolder, TrainerCallback):
         """Build the sparsifier on the Trainer's model and optimizer, or resume it from the
         checkpoint the Trainer resumes from (a resumed run without one is refused)."""
         self._log_first()
-        saved = self._saved_state(args, state) if state.global_step > 0 else None
-        self._attach(model, optimizer, state.max_steps, saved)
+        path, saved = self._saved_state(args, state) if state.global_step > 0 else (None, None)
+        self._attach(model, optimizer, state.max_steps, saved, path)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Detach the sparsifier (the model keeps its zeros), so that the model may be trained
+        again, by another Trainer with a new callback."""
+        self._detach()
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -68,8 +80,12 @@ class GraNetCallback(SparsifierHolder, TrainerCallback):
                 stacklevel=2,
             )
             return
-        saved = {"global_step": state.global_step, "sparsifier": self.sparsifier.state_dict()}
-        torch.save(saved, os.path.join(folder, STATE_FILE))
+        saved = {
+            "format": STATE_FORMAT,
+            "global_step": state.global_step,
+            "sparsifier": self.sparsifier.state_dict(),
+        }
+        torch.save(with_checksum(saved), os.path.join(folder, STATE_FILE))
 
     def on_log(
         self,
@@ -100,8 +116,11 @@ class GraNetCallback(SparsifierHolder, TrainerCallback):
             callbacks.remove(self)
             callbacks.insert(0, self)
 
-    def _saved_state(self, args: TrainingArguments, state: TrainerState) -> dict[str, Any]:
-        """The sparsifier state of the checkpoint the Trainer resumes from."""
+    def _saved_state(
+        self, args: TrainingArguments, state: TrainerState
+    ) -> tuple[str, dict[str, Any]]:
+        """The state file of the checkpoint the Trainer resumes from and its sparsifier state,
+        checksum verified."""
         caller = _caller_locals(Trainer)
         folder = (caller or {}).get("resume_from_checkpoint") or _checkpoint(args, state)
         path = os.path.join(folder, STATE_FILE)
@@ -111,13 +130,24 @@ class GraNetCallback(SparsifierHolder, TrainerCallback):
                 "with GraNetCallback; to start sparse training from its weights, load them and "
                 "train without resume_from_checkpoint"
             )
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved["global_step"] != state.global_step:
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for truncated or foreign files
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{path}: cannot read it (truncated, or not one): {reason}") from None
+        fields = ("global_step", "sparsifier")
+        saved = checked(saved, path, ("format", *fields), "sparsifier state", legacy=fields)
+        if saved.get("format", STATE_FORMAT) != STATE_FORMAT:
             raise ValueError(
-                f"{path} was saved at step {saved['global_step']}, but the Trainer resumes at "
+                f"{path} has format {saved['format']!r}; this granet reads {STATE_FORMAT}"
+            )
+        step = saved["global_step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step != state.global_step:
+            raise ValueError(
+                f"{path} was saved at step {step!r}, but the Trainer resumes at "
                 f"step {state.global_step}"
             )
-        return saved["sparsifier"]
+        return path, saved["sparsifier"]
 
 
 def _checkpoint(args: TrainingArguments, state: TrainerState) -> str:

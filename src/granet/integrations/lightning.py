@@ -4,7 +4,10 @@ Needs the ``granet[lightning]`` extra. The callback builds the sparsifier when f
 the LightningModule and its one optimizer (the sparsifier hooks the torch optimizer, so a step
 that the 16-mixed GradScaler skips is not counted), with ``total_steps`` the trainer's
 ``estimated_stepping_batches``. Its state travels in Lightning's checkpoints (the callback's
-``state_dict``), and ``granet/sparsity``, ``granet/itop_rate``, ``granet/pruned``,
+``state_dict``) with a SHA-256 of its contents, checked when a fit resumes (a damaged state is
+refused; one saved before granet had checksums loads with a warning). When fitting ends the
+sparsifier lets go of the model, whose weights keep their zeros: it may be fitted again, with a
+new callback. ``granet/sparsity``, ``granet/itop_rate``, ``granet/pruned``,
 ``granet/dropped`` and ``granet/regrown`` go to the trainer's loggers at every step.
 """
 
@@ -15,6 +18,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from granet.checksum import checked, warn_unchecked, with_checksum
 from granet.integrations.attach import SparsifierHolder
 
 __all__ = ["GraNetCallback"]
@@ -52,8 +56,16 @@ class GraNetCallback(SparsifierHolder, pl.Callback):
                 f"ckpt_path: {trainer.ckpt_path} holds no GraNetCallback state; to start sparse "
                 "training from its weights, load them and fit without ckpt_path"
             )
-        self._attach(pl_module, trainer.optimizers[0], int(total), self._restored)
+        where = trainer.ckpt_path
+        saved = None if self._restored is None else _sparsifier_state(self._restored, where)
+        self._attach(pl_module, trainer.optimizers[0], int(total), saved, where)
         self._restored = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Detach the sparsifier when fitting ends (the model keeps its zeros), so that the
+        model may be fitted again, with a new callback."""
+        if stage == "fit":
+            self._detach()
 
     def on_train_batch_end(
         self,
@@ -68,11 +80,24 @@ class GraNetCallback(SparsifierHolder, pl.Callback):
             pl_module.log_dict(self._scalars(), on_step=True, on_epoch=False, batch_size=1)
 
     def state_dict(self) -> dict[str, Any]:
-        """The sparsifier's state, for Lightning's checkpoint."""
+        """The sparsifier's state and its SHA-256, for Lightning's checkpoint."""
         if self.sparsifier is not None:
-            return self.sparsifier.state_dict()
-        return self._restored or {}
+            return with_checksum({"sparsifier": self.sparsifier.state_dict()})
+        return self._restored if self._restored is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Keep a checkpoint's sparsifier state until fitting starts and builds the sparsifier."""
-        self._restored = state_dict or None
+        """Keep a checkpoint's sparsifier state until fitting starts, checks it and builds the
+        sparsifier."""
+        self._restored = None if isinstance(state_dict, dict) and not state_dict else state_dict
+
+
+def _sparsifier_state(saved: Any, where: object) -> dict[str, Any]:
+    """The sparsifier state of a checkpoint's callback state, checksum verified."""
+    what = "GraNetCallback state"
+    if isinstance(saved, dict) and "masks" in saved:  # before checksums: the state itself
+        warn_unchecked(str(where), what)
+        return saved
+    state = checked(saved, str(where), ("sparsifier",), what)["sparsifier"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{where}: its GraNetCallback state holds no sparsifier state dict")
+    return state
