@@ -171,6 +171,60 @@ def test_a_checkpoint_with_a_negative_step_is_refused_naming_it(finished, tmp_pa
     assert "is negative" in line or "step must be an integer >= 0; got -3" in line
 
 
+def edit_json(path, change) -> None:
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.update(test_accuracy="high"), "test_accuracy is 'high', not a number"),
+        (lambda r: r.update(sparsity=[1]), "sparsity is [1], not a number"),
+        (lambda r: r.update(seed="s"), "seed is 's', not an integer"),
+        (lambda r: r.update(method=5), "method is 5, not a string"),
+        (lambda r: r.update(flops="x"), "flops is 'x', not an object"),
+        (lambda r: r.update(flops={"x": 1}), "no flops.inference_per_sample.ratio"),
+        (lambda r: r.update(itop_rate="x"), "itop_rate is 'x', not a number or null"),
+        (lambda r: r.update(environment=3), "TypeError"),
+    ],
+)
+def test_a_report_json_of_wrong_types_is_refused_naming_it(
+    finished, tmp_path, capsys, change, message
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    edit_json(run_dir / "report.json", change)
+    expected = f"{run_dir / 'report.json'} is not a granet report ("
+    for argv in (
+        ["report", str(run_dir)],
+        ["report", str(run_dir), str(finished), "--out", str(tmp_path)],
+    ):
+        line = fails(capsys, argv, "report")
+        assert expected in line and message in line
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.update(train_loss="x"), "train_loss is 'x', not a number"),
+        (lambda r: r.update(epoch="1"), "epoch is '1', not an integer"),
+        (lambda r: r.update(lr=None), "lr is None, not a number"),
+        (lambda r: r.update(best=1), "best is 1, not true or false"),
+        (lambda r: r.pop("epoch"), "no epoch"),
+    ],
+)
+def test_a_wrong_typed_last_metrics_line_is_refused_naming_it(
+    finished, tmp_path, capsys, change, message
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    edit_json(run_dir / "metrics.jsonl", change)  # one epoch: its one line is the last
+    line = fails(capsys, ["report", str(run_dir)], "report")
+    assert f"{run_dir / 'metrics.jsonl'}, line 1: not an epoch record ({message})" in line
+
+
 def test_export_and_bench_inference_input(finished, tmp_path, capsys):
     line = fails(capsys, ["export", str(finished), "--out", str(tmp_path)], "export")
     assert f"--out {tmp_path} is a folder" in line

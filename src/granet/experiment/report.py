@@ -262,7 +262,14 @@ def write_report(
 
 def redraw(run_dir: str | Path) -> str:
     """Regenerate report.md and the figures of a finished run from its files."""
-    return write_report(Path(run_dir), read_report(run_dir), read_metrics(run_dir))
+    report, metrics = read_report(run_dir), read_metrics(run_dir)
+    try:  # the fields read_report does not check: before anything is written
+        render_markdown(report, metrics)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise ValueError(
+            f"{Path(run_dir) / REPORT_JSON} is not a granet report ({type(e).__name__}: {e})"
+        ) from None
+    return write_report(Path(run_dir), report, metrics)
 
 
 # ---------------------------------------------------------------------------- comparisons

@@ -27,7 +27,7 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -497,9 +497,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     for n, (i, line) in enumerate(lines):
         try:
             record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
-                raise ValueError("not an epoch record")
-        except ValueError as e:
+        except ValueError as e:  # a complete line is always valid JSON: one cut short is not
             if n == len(lines) - 1:
                 warnings.warn(
                     f"{path}: dropped its last line, cut short (the run was stopped while "
@@ -508,6 +506,9 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
                 )
                 break
             raise ValueError(f"{path}, line {i}: {e}") from None
+        wrong = wrong_fields(record, METRICS_FIELDS, required=("epoch",))
+        if wrong:
+            raise ValueError(f"{path}, line {i}: not an epoch record ({wrong})")
         records.append(record)
     return records
 
@@ -527,6 +528,62 @@ def truncate_metrics(run_dir: Path, epochs_done: int) -> None:
 
 
 REPORT_KEYS = ("method", "model", "dataset", "seed", "test_accuracy", "sparsity", "flops")
+_NUMBER, _MAYBE = (int, float), (int, float, type(None))
+# the fields that granet report and the comparison read back (dotted: nested), and their types
+REPORT_FIELDS: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("method", "model", "dataset"), (str,)),
+    "seed": (int,),
+    **dict.fromkeys(("test_accuracy", "sparsity", "target_sparsity", "train_seconds"), _NUMBER),
+    "itop_rate": _MAYBE,
+    "flops": (dict,),
+    "flops.inference_per_sample.ratio": _NUMBER,
+    "flops.training_total.ratio": _NUMBER,
+    "target_reached": (bool,),
+    "config": (dict,),
+}
+# a metrics.jsonl record's fields and their types
+METRICS_FIELDS: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("epoch", "step", "samples"), (int,)),
+    **dict.fromkeys(("train_loss", "train_accuracy", "sparsity", "lr", "seconds"), _NUMBER),
+    **dict.fromkeys(("val_loss", "val_accuracy", "itop_rate", "regrow_fraction"), _MAYBE),
+    "best": (bool,),
+    "layer_density": (dict,),
+}
+
+
+_KIND_NAMES = {
+    int: "an integer",
+    float: "a float",
+    str: "a string",
+    bool: "true or false",
+    dict: "an object",
+    type(None): "null",
+}
+
+
+def wrong_fields(
+    record: Any, fields: Mapping[str, tuple[type, ...]], required: Collection[str] = ()
+) -> str | None:
+    """What is wrong with the fields of ``record`` (a JSON object read back), or ``None``: a
+    ``required`` one missing, or one of another type than ``fields`` gives (a bool is no
+    number)."""
+    if not isinstance(record, dict):
+        return f"a {type(record).__name__}, not an object"
+    for name, kinds in fields.items():
+        value: Any = record
+        for part in name.split("."):
+            if not isinstance(value, dict) or part not in value:
+                if name in required:
+                    return f"no {name}"
+                break
+            value = value[part]
+        else:
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                kind = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
+                return (
+                    f"{name} is {value!r}, not {kind.replace('an integer or a float', 'a number')}"
+                )
+    return None
 
 
 def read_report(run_dir: str | Path) -> dict[str, Any]:
@@ -540,6 +597,10 @@ def read_report(run_dir: str | Path) -> dict[str, Any]:
     missing = [k for k in REPORT_KEYS if not isinstance(report, dict) or k not in report]
     if missing:
         raise ValueError(f"{path} is not a granet report (no {', '.join(missing)})")
+    required = [k for k in REPORT_FIELDS if k not in ("target_reached", "config")]
+    wrong = wrong_fields(report, REPORT_FIELDS, required)
+    if wrong:
+        raise ValueError(f"{path} is not a granet report ({wrong})")
     return report
 
 
