@@ -94,7 +94,8 @@ class GraNetCallback(SparsifierHolder, pl.Callback):
 def _sparsifier_state(saved: Any, where: object) -> dict[str, Any]:
     """The sparsifier state of a checkpoint's callback state, checksum verified."""
     what = "GraNetCallback state"
-    if isinstance(saved, dict) and "masks" in saved:  # before checksums: the state itself
+    if isinstance(saved, dict) and "masks" in saved and "sha256" not in saved:
+        # saved before checksums: the sparsifier state itself
         warn_unchecked(str(where), what)
         return saved
     state = checked(saved, str(where), ("sparsifier",), what)["sparsifier"]
