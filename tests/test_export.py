@@ -3,6 +3,7 @@ version 1, and refusal of bad files."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -594,3 +595,63 @@ def test_every_decoded_position_is_checked_not_only_the_last():
     assert list(_gap_decode(stored["w:positions"].numpy())) == [7, 4, 6]
     with pytest.raises(ValueError, match="positions of tensor 'w' are inconsistent"):
         _decode(entry, stored, "m.safetensors")
+
+
+def crafted_v1(tmp_path: Path, change) -> Path:
+    """The version-1 test file with its header edited by ``change`` and a matching checksum."""
+    data = V1.read_bytes()
+    prefix = struct.Struct("<8sI32s")
+    body = data[prefix.size :]
+    (length,) = struct.unpack_from("<Q", body)
+    header = json.loads(body[8 : 8 + length])
+    change(header["tensors"])
+    text = json.dumps(header).encode()
+    body = struct.pack("<Q", len(text)) + text + body[8 + length :]
+    path = tmp_path / "m.gnt"
+    path.write_bytes(prefix.pack(b"GRANETSP", 1, hashlib.sha256(body).digest()) + body)
+    return path
+
+
+def v1_edit(index: int, **fields):
+    return lambda tensors: tensors[index].update(fields)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        v1_edit(0, nnz=331),
+        v1_edit(0, nnz=-1),
+        v1_edit(0, offset=-8),
+        v1_edit(0, offset="0"),
+        v1_edit(0, shape=[48, -64]),
+        v1_edit(0, shape="48x64"),
+        v1_edit(0, dtype="float99"),
+        v1_edit(0, encoding="gap16"),
+        v1_edit(1, shape=[47]),
+        lambda tensors: tensors[0].pop("index_bytes"),
+        lambda tensors: tensors.append(5),
+    ],
+    ids=[
+        "nnz",
+        "negative nnz",
+        "negative offset",
+        "offset a string",
+        "negative dimension",
+        "shape a string",
+        "dtype",
+        "encoding",
+        "dense shape",
+        "no index size",
+        "entry not an object",
+    ],
+)
+def test_a_crafted_version_1_file_is_refused_with_a_value_error_naming_it(tmp_path, change):
+    path = crafted_v1(tmp_path, change)
+    with pytest.raises(ValueError) as error:
+        load_sparse(path, mlp())
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_crafted_version_1_files_start_from_a_good_one(tmp_path):
+    path = crafted_v1(tmp_path, lambda tensors: None)
+    assert_same_state(trained_like(mlp, 0.9, torch.float32), load_sparse(path, mlp()))

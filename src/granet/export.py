@@ -378,10 +378,15 @@ def _read(
 _LAYOUT_FIELDS = ("name", "dtype", "shape", "encoding", "nnz")
 
 
-def _check_layout(path: str | os.PathLike, layout: Any, tensors: dict[str, torch.Tensor]) -> None:
+def _check_layout(
+    path: str | os.PathLike,
+    layout: Any,
+    tensors: dict[str, torch.Tensor],
+    as_bytes: bool = False,
+) -> None:
     """Refuse a layout that :func:`save_sparse` cannot have written, or stored tensors that do not
     fit it (a checksum only proves that the file is as its writer made it, not who that was), so
-    that decoding meets no surprise."""
+    that decoding meets no surprise. ``as_bytes``: values are stored as bytes (version 1)."""
     if not isinstance(layout, list):
         raise ValueError(f"{path}: its layout is not a list of tensors")
     entries: dict[str, dict[str, Any]] = {}
@@ -393,7 +398,7 @@ def _check_layout(path: str | os.PathLike, layout: Any, tensors: dict[str, torch
         name = entry["name"]
         if not isinstance(name, str) or name in entries:
             raise ValueError(f"{path}: layout entry {i} has a bad or repeated name {name!r}")
-        bad = _bad_entry(entry, entries, tensors)
+        bad = _bad_entry(entry, entries, tensors, as_bytes)
         if bad:
             raise ValueError(f"{path}: tensor {name!r} {bad}")
         entries[name] = entry
@@ -403,7 +408,10 @@ def _check_layout(path: str | os.PathLike, layout: Any, tensors: dict[str, torch
 
 
 def _bad_entry(
-    entry: dict[str, Any], earlier: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor]
+    entry: dict[str, Any],
+    earlier: dict[str, dict[str, Any]],
+    tensors: dict[str, torch.Tensor],
+    as_bytes: bool = False,
 ) -> str | None:
     """What is wrong with one layout entry and the tensors it names, or ``None``."""
     shape, nnz, encoding = entry["shape"], entry["nnz"], entry["encoding"]
@@ -424,7 +432,7 @@ def _bad_entry(
         if (target["dtype"], target["shape"]) != (entry["dtype"], shape):
             return f"is an alias of {entry['of']!r}, which has another dtype or shape"
         return None
-    word = torch.uint8 if dtype not in _TYPED else dtype
+    word = torch.uint8 if as_bytes or dtype not in _TYPED else dtype
     sizes = {"dense": numel} if encoding == "dense" else {"values": nnz}
     for part, count in sizes.items():
         stored = tensors.get(entry["name"] if part == "dense" else f"{entry['name']}:{part}")
@@ -464,14 +472,18 @@ def _read_v1(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, t
     if hashlib.sha256(body).digest() != digest:
         raise ValueError(f"{path} is truncated or corrupted (sha256 checksum mismatch)")
     try:
-        return _v1_tensors(path, body)
-    except (KeyError, TypeError, AttributeError, struct.error, json.JSONDecodeError) as e:
+        layout, tensors = _v1_tensors(path, body)
+    except (KeyError, TypeError, AttributeError, struct.error, ValueError) as e:
+        if str(path) in str(e):
+            raise
         raise ValueError(f"{path}: its header is malformed ({type(e).__name__}: {e})") from None
+    _check_layout(path, layout, tensors, as_bytes=True)
+    return layout, tensors, 1
 
 
 def _v1_tensors(
     path: str | os.PathLike, body: memoryview
-) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], int]:
+) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     (header_len,) = _V1_HEADER_LEN.unpack_from(body)
     header = json.loads(bytes(body[_V1_HEADER_LEN.size : _V1_HEADER_LEN.size + header_len]))
     payload = np.frombuffer(body[_V1_HEADER_LEN.size + header_len :], dtype=np.uint8)
@@ -482,6 +494,8 @@ def _v1_tensors(
         dense = entry["encoding"] == "dense"
         count = math.prod(entry["shape"]) if dense else entry["nnz"]
         start, size = entry["offset"], count * _dtype(entry).itemsize
+        if not _natural(start) or not _natural(entry["index_bytes"]):
+            raise ValueError(f"{path}: tensor {entry['name']!r} has a bad offset or index size")
         if start + size + entry["index_bytes"] > len(payload):
             raise ValueError(f"{path}: tensor {entry['name']!r} lies past the end of the file")
         blocks = [payload[start : start + size]]
@@ -491,4 +505,4 @@ def _v1_tensors(
         for key, block in zip(_keys(entry["name"], entry["encoding"]), blocks):
             tensors[key] = torch.from_numpy(block.copy())
         layout.append({k: entry[k] for k in ("name", "dtype", "shape", "encoding", "nnz")})
-    return layout, tensors, 1
+    return layout, tensors
