@@ -105,6 +105,13 @@ class Sparsifier:
             raise ValueError(
                 "no sparse tensors selected: include/exclude matched no parameter of the model"
             )
+        meta = [name for name, p in chosen if p.is_meta]
+        if meta:
+            raise ValueError(
+                f"the model's weights are on the meta device (no values yet: {meta[0]}"
+                f"{' and others' if len(meta) > 1 else ''}); materialize the model first "
+                "(model.to_empty(device=...) and initialize it, or load its weights)"
+            )
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         orphans = [name for name, p in chosen if id(p) not in held]
         if orphans:

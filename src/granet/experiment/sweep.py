@@ -89,13 +89,20 @@ def _list(spec: dict[str, Any], key: str, path: Path, default: list | None = Non
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file; every grid point is checked before anything runs."""
     path = Path(path)
-    spec = read_config_file(path)
+    spec = read_config_file(path, "sweep file")
     unknown = sorted(set(spec) - set(SWEEP_KEYS))
     if unknown:
         raise ValueError(
             f"sweep file {path}: unknown key(s) {', '.join(unknown)}; "
             f"known: {', '.join(SWEEP_KEYS)}"
         )
+    for key, kind, what in (
+        ("base", str, "a config file's path"),
+        ("config", dict, "a mapping of settings"),
+        ("out", str, "a folder's path"),
+    ):
+        if spec.get(key) is not None and not isinstance(spec[key], kind):
+            raise ValueError(f"sweep file {path}: {key} must be {what}; got {spec[key]!r}")
     base: dict[str, Any] = {}
     if spec.get("base") is not None:
         base.update(read_config_file(path.parent / spec["base"]))
@@ -112,6 +119,9 @@ def load_sweep(path: str | Path) -> Sweep:
             )
     sparsities = _list(spec, "sparsities", path, None if sparse else [])
     seeds = _list(spec, "seeds", path, [0])
+    for key, values in (("methods", methods), ("sparsities", sparsities), ("seeds", seeds)):
+        if not values and (key != "sparsities" or sparse):
+            raise ValueError(f"sweep file {path}: {key} is empty; the grid would have no run")
     out = Path(spec.get("out") or Path("runs") / path.stem)
     workers = spec.get("workers", 1)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -195,6 +205,11 @@ def run_sweep(
     that many ``granet train`` processes at once (each logging to ``OUT/<name>.log``).
     """
     workers = workers or sweep.workers
+    if (sweep.out / MARKER_FILE).is_file() or (sweep.out / CONFIG_FILE).is_file():
+        raise FileExistsError(
+            f"{sweep.out} is a granet run folder, not a sweep's out folder; give the sweep "
+            "another out"
+        )
     sweep.out.mkdir(parents=True, exist_ok=True)
     with FolderLock(sweep.out, "sweep folder", SWEEP_LOCK):
         todo = []
