@@ -31,7 +31,14 @@ from granet.masks import apply_masks, pack_bits, top_mask, unpack_bits
 from granet.pruning import PRUNING
 from granet.readback import HostCopy
 from granet.schedules import MIN_REGROW_FRACTION, CosineDecay, CubicSparsity, UpdateCadence
-from granet.selection import Rule, check_rules, select_parameters, unwrap, unwrap_optimizer
+from granet.selection import (
+    Rule,
+    check_rules,
+    select_parameters,
+    unmatched_patterns,
+    unwrap,
+    unwrap_optimizer,
+)
 
 # id(parameter) -> (the parameter, the sparsifier holding it), both weakly
 _HELD: dict[int, tuple[weakref.ref, weakref.ref]] = {}
@@ -101,6 +108,15 @@ class Sparsifier:
         self.verify_ranks = checks.boolean("verify_ranks", verify_ranks)
         self._group = data_parallel_group(model)
         chosen = select_parameters(self.model, include, exclude)
+        for what, rules in (("include", include), ("exclude", exclude)):
+            unmatched = unmatched_patterns(self.model, rules)
+            if unmatched:
+                warnings.warn(
+                    f"{what} pattern(s) {', '.join(map(repr, unmatched))} match no parameter "
+                    f"of the model and are ignored (a pattern matches a full name, such as "
+                    f"{next(iter(dict(self.model.named_parameters())), '?')!r})",
+                    stacklevel=2,
+                )
         if not chosen:
             raise ValueError(
                 "no sparse tensors selected: include/exclude matched no parameter of the model"
