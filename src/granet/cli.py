@@ -651,8 +651,9 @@ def launch_env(name: str, default: int, least: int = 0) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``granet`` command line; returns the exit status."""
     from granet.experiment.runs import RunFailed
-    from granet.experiment.signals import Interrupted
+    from granet.experiment.signals import Interrupted, stop_with_parent
 
+    stop_with_parent()  # a sweep's or study's training process stops with it
     parser = build_parser()
     args = parse_args(parser, argv)
     debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")

@@ -50,7 +50,7 @@ from granet.experiment.runs import (
     read_report,
     read_run_config,
 )
-from granet.experiment.signals import Interrupted, stop_on_signals, stopped_as
+from granet.experiment.signals import PARENT_ENV, Interrupted, stop_on_signals, stopped_as
 from granet.experiment.train import train
 from granet.experiment.trainer import check_schedule, load_data
 
@@ -275,11 +275,14 @@ def run_processes(
 ) -> None:
     """At most ``workers`` training processes at a time, each logging to ``OUT/<name>.log``.
     Ctrl-C / SIGTERM is passed on to the running ones as SIGTERM (they checkpoint and stop; a
-    second one makes them stop at once); nothing new starts. ``command(job, resume, overwrite,
+    second one makes them stop at once); nothing new starts. If this process dies, even by
+    SIGKILL, each gets one SIGTERM (:func:`~granet.experiment.signals.stop_with_parent`), so a
+    rerun finds their folders free and resumes them. ``command(job, resume, overwrite,
     out)`` is a job's command line (default: ``granet train`` new or ``--resume``), called
     just before the job starts."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    env[PARENT_ENV] = str(os.getpid())  # each one stops when this process dies, however
     pending = list(todo)
     running: dict[subprocess.Popen, Job] = {}
     failed: list[str] = []
