@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,8 +72,8 @@ def _holders(grid: Path, names: list[str]) -> list[int]:
     pids = []
     for name in names:
         lock = grid / name / "run.lock"
-        text = lock.read_text().strip() if lock.is_file() else ""
-        pids.append(int(text) if text.isdigit() else 0)
+        found = re.search(r"\d+", lock.read_text()) if lock.is_file() else None
+        pids.append(int(found.group()) if found else 0)
     return pids
 
 
