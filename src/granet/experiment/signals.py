@@ -107,9 +107,10 @@ def stop_with_parent() -> None:
         return
     parent = int(value)
     hangup = getattr(signal, "SIGHUP", None)
-    if hangup is not None and threading.current_thread() is threading.main_thread():
+    handled = hangup is not None and threading.current_thread() is threading.main_thread()
+    if handled:  # before the kernel is asked: an unhandled SIGHUP would end us unsaved
         signal.signal(hangup, lambda signum, frame: _stop_once())
-    if hangup is None or not _death_signal(hangup):
+    if not (handled and _death_signal(hangup)):
         threading.Thread(target=_watch, args=(parent,), daemon=True).start()
     if os.getppid() != parent:  # the parent died before the signal was asked for
         _stop_once()
