@@ -158,7 +158,10 @@ def test_a_pattern_that_matches_nothing_is_named_in_a_warning():
     sp.remove()
     with warnings.catch_warnings():  # every pattern matching: no warning
         warnings.simplefilter("error")
-        granet.Static(model, optimizer, total_steps=10, include=["*.weight"], exclude=["1.*"])
+        sp = granet.Static(model, optimizer, total_steps=10, include=["*.weight"], exclude=["1.*"])
+    sp.remove()
+    with pytest.raises(ValueError, match=r"no sparse tensors selected: .*'typo\.\*' match no"):
+        granet.Static(model, optimizer, total_steps=10, include=["typo.*"])
 
 
 def test_a_model_on_the_meta_device_is_one_line():

@@ -108,18 +108,22 @@ class Sparsifier:
         self.verify_ranks = checks.boolean("verify_ranks", verify_ranks)
         self._group = data_parallel_group(model)
         chosen = select_parameters(self.model, include, exclude)
-        for what, rules in (("include", include), ("exclude", exclude)):
-            unmatched = unmatched_patterns(self.model, rules)
-            if unmatched:
-                warnings.warn(
-                    f"{what} pattern(s) {', '.join(map(repr, unmatched))} match no parameter "
-                    f"of the model and are ignored (a pattern matches a full name, such as "
-                    f"{next(iter(dict(self.model.named_parameters())), '?')!r})",
-                    stacklevel=2,
-                )
+        example = next(iter(dict(self.model.named_parameters())), "?")
+        unmatched = [
+            f"{what} pattern(s) {', '.join(map(repr, patterns))} match no parameter of the model"
+            for what, rules in (("include", include), ("exclude", exclude))
+            if (patterns := unmatched_patterns(self.model, rules))
+        ]
         if not chosen:
             raise ValueError(
                 "no sparse tensors selected: include/exclude matched no parameter of the model"
+                + "".join(f"; {u}" for u in unmatched)
+                + (f" (a pattern matches a full name, such as {example!r})" if unmatched else "")
+            )
+        for text in unmatched:
+            warnings.warn(
+                f"{text} and are ignored (a pattern matches a full name, such as {example!r})",
+                stacklevel=2,
             )
         meta = [name for name, p in chosen if p.is_meta]
         if meta:
