@@ -274,3 +274,9 @@ def test_an_unknown_flag_gets_its_commands_usage_and_the_closest_flag(capsys, ar
     err = capsys.readouterr().err
     assert err.startswith(usage) and "usage: granet [-h]" not in err
     assert hint in err.splitlines()[-1]
+
+
+def test_the_start_line_counts_in_words(tmp_path, capsys):
+    assert main(["train", *TINY, "--sparsity", "0.8", "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "(sparsity 0.8) lenet5 on cpu" in err and "): 1 epoch x 3 steps, into" in err
