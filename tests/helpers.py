@@ -2,7 +2,9 @@
 trainer hook that sends a signal."""
 
 import os
+import re
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +106,40 @@ def one_line_error(err: str, command: str = "train") -> str:
     errors = [ln for ln in err.splitlines() if ": error: " in ln]
     assert len(errors) == 1 and errors[0].startswith(f"granet {command}: error: "), err
     return errors[0]
+
+
+# A page's python blocks, as docs/README say: a block runs on its own, as a reader copies it,
+# unless an HTML comment on the line before it says otherwise.
+CONTINUES = "<!-- continues -->"  # goes on from the page's blocks above it, run top to bottom
+FRAGMENT = "<!-- fragment -->"  # uses names the text defines (your model, loader): compiled only
+
+
+def doc_blocks(page: Path) -> list[tuple[str, str]]:
+    """``(kind, code)`` of each python block of ``page``: ``run``, ``continues`` or
+    ``fragment``."""
+    blocks = []
+    text = page.read_text()
+    for match in re.finditer(r"```python\n(.*?)```", text, re.S):
+        before = text[: match.start()].rstrip().splitlines()[-1].strip()
+        kind = {CONTINUES: "continues", FRAGMENT: "fragment"}.get(before, "run")
+        blocks.append((kind, match.group(1)))
+    return blocks
+
+
+def run_doc(page: Path, fragment_names: Callable[[], dict] | None = None) -> dict:
+    """Run ``page``'s blocks as a reader copies them (see :data:`CONTINUES`, :data:`FRAGMENT`):
+    a block on its own in a fresh namespace; a continuing one in the namespace of every block
+    above it; a fragment compiled, and run on ``fragment_names()`` (stand-ins for what it
+    uses) when given. Returns the page's namespace: every name the blocks defined."""
+    page_names: dict = {}
+    for i, (kind, code) in enumerate(doc_blocks(page)):
+        compiled = compile(code, f"{page.name} python block {i + 1}", "exec")
+        if kind == "continues":
+            exec(compiled, page_names)
+            continue
+        if kind == "fragment" and fragment_names is None:
+            continue
+        names = {**page_names, **fragment_names()} if kind == "fragment" else {}
+        exec(compiled, names)
+        page_names.update(names)
+    return page_names

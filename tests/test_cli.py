@@ -127,6 +127,7 @@ def test_without_a_validation_split_the_last_epoch_is_tested(tmp_path):
     assert report["checkpoint"]["epoch"] == 2 and report["checkpoint"]["val_accuracy"] is None
     assert [m["best"] for m in read_metrics(run_dir)] == [False, True]
     assert "checkpoint the last epoch, epoch 2" in err and "val —" in err
+    assert "(sparsity 0.9) lenet5 on cpu" in err and "): 2 epochs x 8 steps, into" in err
     assert "validation accuracy —" in (run_dir / "report.md").read_text()
     model, _ = load_run_model(run_dir, "last")
     best, _ = load_run_model(run_dir, "best")

@@ -45,6 +45,25 @@ def fails(capsys, argv, command="train", status=2) -> str:
         (["--device", "cpu:5"], "device 'cpu:5': the CPU has no device 5"),
         (["--device", "cuda:7"], "device 'cuda:7' asked for, but"),
         (["--update-every", "100"], "the schedule never reaches sparsity=0.9"),
+        # the optimizer steps float32 weights: a scalar a float32 cannot hold fails its step
+        (["--lr", "1e39"], "lr must be at most 3.403e+38 (a float32 must hold it); got 1e+39"),
+        (["--weight-decay", "1e308"], "weight_decay must be at most 3.403e+38"),
+        (["--optimizer", "adamw", "--lr", "1e38"], "lr must be at most 3.403e+37 with adamw"),
+        (
+            ["--optimizer", "adamw", "--lr", "1", "--weight-decay", "1e39"],
+            "weight_decay must be at most 3.403e+38",
+        ),
+        (
+            ["--optimizer", "adamw", "--lr", "1e3", "--weight-decay", "1e36"],
+            "lr x weight_decay must be at most 3.403e+38 with adamw",
+        ),
+        (["--seed", "-1"], "seed must be in [0, 4294967295] (NumPy's seed range); got -1"),
+        (
+            ["--seed", str(2**64)],
+            f"seed must be in [0, 4294967295] (NumPy's seed range); got {2**64}",
+        ),
+        # one step: the gradual phase cannot fit, and the line says why
+        (["--batch-size", "100000"], "the run has only 1 optimizer step(s): prune_start (0.0)"),
     ],
 )
 def test_bad_settings_are_refused_before_training(tmp_path, capsys, flags, message):
@@ -277,3 +296,72 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_it(capsys, monkeypatch)
     monkeypatch.setenv("GRANET_DEBUG", "1")
     with pytest.raises(TypeError, match="a bug"):
         main(["report", "somewhere"])
+
+
+def test_the_largest_float32_lr_still_trains(tmp_path, capsys):
+    # the bound is the optimizer's own: just below it the first step runs (and the loss,
+    # no longer finite, stops the run as any diverging run stops)
+    argv = ["train", *TINY, "--out", str(tmp_path / "run"), "--lr", "3e38"]
+    assert "the training loss became non-finite" in fails(capsys, argv, status=1)
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        ({"WORLD_SIZE": "abc"}, "the environment variable WORLD_SIZE must be an integer >= 1"),
+        ({"WORLD_SIZE": "0"}, "the environment variable WORLD_SIZE must be an integer >= 1"),
+        ({"RANK": "x"}, "the environment variable RANK must be an integer >= 0"),
+        ({"LOCAL_RANK": "-2"}, "the environment variable LOCAL_RANK must be an integer >= 0"),
+    ],
+)
+def test_a_bad_launch_environment_is_one_line(finished, capsys, monkeypatch, env, line):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert line in fails(capsys, ["report", str(finished)], "report")
+
+
+def test_bench_inference_with_a_batch_that_cannot_fit(finished, capsys):
+    line = fails(
+        capsys,
+        ["bench-inference", str(finished), "--batch-sizes", "1", str(10**11)],
+        "bench-inference",
+    )
+    assert f"--batch-sizes {10**11}: a batch that large does not fit in memory" in line
+
+
+@pytest.mark.parametrize("command", ["train", "plasticity"])
+def test_a_non_utf8_config_file_is_named(tmp_path, capsys, command):
+    config = tmp_path / "config.yaml"
+    config.write_bytes(b"epochs: 1\n# caf\xe9\n")
+    line = fails(capsys, [command, "--config", str(config), "--out", str(tmp_path / "o")], command)
+    assert f"config file {config} is not UTF-8 text (byte 0xe9 at offset 15)" in line
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage", "hint"),
+    [
+        # a prefix of a flag is not that flag: --epoch -1 was --epochs -1
+        (["train", "--epoch", "-1"], "usage: granet train", "--epoch: did you mean --epochs?"),
+        (["train", "--sparsty=0.5"], "usage: granet train", "--sparsty: did you mean --sparsity?"),
+        (["sweep", "s.yaml", "--worker", "2"], "usage: granet sweep", "did you mean --workers?"),
+        (["plasticity", "--rate", "0.5"], "usage: granet plasticity", "did you mean --rates?"),
+        (
+            ["bench-inference", "run", "--batch-size", "3"],
+            "usage: granet bench-inference",
+            "--batch-size: did you mean --batch-sizes?",
+        ),
+    ],
+)
+def test_an_unknown_flag_gets_its_commands_usage_and_the_closest_flag(capsys, argv, usage, hint):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage) and "usage: granet [-h]" not in err
+    assert hint in err.splitlines()[-1]
+
+
+def test_the_start_line_counts_in_words(tmp_path, capsys):
+    assert main(["train", *TINY, "--sparsity", "0.8", "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "(sparsity 0.8) lenet5 on cpu" in err and "): 1 epoch x 3 steps, into" in err

@@ -117,7 +117,29 @@ def test_bundled_subset_when_download_fails(nowhere):
     with pytest.warns(UserWarning, match="download failed"):
         bundle = load_dataset("fashion-mnist")
     assert bundle.source.startswith("bundled subset") and "download failed" in bundle.source
-    assert not list(nowhere.rglob("*.part"))
+    assert not nowhere.exists()  # the folders made for the download are gone with it
+
+
+def test_a_failed_download_keeps_a_folder_that_was_there(nowhere):
+    (nowhere / "fashion-mnist").mkdir(parents=True)
+    (nowhere / "notes.txt").write_text("mine")
+    with pytest.warns(UserWarning, match="download failed"):
+        load_dataset("fashion-mnist")
+    assert sorted(p.name for p in nowhere.iterdir()) == ["fashion-mnist", "notes.txt"]
+
+
+def test_a_data_root_without_the_data_says_where_it_came_from(nowhere, monkeypatch, tmp_path):
+    write_fashion(nowhere / "fashion-mnist", monkeypatch)  # in $GRANET_DATA
+    asked = tmp_path / "empty"
+    asked.mkdir()
+    with pytest.warns(UserWarning) as caught:
+        bundle = load_dataset("fashion-mnist", asked)
+    expected = f"Fashion-MNIST is not in the data root {asked}; using the copy in {nowhere}"
+    assert any(str(w.message).startswith(expected) for w in caught), [
+        str(w.message) for w in caught
+    ]
+    assert str(nowhere / "fashion-mnist") in bundle.source
+    assert not list(asked.iterdir())  # nothing written there
 
 
 def test_download_checks_the_published_checksum(nowhere, monkeypatch):

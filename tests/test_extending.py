@@ -1,11 +1,10 @@
 """Every code block of docs/extending.md, run, and what it promises checked."""
 
-import re
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import SmallNet, train
+from helpers import SmallNet, run_doc, train
 
 import granet
 
@@ -16,15 +15,15 @@ T = 60
 @pytest.fixture(scope="module")
 def doc() -> dict:
     """The page's definitions; each usage block builds its sparsifier once on a fresh model."""
-    namespace: dict = {"granet": granet, "T": 20_000}  # a run long enough for every block
-    for block in re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S):
+
+    def stand_ins() -> dict:
         torch.manual_seed(0)
-        namespace["model"] = SmallNet()
-        namespace["optimizer"] = torch.optim.SGD(namespace["model"].parameters(), lr=0.05)
-        exec(block, namespace)
-        if "sp" in namespace:
-            namespace.pop("sp").remove()
-    return namespace
+        model = SmallNet()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        # T: a run long enough for every block
+        return {"granet": granet, "T": 20_000, "model": model, "optimizer": optimizer}
+
+    return run_doc(DOC, stand_ins)  # the definitions each as a reader copies it
 
 
 def fresh(method, **options):

@@ -1,4 +1,5 @@
-"""Every code block of docs/integrations.md, run in order, and what the page promises checked."""
+"""Every code block of docs/integrations.md, run as a reader copies it (on its own, or after the
+blocks above where the page says it continues), and what the page promises checked."""
 
 import re
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 pytest.importorskip("lightning")
+from helpers import run_doc  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
@@ -21,11 +23,9 @@ DOC = Path(__file__).parents[1] / "docs" / "integrations.md"
 @pytest.fixture(scope="module")
 def doc(tmp_path_factory) -> dict:
     """The page's namespace after all its blocks ran, in a folder of their own."""
-    namespace: dict = {}
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path_factory.mktemp("doc"))
-        for block in re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S):
-            exec(block, namespace)
+        namespace = run_doc(DOC)  # each block as a reader copies it
         namespace["cwd"] = Path.cwd()
     return namespace
 

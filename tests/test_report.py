@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from granet.experiment.report import comparison_markdown, find_runs, summarize
+from granet.experiment.report import comparison_markdown, counted, csv_row, find_runs, summarize
 
 
 def report(seed, accuracy, sparsity=0.9, target=0.9, run_id=None, **extra):
@@ -73,3 +73,12 @@ def test_find_runs_lists_each_folder_once(tmp_path):
     grid = tmp_path / "grid"
     found = find_runs([grid, grid / "a", grid / ".." / "grid" / "a"])
     assert found == [grid / "a", grid / "b"]
+
+
+def test_counts_and_csv_numbers_read_as_meant():
+    assert [counted(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]
+    row = csv_row({"sparsity": 1 - 0.8, "lr_at_prune": 0.05 * 0.1 * 0.1, "runs": 3, "name": "a"})
+    assert row == {"sparsity": 0.2, "lr_at_prune": 0.0005, "runs": 3, "name": "a"}
+    assert str(row["sparsity"]) == "0.2" and str(1 - 0.8) == "0.19999999999999996"
+    tiny = csv_row({"lr": 1.2345678901234e-20})["lr"]  # small values keep their digits
+    assert tiny == 1.23456789012e-20

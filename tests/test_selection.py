@@ -134,3 +134,42 @@ def test_optimizer_wrappers_are_unwrapped():
 def test_data_parallel_wrappers_are_unwrapped():
     net = nn.Linear(2, 2)
     assert unwrap(nn.DataParallel(nn.DataParallel(net))) is net
+
+
+def test_a_pattern_that_matches_nothing_is_named_in_a_warning():
+    import warnings
+
+    import granet
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning) as caught:
+        sp = granet.Static(
+            model,
+            optimizer,
+            total_steps=10,
+            include=["0.weight", "typo.weight", nn.Conv2d],  # a type rule is not a typo
+            exclude=["typo.*", "1.bias"],
+        )
+    said = [str(w.message) for w in caught]
+    assert any("include pattern(s) 'typo.weight' match no parameter" in m for m in said), said
+    assert any("exclude pattern(s) 'typo.*' match no parameter" in m for m in said), said
+    assert not any("'0.weight'" in m.split("such as")[0] or "1.bias" in m for m in said)
+    sp.remove()
+    with warnings.catch_warnings():  # every pattern matching: no warning
+        warnings.simplefilter("error")
+        sp = granet.Static(model, optimizer, total_steps=10, include=["*.weight"], exclude=["1.*"])
+    sp.remove()
+    with pytest.raises(ValueError, match=r"no sparse tensors selected: .*'typo\.\*' match no"):
+        granet.Static(model, optimizer, total_steps=10, include=["typo.*"])
+
+
+def test_a_model_on_the_meta_device_is_one_line():
+    import granet
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="the model's weights are on the meta device") as error:
+        granet.GraNet(model, optimizer, total_steps=100, update_every=10)
+    assert "\n" not in str(error.value)

@@ -83,3 +83,49 @@ def test_runs_of_an_older_granet_without_a_marker(tmp_path):
     assert _state(finished, overwrite=False) == "done"  # its numbers are kept
     with pytest.raises(ValueError, match="unfinished run of an older granet .no run.json."):
         _state(unfinished, overwrite=False)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            {"config": [1, 2], "methods": ["dense"]},
+            "config must be a mapping of settings; got [1, 2]",
+        ),
+        ({"out": 5, "methods": ["dense"]}, "out must be a folder's path; got 5"),
+        ({"base": 3, "methods": ["dense"]}, "base must be a config file's path; got 3"),
+        ({"methods": []}, "methods is empty; the grid would have no run"),
+        ({"methods": ["set"], "sparsities": []}, "sparsities is empty; the grid would have no run"),
+        ({"methods": ["dense"], "seeds": []}, "seeds is empty; the grid would have no run"),
+    ],
+)
+def test_a_malformed_sweep_file_is_one_line_naming_it(tmp_path, capsys, spec, message):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"config": TINY, "out": str(tmp_path / "grid"), **spec}))
+    assert main(["sweep", str(path)]) == 2
+    assert f"sweep file {path}: {message}" in one_line_error(capsys.readouterr().err, "sweep")
+    assert not (tmp_path / "grid").exists()
+
+
+def test_a_non_utf8_sweep_file_is_named(tmp_path, capsys):
+    path = tmp_path / "sweep.yaml"
+    path.write_bytes(b"methods: [dense]  # \xff\n")
+    assert main(["sweep", str(path)]) == 2
+    line = one_line_error(capsys.readouterr().err, "sweep")
+    assert f"sweep file {path} is not UTF-8 text (byte 0xff at offset 20)" in line
+
+
+def test_a_sweep_refuses_a_run_folder_as_its_out(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *_flags(TINY), "--method", "dense", "--out", str(run)]) == 0
+    before = sorted(p.name for p in run.iterdir())
+    capsys.readouterr()
+    path = sweep_file(tmp_path, methods=["dense"], out=str(run))
+    assert main(["sweep", str(path)]) == 2
+    line = one_line_error(capsys.readouterr().err, "sweep")
+    assert f"{run} is a granet run folder, not a sweep's out folder" in line
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing written into it
+
+
+def _flags(settings: dict) -> list[str]:
+    return [f for k, v in settings.items() for f in ("--" + k.replace("_", "-"), str(v))]

@@ -233,6 +233,13 @@ class Algorithm:
                 raise ValueError(
                     f"prune_end ({self.prune_end}) lies beyond total_steps ({self.total_steps})"
                 )
+            if end <= start and fractions:
+                raise ValueError(
+                    f"the run has only {self.total_steps} optimizer step(s): prune_start "
+                    f"({self.prune_start}) and prune_end ({self.prune_end}) both fall on step "
+                    f"{start}, leaving no gradual phase; give it more steps (more epochs or "
+                    "smaller batches)"
+                )
             if end <= start:
                 raise ValueError(
                     f"prune_end ({self.prune_end}) must come after prune_start ({self.prune_start})"

@@ -10,6 +10,7 @@ status; ``--debug`` (or ``GRANET_DEBUG=1``) shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import pickle
@@ -212,13 +213,21 @@ def _sparsifier_flags() -> list[tuple[str, dict[str, Any]]]:
 DEBUG_ENV = "GRANET_DEBUG"
 
 
+class _Parser(argparse.ArgumentParser):
+    """A command's parser: flags are never abbreviated."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="granet",
+        allow_abbrev=False,
         description="Sparse training during training: GraNet, GMP, RigL, SET, SNFS, static.",
     )
     parser.add_argument("--version", action="version", version=f"granet {granet.__version__}")
-    debug = argparse.ArgumentParser(add_help=False)
+    debug = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     debug.add_argument(
         "--debug",
         action="store_true",
@@ -226,7 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"show the traceback of an error (also: {DEBUG_ENV}=1)",
     )
     parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # A flag is given whole: a prefix (``--epoch`` for ``--epochs``) is an unknown flag.
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     train = sub.add_parser(
         "train",
@@ -534,7 +546,15 @@ def cmd_bench_inference(args: argparse.Namespace) -> int:
     if bad:
         raise ValueError(f"--batch-sizes must be >= 1; got {' '.join(map(str, bad))}")
 
-    rows = bench_inference(args.run_dir, batch_sizes=tuple(args.batch_sizes))
+    try:
+        rows = bench_inference(args.run_dir, batch_sizes=tuple(args.batch_sizes))
+    except (MemoryError, RuntimeError) as e:
+        # torch's CPU allocator says so in a RuntimeError; CUDA's is an OutOfMemoryError
+        if not isinstance(e, MemoryError) and "allocate" not in str(e):
+            raise
+        raise ValueError(
+            f"--batch-sizes {max(args.batch_sizes)}: a batch that large does not fit in memory"
+        ) from None
     if rows:
         keys = list(rows[0])
         print("| " + " | ".join(keys) + " |")
@@ -581,16 +601,63 @@ def error_line(error: BaseException, ours: bool = True) -> str:
     return " ".join(lines[:1]) + (" ..." if len(lines) > 1 else "")
 
 
+def parse_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> argparse.Namespace:
+    """``parser.parse_args``, but an unknown flag is refused by its command's parser (its usage,
+    not the top level's) with the closest known flag suggested."""
+    args, unknown = parser.parse_known_args(argv)
+    if not unknown:
+        return args
+    command = _subparsers(parser)[args.command]
+    known = [o[2:] for action in command._actions for o in action.option_strings if o[:2] == "--"]
+    hints = []
+    for flag in (arg.split("=", 1)[0] for arg in unknown if arg.startswith("--")):
+        close = difflib.get_close_matches(flag[2:], known, n=1)
+        hints += [f"{flag}: did you mean --{close[0]}?"] if close else []
+    command.error(f"unrecognized arguments: {' '.join(unknown)}" + "".join(f"; {h}" for h in hints))
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def launch_env(name: str, default: int, least: int = 0) -> int:
+    """An integer that torchrun sets in the environment (``WORLD_SIZE``, ``RANK``), checked to
+    be at least ``least``."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = least - 1
+    if number < least:
+        raise ValueError(
+            f"the environment variable {name} must be an integer >= {least} (torchrun sets "
+            f"it); got {value!r}"
+        )
+    return number
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``granet`` command line; returns the exit status."""
     from granet.experiment.runs import RunFailed
-    from granet.experiment.signals import Interrupted
+    from granet.experiment.signals import Interrupted, stop_with_parent
 
+    stop_with_parent()  # a sweep's or study's training process stops with it
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
+    try:
+        world, rank = launch_env("WORLD_SIZE", 1, least=1), launch_env("RANK", 0)
+        launch_env("LOCAL_RANK", 0)
+    except ValueError as e:
+        print(f"granet {args.command}: error: {e}", file=sys.stderr)
+        return 2
     prefix = f"granet {args.command}" + (f" (process {rank})" if world > 1 and rank else "")
     try:
         if args.command != "train" and world > 1:

@@ -99,6 +99,17 @@ def check_rules(include: Sequence[Rule] | None, exclude: Sequence[Rule]) -> None
                 )
 
 
+def unmatched_patterns(model: nn.Module, rules: Sequence[Rule] | None) -> list[str]:
+    """The name patterns among ``rules`` that match no parameter name of ``model`` (a typo
+    there silently selects nothing, or excludes nothing)."""
+    names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    return [
+        rule
+        for rule in rules or ()
+        if isinstance(rule, str) and not any(fnmatchcase(name, rule) for name in names)
+    ]
+
+
 def select_parameters(
     model: nn.Module,
     include: Sequence[Rule] | None = None,

@@ -31,7 +31,14 @@ from granet.masks import apply_masks, pack_bits, top_mask, unpack_bits
 from granet.pruning import PRUNING
 from granet.readback import HostCopy
 from granet.schedules import MIN_REGROW_FRACTION, CosineDecay, CubicSparsity, UpdateCadence
-from granet.selection import Rule, check_rules, select_parameters, unwrap, unwrap_optimizer
+from granet.selection import (
+    Rule,
+    check_rules,
+    select_parameters,
+    unmatched_patterns,
+    unwrap,
+    unwrap_optimizer,
+)
 
 # id(parameter) -> (the parameter, the sparsifier holding it), both weakly
 _HELD: dict[int, tuple[weakref.ref, weakref.ref]] = {}
@@ -101,9 +108,29 @@ class Sparsifier:
         self.verify_ranks = checks.boolean("verify_ranks", verify_ranks)
         self._group = data_parallel_group(model)
         chosen = select_parameters(self.model, include, exclude)
+        example = next(iter(dict(self.model.named_parameters())), "?")
+        unmatched = [
+            f"{what} pattern(s) {', '.join(map(repr, patterns))} match no parameter of the model"
+            for what, rules in (("include", include), ("exclude", exclude))
+            if (patterns := unmatched_patterns(self.model, rules))
+        ]
         if not chosen:
             raise ValueError(
                 "no sparse tensors selected: include/exclude matched no parameter of the model"
+                + "".join(f"; {u}" for u in unmatched)
+                + (f" (a pattern matches a full name, such as {example!r})" if unmatched else "")
+            )
+        for text in unmatched:
+            warnings.warn(
+                f"{text} and are ignored (a pattern matches a full name, such as {example!r})",
+                stacklevel=2,
+            )
+        meta = [name for name, p in chosen if p.is_meta]
+        if meta:
+            raise ValueError(
+                f"the model's weights are on the meta device (no values yet: {meta[0]}"
+                f"{' and others' if len(meta) > 1 else ''}); materialize the model first "
+                "(model.to_empty(device=...) and initialize it, or load its weights)"
             )
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         orphans = [name for name, p in chosen if id(p) not in held]

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, make_dataclass, replac
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 import granet
@@ -30,6 +31,11 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
 AMP_CHOICES = ("none", "bf16", "fp16")
 DEFAULT_LR = {"sgd": 0.05, "adamw": 1e-3}
+# The optimizers step float32 weights with scalars made of lr and weight_decay, and a scalar a
+# float32 cannot hold fails the first step; AdamW's first step size is lr / (1 - beta1) = 10 lr.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+ADAMW_STEP_FACTOR = 1 / (1 - 0.9)
+SEED_RANGE = 2**32  # NumPy's global generator takes seeds in [0, 2**32 - 1]
 # ``update_every: null`` means about this many topology updates per run (the paper's CIFAR
 # setup has 62 560 steps and updates every 1000: about 60).
 AUTO_UPDATES_PER_RUN = 60
@@ -190,6 +196,7 @@ def _check_ranges(c: Config) -> None:
     need(c.lr is not None and c.lr > 0, "lr", "> 0")
     need(0.0 <= c.momentum < 1.0, "momentum", "in [0, 1)")
     need(c.weight_decay >= 0, "weight_decay", ">= 0")
+    _check_float32_step(c)
     need(
         all(0 < m < 1 for m in c.lr_milestones) and c.lr_milestones == sorted(c.lr_milestones),
         "lr_milestones",
@@ -198,8 +205,32 @@ def _check_ranges(c: Config) -> None:
     need(0 <= c.warmup_epochs < c.epochs, "warmup_epochs", f"in [0, epochs={c.epochs})")
     need(0.0 <= c.label_smoothing < 1.0, "label_smoothing", "in [0, 1)")
     need(c.workers >= 0, "workers", ">= 0")
+    need(0 <= c.seed < SEED_RANGE, "seed", f"in [0, {SEED_RANGE - 1}] (NumPy's seed range)")
     for name in c.log:
         checks.choice("log", name, LOGGERS)
+
+
+def _check_float32_step(c: Config) -> None:
+    """Refuse an lr or weight_decay that would make the optimizer's first step fail: its
+    scalars must fit a float32 (at most :data:`FLOAT32_MAX`)."""
+    top = f"{FLOAT32_MAX:.4g}"
+    if c.lr > FLOAT32_MAX:
+        raise ValueError(f"lr must be at most {top} (a float32 must hold it); got {c.lr!r}")
+    if c.weight_decay > FLOAT32_MAX:
+        raise ValueError(
+            f"weight_decay must be at most {top} (a float32 must hold it); got {c.weight_decay!r}"
+        )
+    if c.optimizer == "adamw":
+        if c.lr * ADAMW_STEP_FACTOR > FLOAT32_MAX:
+            raise ValueError(
+                f"lr must be at most {FLOAT32_MAX / ADAMW_STEP_FACTOR:.4g} with adamw (its first "
+                f"step size, lr / (1 - beta1) = 10 x lr, must fit a float32); got {c.lr!r}"
+            )
+        if c.lr * c.weight_decay > FLOAT32_MAX:
+            raise ValueError(
+                f"lr x weight_decay must be at most {top} with adamw (a float32 must hold it); "
+                f"got {c.lr!r} x {c.weight_decay!r}"
+            )
 
 
 def _typed_values(values: dict[str, Any]) -> dict[str, Any]:
@@ -218,21 +249,26 @@ def make_config(values: dict[str, Any]) -> Config:
     return config
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The settings mapping of a YAML config file, with errors that name the file."""
+def read_config_file(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The settings mapping of a YAML config file, with errors that name the file (``what``:
+    what it is, as the errors say)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise ValueError(f"cannot read config file {path}: {e.strerror}") from None
+        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{what} {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+        ) from None
     try:
         values = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+        raise ValueError(f"{what} {path} is not valid YAML: {e}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ValueError(f"config file {path} must hold a mapping of settings")
+        raise ValueError(f"{what} {path} must hold a mapping of settings")
     return values
 
 

@@ -68,7 +68,7 @@ from granet.experiment.config import Config, make_config, read_config_file
 from granet.experiment.datasets import DataBundle
 from granet.experiment.models import build_model
 from granet.experiment.plots import plot_plasticity
-from granet.experiment.report import percent
+from granet.experiment.report import counted, csv_row, percent
 from granet.experiment.runs import (
     CHECKPOINT_DIR,
     MARKER_FILE,
@@ -654,13 +654,14 @@ def plasticity_markdown(study: Study, rows: Sequence[Mapping[str, Any]]) -> str:
     how = (
         "the rest of the base schedule"
         if study.continuation == "schedule"
-        else f"{study.continue_epochs} epochs at the rewound learning rate"
+        else f"{counted(study.continue_epochs, 'epoch')} at the rewound learning rate"
     )
     lines = [
         f"# Pruning plasticity: {b.model} on {b.dataset}, {base} base, seed {b.seed}",
         "",
-        f"Base run: {b.epochs} epochs, lr {b.lr:g} ({b.schedule}), learning-rate decays after "
-        f"epoch {decays}; final test accuracy t_final = {percent(rows[0]['t_final'])}.",
+        f"Base run: {counted(b.epochs, 'epoch')}, lr {b.lr:g} ({b.schedule}), learning-rate "
+        f"decays after epoch {decays}; final test accuracy t_final = "
+        f"{percent(rows[0]['t_final'])}.",
         f"One-shot {study.pruning} magnitude pruning of the remaining weights, then {how}.",
         "Each cell: plasticity = t_continue / t_pre (in brackets: t_after_prune -> "
         "t_continue, %; the final gap t_continue - t_final, points).",
@@ -690,7 +691,7 @@ def write_results(study: Study, out: Path, rows: Sequence[Mapping[str, Any]]) ->
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(map(csv_row, rows))
     table = out / CSV_FILE
     write_atomic(table, text.getvalue())
     md = out / MD_FILE

@@ -186,6 +186,18 @@ def _si(x: float) -> str:
     return f"{x:.3g}"
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: ``1 epoch``, ``10 epochs``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def csv_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """``row`` as a CSV shows it: floats to 12 significant digits, so that float noise
+    (``0.19999999999999996`` for 1 - 0.8) reads as the number meant; the run's own files keep
+    the exact values."""
+    return {k: float(f"{v:.12g}") if isinstance(v, float) else v for k, v in row.items()}
+
+
 def percent(x: float | None) -> str:
     """A fraction as a percentage with two decimals; None as a dash."""
     return "—" if x is None else f"{100 * x:.2f}%"
@@ -438,7 +450,7 @@ def write_comparison(rows: Sequence[Mapping[str, Any]], out_dir: str | Path) -> 
     with table.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(map(csv_row, rows))
     paths = [md, table]
     setups = _by_setup(rows)
     for (dataset, model), group in setups.items():

@@ -8,8 +8,12 @@ passes it on (a sweep passes every signal to its training processes).
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,3 +82,58 @@ def stop_on_signals(pass_on: Callable[[int], None] | None = None) -> Iterator[St
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+# Set by a sweep or a study in the environment of each training process it starts: its own
+# process id, which the child watches (see :func:`stop_with_parent`).
+PARENT_ENV = "GRANET_PARENT_PID"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_parent_gone = threading.Event()
+
+
+def stop_with_parent() -> None:
+    """In a training process that a sweep or study started (:data:`PARENT_ENV` set): get one
+    SIGTERM when that parent dies, even by SIGKILL, so that the run checkpoints and stops
+    rather than train on unwatched, holding its folder's lock against a rerun.
+
+    The children run in sessions of their own (a terminal's Ctrl-C reaches the parent only),
+    so nothing else would stop them. On Linux the kernel signals the death
+    (``prctl(PR_SET_PDEATHSIG)``, with SIGHUP: it comes again each time the orphan is handed to
+    another of the dead parent's threads, and only the first becomes the SIGTERM, a second one
+    of which would abort the checkpoint); elsewhere a thread watches the parent's process id.
+    A parent already gone when this runs is noticed at once."""
+    value = os.environ.pop(PARENT_ENV, None)  # not inherited by what this process starts
+    if value is None or not value.isdigit():
+        return
+    parent = int(value)
+    hangup = getattr(signal, "SIGHUP", None)
+    handled = hangup is not None and threading.current_thread() is threading.main_thread()
+    if handled:  # before the kernel is asked: an unhandled SIGHUP would end us unsaved
+        signal.signal(hangup, lambda signum, frame: _stop_once())
+    if not (handled and _death_signal(hangup)):
+        threading.Thread(target=_watch, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was asked for
+        _stop_once()
+
+
+def _stop_once() -> None:
+    if not _parent_gone.is_set():
+        _parent_gone.set()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _death_signal(signum: int) -> bool:
+    """Ask Linux to send ``signum`` when the parent dies; whether it was set."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch(parent: int, every: float = 1.0) -> None:
+    while os.getppid() == parent:
+        time.sleep(every)
+    _stop_once()

@@ -50,7 +50,7 @@ from granet.experiment.runs import (
     read_report,
     read_run_config,
 )
-from granet.experiment.signals import Interrupted, stop_on_signals, stopped_as
+from granet.experiment.signals import PARENT_ENV, Interrupted, stop_on_signals, stopped_as
 from granet.experiment.train import train
 from granet.experiment.trainer import check_schedule, load_data
 
@@ -89,13 +89,20 @@ def _list(spec: dict[str, Any], key: str, path: Path, default: list | None = Non
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file; every grid point is checked before anything runs."""
     path = Path(path)
-    spec = read_config_file(path)
+    spec = read_config_file(path, "sweep file")
     unknown = sorted(set(spec) - set(SWEEP_KEYS))
     if unknown:
         raise ValueError(
             f"sweep file {path}: unknown key(s) {', '.join(unknown)}; "
             f"known: {', '.join(SWEEP_KEYS)}"
         )
+    for key, kind, what in (
+        ("base", str, "a config file's path"),
+        ("config", dict, "a mapping of settings"),
+        ("out", str, "a folder's path"),
+    ):
+        if spec.get(key) is not None and not isinstance(spec[key], kind):
+            raise ValueError(f"sweep file {path}: {key} must be {what}; got {spec[key]!r}")
     base: dict[str, Any] = {}
     if spec.get("base") is not None:
         base.update(read_config_file(path.parent / spec["base"]))
@@ -112,6 +119,9 @@ def load_sweep(path: str | Path) -> Sweep:
             )
     sparsities = _list(spec, "sparsities", path, None if sparse else [])
     seeds = _list(spec, "seeds", path, [0])
+    for key, values in (("methods", methods), ("sparsities", sparsities), ("seeds", seeds)):
+        if not values and (key != "sparsities" or sparse):
+            raise ValueError(f"sweep file {path}: {key} is empty; the grid would have no run")
     out = Path(spec.get("out") or Path("runs") / path.stem)
     workers = spec.get("workers", 1)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -195,6 +205,11 @@ def run_sweep(
     that many ``granet train`` processes at once (each logging to ``OUT/<name>.log``).
     """
     workers = workers or sweep.workers
+    if (sweep.out / MARKER_FILE).is_file() or (sweep.out / CONFIG_FILE).is_file():
+        raise FileExistsError(
+            f"{sweep.out} is a granet run folder, not a sweep's out folder; give the sweep "
+            "another out"
+        )
     sweep.out.mkdir(parents=True, exist_ok=True)
     with FolderLock(sweep.out, "sweep folder", SWEEP_LOCK):
         todo = []
@@ -260,11 +275,14 @@ def run_processes(
 ) -> None:
     """At most ``workers`` training processes at a time, each logging to ``OUT/<name>.log``.
     Ctrl-C / SIGTERM is passed on to the running ones as SIGTERM (they checkpoint and stop; a
-    second one makes them stop at once); nothing new starts. ``command(job, resume, overwrite,
+    second one makes them stop at once); nothing new starts. If this process dies, even by
+    SIGKILL, each gets one SIGTERM (:func:`~granet.experiment.signals.stop_with_parent`), so a
+    rerun finds their folders free and resumes them. ``command(job, resume, overwrite,
     out)`` is a job's command line (default: ``granet train`` new or ``--resume``), called
     just before the job starts."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    env[PARENT_ENV] = str(os.getpid())  # each one stops when this process dies, however
     pending = list(todo)
     running: dict[subprocess.Popen, Job] = {}
     failed: list[str] = []

@@ -28,7 +28,7 @@ import torch
 from granet.experiment import parallel
 from granet.experiment.config import Config
 from granet.experiment.loggers import RunLoggers
-from granet.experiment.report import hardware, percent
+from granet.experiment.report import counted, hardware, percent
 from granet.experiment.runs import (
     CHECKPOINT_DIR,
     METRICS_FILE,
@@ -175,11 +175,11 @@ def train(
             if not resume or not folder.marker.get("settings_hash"):
                 folder.record_settings(config)
             truncate_metrics(run_dir, trainer.epoch)
-        sparse = "dense" if trainer.sparsifier is None else f"sparsity {config.sparsity}"
+        sparse = "dense" if trainer.sparsifier is None else f"sparsity {config.sparsity:g}"
         log(
             f"training {config.method} ({sparse}) {config.model} on {device} "
-            f"({hardware(device, ranks.world)}): {config.epochs} epochs x "
-            f"{trainer.steps_per_epoch} steps, into {run_dir}"
+            f"({hardware(device, ranks.world)}): {counted(config.epochs, 'epoch')} x "
+            f"{counted(trainer.steps_per_epoch, 'step')}, into {run_dir}"
         )
         loggers = None
         if ranks.main and config.log:  # a resumed run's loggers drop what came after its checkpoint

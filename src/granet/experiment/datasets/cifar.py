@@ -140,6 +140,7 @@ def load(
             safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             tar.extractall(target, **safe)
         folder = target / spec.folder
+    files.note_source(root, folder, spec.folder)
     train_x, train_y = _load_batches(folder, spec.train, spec.label_key)
     test_x, test_y = _load_batches(folder, spec.test, spec.label_key)
     full = ImageTensorDataset(train_x, train_y, spec.mean, spec.std)

@@ -162,6 +162,7 @@ def load(
         )
     else:
         source = f"Fashion-MNIST ({counts}) from {folder}"
+        files.note_source(root, folder, "Fashion-MNIST")
     full = ImageTensorDataset(train_x, train_y, MEAN, STD)
     test = ImageTensorDataset(test_x, test_y, MEAN, STD)
     train, val = split(full, val_size, seed, augment)

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import urllib.request
+import warnings
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def fetch(urls: tuple[str, ...], dest: Path, expected: str) -> None:
     The file only takes its final name once checked."""
     if dest.exists() and file_md5(dest) == expected:
         return
+    made = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(f"{dest.name}.{os.getpid()}.part")  # one per downloading process
     failures = []
@@ -100,4 +102,23 @@ def fetch(urls: tuple[str, ...], dest: Path, expected: str) -> None:
             continue
         part.replace(dest)
         return
+    for folder in made:  # innermost first; a folder something else wrote into stays
+        try:
+            folder.rmdir()
+        except OSError:
+            break
     raise OSError(f"could not download {dest.name}: " + "; ".join(failures))
+
+
+def note_source(root: str | os.PathLike | None, folder: Path, what: str) -> None:
+    """Warn when a ``root`` was asked for but ``what`` was found elsewhere, in ``folder``
+    (another of :func:`data_dirs`), so that the run's data is never a silent surprise."""
+    if root is None:
+        return
+    asked = Path(root).expanduser()
+    if folder != asked and asked not in folder.parents:
+        warnings.warn(
+            f"{what} is not in the data root {asked}; using the copy in {folder} (the data root "
+            "is looked at first, then $GRANET_DATA, the user cache and the system folders)",
+            stacklevel=3,
+        )

@@ -32,6 +32,7 @@ def load(
             f"{', '.join(map(str, places))}. It cannot be downloaded automatically: get it "
             "from https://image-net.org and pass its folder as root or put it in $GRANET_DATA."
         )
+    files.note_source(root, folder, "ImageNet")
     try:
         from torchvision import datasets, transforms
     except (ImportError, RuntimeError) as err:  # RuntimeError: built for another torch
