@@ -122,23 +122,24 @@ def _resume_checks(folder: RunFolder, config: Config) -> dict[str, Any] | None:
         return None
     state = load_checkpoint(last)
     folder.check_settings(config, state)
-    position = state.get("position")
-    if isinstance(position, Mapping) and type(position.get("epoch")) is int:
-        _check_metrics(folder.path, position["epoch"])
+    position, first = state.get("position"), state.get("first_epoch")
+    if isinstance(position, Mapping) and type(position.get("epoch")) is int and type(first) is int:
+        _check_metrics(folder.path, first, position["epoch"])
     return state
 
 
-def _check_metrics(run_dir: Path, epochs: int) -> None:
+def _check_metrics(run_dir: Path, first: int, epochs: int) -> None:
     """Refuse to resume a run whose ``metrics.jsonl`` lacks an epoch its checkpoint includes
-    (deleted, cut short, or mixed with another run's): the report's totals (training FLOPs,
-    samples) are summed from it, and what is lost cannot be rebuilt."""
+    (after ``first``, those of the state it was started from): deleted, cut short, or mixed with
+    another run's. The report's totals (training FLOPs, samples) are summed from it, and what
+    is lost cannot be rebuilt."""
     have = [r["epoch"] for r in read_metrics(run_dir) if r["epoch"] <= epochs]
-    if have != list(range(1, epochs + 1)):
+    if have != list(range(first + 1, epochs + 1)):
         held = ", ".join(map(str, have)) if have else "none"
         raise ValueError(
             f"{run_dir / METRICS_FILE} does not hold the epochs of {CHECKPOINT_DIR}/last.pt "
-            f"(1 to {epochs}; it has {held}): the report would leave them out. Put the file "
-            "back, or start the run again with --overwrite"
+            f"({first + 1} to {epochs}; it has {held}): the report would leave them out. Put "
+            "the file back, or start the run again with --overwrite"
         )
 
 
