@@ -88,6 +88,12 @@ def test_a_full_file_system(small_fs, finished, capsys):
     line = fails(capsys, ["train", *TINY, "--out", str(small_fs / "run")])
     assert "checkpoints/best.pt: cannot write it: No space left on device" in line
     assert list(small_fs.iterdir()) == []  # the failed new run and its temporaries are gone
+    # with the disk full in the middle of the file, torch.save fails with a RuntimeError of its
+    # own (inline_container.cc), which must read the same
+    (small_fs / "filler").write_bytes(b"x" * (128 << 10))
+    line = fails(capsys, ["train", *TINY, "--out", str(small_fs / "run")])
+    assert "checkpoints/best.pt: cannot write it: No space left on device" in line
+    assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]
     (small_fs / "filler").write_bytes(b"x" * (250 << 10))
     line = fails(capsys, ["export", str(finished), "--out", str(small_fs / "m.gnt")], "export")
     assert f"{small_fs / 'm.gnt'}: cannot write it: No space left on device" in line

@@ -77,7 +77,8 @@ class FolderLost(RunFailed):
 
 # ----------------------------------------------------------------------------- writing files
 LINK_REFUSED = "a symbolic link, which granet does not write through (remove it)"
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# O_NOFOLLOW and O_CLOEXEC where the system has them (POSIX), O_BINARY where it has that (Windows)
+_OPEN_FLAGS = sum(getattr(os, f, 0) for f in ("O_NOFOLLOW", "O_CLOEXEC", "O_BINARY"))
 
 
 def refuse_link(path: str | Path) -> None:
@@ -92,7 +93,7 @@ def _open_own(path: Path, flags: int, mode: int = 0o666) -> int:
     a file with other names (a hard link), whose contents belong elsewhere too."""
     refuse_link(path)  # where there is no O_NOFOLLOW
     try:
-        fd = os.open(path, flags | _NOFOLLOW | os.O_CLOEXEC, mode)
+        fd = os.open(path, flags | _OPEN_FLAGS, mode)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise OSError(errno.ELOOP, LINK_REFUSED, str(path)) from None

@@ -87,7 +87,10 @@ def _finished(folder: RunFolder, config: Config) -> bool:
     settings must still be those of ``config`` (a finished run is never trained further)."""
     if not (folder.path / REPORT_JSON).is_file():
         return False
-    recorded = read_report(folder.path).get("config")
+    report = read_report(folder.path)
+    recorded, steps = report.get("config"), report.get("steps_per_epoch")
+    if type(steps) is int:  # settings left to the run's length are compared as it made them
+        config = config.resolved(config.epochs * steps)
     differ = differing_settings(recorded, config.to_dict()) if isinstance(recorded, dict) else []
     if differ:
         raise ValueError(
