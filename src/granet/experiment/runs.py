@@ -4,7 +4,8 @@ in it, which ``granet train`` and every run of ``granet sweep`` share.
 Layout of ``RUN_DIR``::
 
     run.json             granet made this folder: run id, granet version, settings hash
-    run.lock             locked by the one process that writes the run, while it runs
+    run.lock             locked by the one process that writes the run, while it runs (removed
+                         at its end; one left by a killed process blocks nothing)
     config.yaml          the resolved settings (``granet train --config`` reads it back)
     metrics.jsonl        one JSON line per finished epoch
     checkpoints/last.pt  everything needed to resume exactly (also written on Ctrl-C/SIGTERM)
@@ -115,7 +116,8 @@ class _KeptErrors:
     as a RuntimeError of its own, which the kept OSError replaces."""
 
     def __init__(self, f: IO[bytes]) -> None:
-        self._f, self.error = f, None
+        self._f = f
+        self.error: OSError | None = None
 
     def write(self, data: Any) -> int:
         try:
@@ -420,7 +422,10 @@ class FolderLock:
                 break
             os.close(fd)
         else:
-            raise FileExistsError(f"{self.path} keeps being replaced: another process?")
+            raise FileExistsError(
+                f"{self.what} {self.path.parent}: its lock file {self.path} keeps being replaced "
+                "by other processes"
+            )
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
