@@ -73,3 +73,23 @@ def test_find_runs_lists_each_folder_once(tmp_path):
     grid = tmp_path / "grid"
     found = find_runs([grid, grid / "a", grid / ".." / "grid" / "a"])
     assert found == [grid / "a", grid / "b"]
+
+
+@pytest.mark.parametrize("name", ["comparison.md", "comparison.csv", "accuracy_vs_sparsity.png"])
+def test_the_comparison_is_not_written_through_a_link(tmp_path, name):
+    from granet.experiment.report import write_comparison
+
+    rows = summarize([report(0, 0.90), report(1, 0.92)])
+    out = tmp_path / "sweep"
+    out.mkdir()
+    outside = tmp_path / "mine.txt"
+    outside.write_text("mine")
+    (out / name).symlink_to(outside)
+    with pytest.raises(OSError, match="cannot write it: a symbolic link") as info:
+        write_comparison(rows, out)
+    assert info.value.filename == str(out / name)
+    assert outside.read_text() == "mine"
+    (out / name).unlink()
+    assert sorted(p.name for p in write_comparison(rows, out)) == sorted(
+        ["comparison.md", "comparison.csv", "accuracy_vs_sparsity.png"]
+    )
