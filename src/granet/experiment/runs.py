@@ -151,6 +151,7 @@ def write_atomic(path: str | Path, data: bytes | str | Callable[[IO[bytes]], Non
                 f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
     except OSError as e:  # named by the file meant, not the temporary one
+        _verify_held(path)  # a folder deleted meanwhile is the reason to give
         raise OSError(e.errno, f"cannot write it: {e.strerror}", str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
@@ -164,6 +165,7 @@ def open_append(path: str | Path) -> IO[str]:
         check_writable(path)
         return open(_open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a")
     except OSError as e:
+        _verify_held(path)
         raise OSError(e.errno, f"cannot write it: {e.strerror}", str(path)) from None
 
 
@@ -377,14 +379,22 @@ def check_writable(path: str | Path) -> None:
     process locked (a run, sweep or study folder), that folder is still the one it locked
     (:class:`FolderLost` if not) and no folder between it and ``path`` is a symbolic link."""
     target = os.path.abspath(path)
-    for folder, lock in list(_HELD.items()):
-        if target.startswith(folder + os.sep):
-            lock.verify()
-            inner = folder
-            for name in Path(target[len(folder) + 1 :]).parts[:-1]:
-                inner = os.path.join(inner, name)
-                refuse_link(inner)
+    for folder in _verify_held(path):
+        inner = folder
+        for name in Path(target[len(folder) + 1 :]).parts[:-1]:
+            inner = os.path.join(inner, name)
+            refuse_link(inner)
     refuse_link(path)
+
+
+def _verify_held(path: str | Path) -> list[str]:
+    """The folders this process locked that hold ``path``, each checked to be still the one it
+    locked (:class:`FolderLost` if not)."""
+    target = os.path.abspath(path)
+    folders = [f for f in _HELD if target.startswith(f + os.sep)]
+    for folder in folders:
+        _HELD[folder].verify()
+    return folders
 
 
 class FolderLock:
