@@ -4,6 +4,7 @@ a non-zero exit status and no traceback; ``--debug`` or ``GRANET_DEBUG=1`` shows
 from __future__ import annotations
 
 import errno
+import io
 import json
 import math
 import os
@@ -11,7 +12,6 @@ import shutil
 import subprocess
 
 import pytest
-import torch
 import yaml
 from helpers import one_line_error
 
@@ -107,6 +107,12 @@ def test_a_full_file_system(small_fs, finished, capsys):
     line = fails(capsys, ["train", *TINY, "--out", str(small_fs / "run")])
     assert "checkpoints/best.pt: cannot write it: No space left on device" in line
     assert list(small_fs.iterdir()) == []  # the failed new run and its temporaries are gone
+    # with the disk full in the middle of the file, torch.save fails with a RuntimeError of its
+    # own (inline_container.cc), which must read the same
+    (small_fs / "filler").write_bytes(b"x" * (128 << 10))
+    line = fails(capsys, ["train", *TINY, "--out", str(small_fs / "run")])
+    assert "checkpoints/best.pt: cannot write it: No space left on device" in line
+    assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]
     (small_fs / "filler").write_bytes(b"x" * (250 << 10))
     line = fails(capsys, ["export", str(finished), "--out", str(small_fs / "m.gnt")], "export")
     assert f"{small_fs / 'm.gnt'}: cannot write it: No space left on device" in line
@@ -132,18 +138,44 @@ def test_a_read_only_folder(tmp_path, capsys):
 
 
 def test_a_full_disk_while_saving_a_checkpoint(tmp_path, capsys, monkeypatch):
-    real_save = torch.save
+    # Injected below torch.save, as a full disk fails: the file's writes raise ENOSPC once some
+    # bytes are in, which torch.save itself turns into a RuntimeError of its own.
+    opened: dict[int, str] = {}
+    real_open_own = runs._open_own
 
-    def save(obj, f, *args, **kwargs):
-        if "last.pt" in str(getattr(f, "name", "")):
-            f.write(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *args, **kwargs)
+    def open_own(path, *args):
+        fd = real_open_own(path, *args)
+        opened[fd] = str(path)
+        return fd
 
-    monkeypatch.setattr(runs.torch, "save", save)
-    line = fails(capsys, ["train", *TINY, "--out", str(tmp_path / "run")])
-    assert "last.pt: cannot write it: No space left on device" in line
+    class FullDisk(io.FileIO):
+        room = 4096
+
+        def write(self, data):
+            if len(data) > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= len(data)
+            return super().write(data)
+
+    saves = []
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, int) and "last.pt" in opened.get(file, "") and "w" in mode:
+            saves.append(file)
+            if len(saves) == 2:  # the disk is full by epoch 2's checkpoint
+                return io.BufferedWriter(FullDisk(file, "wb"))
+        return open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(runs, "_open_own", open_own)
+    monkeypatch.setattr(runs, "open", fake_open, raising=False)
+    run_dir = tmp_path / "run"
+    line = fails(capsys, ["train", *TINY, "--epochs", "2", "--out", str(run_dir)])
+    assert f"{run_dir / 'checkpoints' / 'last.pt'}: cannot write it: No space left on device" in (
+        line
+    )
     assert not list(tmp_path.rglob("*.tmp"))
+    monkeypatch.undo()
+    assert runs.load_checkpoint(checkpoint_path(run_dir))["position"]["epoch"] == 1  # it stands
 
 
 def test_a_non_finite_loss_stops_the_run(tmp_path, capsys):

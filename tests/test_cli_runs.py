@@ -85,9 +85,16 @@ def test_overwrite_starts_a_marked_run_again(finished, tmp_path):
     assert [m["epoch"] for m in read_metrics(run_dir)] == [1]
 
 
+def lock_holder(run_dir: Path) -> str | None:
+    try:
+        return (run_dir / LOCK_FILE).read_text().strip()
+    except FileNotFoundError:  # no one holds it: the last holder removed it
+        return None
+
+
 def wait_for_lock(run_dir: Path, pid: int) -> None:
     deadline = time.monotonic() + 120
-    while (run_dir / LOCK_FILE).read_text().strip() != str(pid):
+    while lock_holder(run_dir) != str(pid):
         assert time.monotonic() < deadline, "the resumed run never took its folder's lock"
         time.sleep(0.05)
 
@@ -187,3 +194,111 @@ def test_a_torn_last_metrics_line_is_dropped_and_the_run_resumes(tmp_path, capsy
     assert main(["train", "--resume", str(run_dir)]) == 0
     assert "dropped its last line" in capsys.readouterr().err
     assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2]
+
+
+# ------------------------------------------------------------ nothing written through a link
+def test_a_linked_run_lock_is_refused_and_its_target_untouched(tmp_path, capsys):
+    outside = tmp_path / "notes.txt"
+    outside.write_text("mine\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / LOCK_FILE).symlink_to(outside)
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(run_dir)]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert f"{run_dir / LOCK_FILE}: a symbolic link, which granet does not write through" in line
+    assert outside.read_text() == "mine\n"
+    (run_dir / LOCK_FILE).unlink()
+    os.link(outside, run_dir / LOCK_FILE)  # a hard link: the same file under two names
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(run_dir)]) == 2
+    assert "not a plain file of its own" in one_line_error(capsys.readouterr().err)
+    assert outside.read_text() == "mine\n"
+
+
+def test_report_does_not_draw_through_a_linked_figure(finished, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    outside = tmp_path / "photo.png"
+    outside.write_bytes(b"my photo")
+    (run_dir / "training.png").unlink()
+    (run_dir / "training.png").symlink_to(outside)
+    assert main(["report", str(run_dir)]) == 2
+    line = one_line_error(capsys.readouterr().err, "report")
+    assert f"{run_dir / 'training.png'}: cannot write it: a symbolic link" in line
+    assert outside.read_bytes() == b"my photo"
+
+
+def test_resume_refuses_a_dangling_metrics_link(tmp_path, capsys):
+    run_dir = stopped_run(tmp_path / "run")
+    target = tmp_path / "elsewhere" / "metrics.jsonl"
+    target.parent.mkdir()
+    (run_dir / "metrics.jsonl").rename(tmp_path / "kept.jsonl")
+    (run_dir / "metrics.jsonl").symlink_to(target)
+    assert main(["train", "--resume", str(run_dir)]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert f"{run_dir / 'metrics.jsonl'}: a symbolic link, which granet does not write" in line
+    assert not target.exists()
+
+
+# ---------------------------------------------------- one live writer, even across deletion
+def test_a_run_whose_folder_is_deleted_and_made_again_stops(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    first = granet("train", *TINY, "--epochs", "50", "--out", str(run_dir))
+    try:
+        wait_for_lock(run_dir, first.pid)
+        os.kill(first.pid, signal.SIGSTOP)
+        shutil.rmtree(run_dir)  # deleted under the running first run
+        assert main(["train", *TINY, "--epochs", "2", "--out", str(run_dir)]) == 0  # made again
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    report = (run_dir / "report.json").read_text()
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 1
+    line = one_line_error(err)
+    assert f"run folder {run_dir} was deleted or replaced while this process wrote it" in line
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2]  # the second run's, alone
+    assert (run_dir / "report.json").read_text() == report
+    assert checkpoint_path(run_dir).is_file() and not (run_dir / LOCK_FILE).exists()
+
+
+def test_the_lock_file_goes_when_the_run_ends_and_a_stale_one_does_not_block(finished, tmp_path):
+    assert not (finished / LOCK_FILE).exists()
+    run_dir = stopped_run(tmp_path / "run")
+    assert not (run_dir / LOCK_FILE).exists()
+    (run_dir / LOCK_FILE).write_text("4194304\n")  # left by a killed process (kill -9)
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert not (run_dir / LOCK_FILE).exists()
+
+
+# ------------------------------------------------------------------- what --resume checks
+@pytest.mark.parametrize("damage", ["deleted", "cut short"])
+def test_resume_refuses_metrics_that_miss_the_checkpoints_epochs(tmp_path, capsys, damage):
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupted):  # in epoch 3 of 3: epochs 1 and 2 done
+        config = make_config({**SETTINGS, "epochs": 3})
+        train(config, run_dir, progress=False, callbacks=[SignalAt(2 * STEPS_PER_EPOCH + 1)])
+    metrics = run_dir / "metrics.jsonl"
+    if damage == "deleted":
+        metrics.unlink()
+    else:
+        metrics.write_text(metrics.read_text().splitlines(keepends=True)[0])
+    assert main(["train", "--resume", str(run_dir)]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    held = "none" if damage == "deleted" else "1"
+    assert f"{metrics} does not hold the epochs of checkpoints/last.pt (1 to 2; it has {held})" in (
+        line
+    )
+
+
+def test_resume_of_a_finished_run_with_edited_settings_says_how_to_continue(
+    finished, tmp_path, capsys
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    text = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(text.replace("epochs: 2", "epochs: 5"))
+    report = (run_dir / "report.json").read_text()
+    assert main(["train", "--resume", str(run_dir)]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert f"{run_dir} has already finished, with settings other than" in line
+    assert "epochs: 2 -> 5" in line and "StartFrom.checkpoint" in line
+    assert (run_dir / "report.json").read_text() == report

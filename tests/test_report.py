@@ -82,3 +82,23 @@ def test_counts_and_csv_numbers_read_as_meant():
     assert str(row["sparsity"]) == "0.2" and str(1 - 0.8) == "0.19999999999999996"
     tiny = csv_row({"lr": 1.2345678901234e-20})["lr"]  # small values keep their digits
     assert tiny == 1.23456789012e-20
+
+
+@pytest.mark.parametrize("name", ["comparison.md", "comparison.csv", "accuracy_vs_sparsity.png"])
+def test_the_comparison_is_not_written_through_a_link(tmp_path, name):
+    from granet.experiment.report import write_comparison
+
+    rows = summarize([report(0, 0.90), report(1, 0.92)])
+    out = tmp_path / "sweep"
+    out.mkdir()
+    outside = tmp_path / "mine.txt"
+    outside.write_text("mine")
+    (out / name).symlink_to(outside)
+    with pytest.raises(OSError, match="cannot write it: a symbolic link") as info:
+        write_comparison(rows, out)
+    assert info.value.filename == str(out / name)
+    assert outside.read_text() == "mine"
+    (out / name).unlink()
+    assert sorted(p.name for p in write_comparison(rows, out)) == sorted(
+        ["comparison.md", "comparison.csv", "accuracy_vs_sparsity.png"]
+    )

@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -211,3 +212,77 @@ def test_resume_needs_a_marked_folder(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(FileExistsError, match="is a file, not a run folder"):
         try_open(tmp_path / "file")
+
+
+@pytest.mark.parametrize("damage", ["removed", "key name bit-flipped"])
+def test_a_checkpoint_of_this_format_without_its_checksum_is_refused(tmp_path, damage):
+    path = checkpoint(tmp_path / "c.pt")
+    if damage == "removed":
+        state = torch.load(path, weights_only=True)
+        del state["sha256"]
+        torch.save(state, path)
+    else:
+        raw = path.read_bytes()
+        assert raw.count(b"sha256") == 1
+        path.write_bytes(raw.replace(b"sha256", b"sha257"))  # one bit: 6 is 0x36, 7 is 0x37
+        assert "sha257" in torch.load(path, weights_only=True)
+    with pytest.raises(ValueError, match=f"checkpoint {path} is corrupt: it has no SHA-256"):
+        load_checkpoint(path)
+    torch.save({"model": {}, "epoch": 1}, path)  # best.pt of a granet before formats
+    assert load_checkpoint(path)["epoch"] == 1
+
+
+def test_nothing_is_written_through_a_link(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("mine")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name, target in [("a.json", outside), ("dangling.jsonl", tmp_path / "nowhere")]:
+        (folder / name).symlink_to(target)
+        for write in (lambda p: write_atomic(p, "x"), lambda p: runs.open_append(p).close()):
+            with pytest.raises(OSError, match="a symbolic link, which granet does not write"):
+                write(folder / name)
+    assert outside.read_text() == "mine" and not (tmp_path / "nowhere").exists()
+    # in a folder this process locked, no folder on the way is a link either
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (folder / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    with FolderLock(folder, "run folder"):
+        with pytest.raises(OSError, match="a symbolic link") as info:
+            checkpoint(folder / "checkpoints" / "last.pt")
+        assert info.value.filename == str(folder / "checkpoints")
+    assert not any(elsewhere.iterdir())
+    # a resumed run refuses a link among its files before it writes anything
+    runs.write_marker(folder, None)
+    with pytest.raises(OSError, match="a symbolic link, which granet does not write through"):
+        try_open(folder, resume=True)
+
+
+def test_the_lock_goes_at_release_and_a_stale_one_is_taken(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / LOCK_FILE).write_text("4194304\n")  # a dead holder's: flock went with it
+    with FolderLock(folder, "run folder") as lock:
+        assert (folder / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        lock.verify()
+    assert not (folder / LOCK_FILE).exists()
+
+
+def test_a_locked_folder_deleted_and_made_again_is_not_written(tmp_path):
+    folder = tmp_path / "run"
+    with open_run(folder) as run:  # a new run, no checkpoint yet
+        write_atomic(folder / "a.txt", "one")
+        shutil.rmtree(folder)
+        folder.mkdir()  # another run's now (its lock is a file of its own)
+        (folder / LOCK_FILE).write_text("1\n")
+        (folder / "theirs.txt").write_text("theirs")
+        for write in (
+            lambda: write_atomic(folder / "a.txt", "two"),
+            lambda: runs.append_metrics(folder, {"epoch": 1}),
+            lambda: checkpoint(folder / "checkpoints" / "last.pt"),
+        ):
+            with pytest.raises(runs.FolderLost, match=f"run folder {folder} was deleted"):
+                write()
+        assert run.marker
+    # and the failed new run's clean-up leaves the folder there now alone
+    assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE, "theirs.txt"]

@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from granet import checks
+from granet.experiment.runs import check_writable
 
 __all__ = ["LOGGERS", "Logger", "RunLoggers", "TensorBoardLogger", "epoch_scalars", "round_scalars"]
 
@@ -50,6 +51,7 @@ class TensorBoardLogger:
                 "pip install 'granet[tensorboard]'"
             ) from e
         self.log_dir = Path(run_dir) / "tensorboard"
+        check_writable(self.log_dir)  # its event files are new names, in no linked folder
         self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=resume_step)
 
     def log(self, scalars: dict[str, float], step: int) -> None:

@@ -9,6 +9,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from granet.experiment.runs import write_atomic
+
 TRAINING_PNG = "training.png"
 LAYER_DENSITY_PNG = "layer_density.png"
 ITOP_PNG = "itop_rate.png"
@@ -16,7 +18,8 @@ ITOP_PNG = "itop_rate.png"
 
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fmt = Path(path).suffix[1:] or "png"
+    write_atomic(path, lambda f: fig.savefig(f, format=fmt, dpi=120))  # never through a link
     return path
 
 

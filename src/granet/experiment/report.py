@@ -8,6 +8,7 @@ metrics.jsonl), so ``granet report`` can regenerate it long after the runs ended
 from __future__ import annotations
 
 import csv
+import io
 import os
 import platform
 import statistics
@@ -445,12 +446,13 @@ def write_comparison(rows: Sequence[Mapping[str, Any]], out_dir: str | Path) -> 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / COMPARISON_MD
-    md.write_text(comparison_markdown(rows))
+    write_atomic(md, comparison_markdown(rows))
     table = out_dir / COMPARISON_CSV
-    with table.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(map(csv_row, rows))
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(map(csv_row, rows))
+    write_atomic(table, text.getvalue())
     paths = [md, table]
     setups = _by_setup(rows)
     for (dataset, model), group in setups.items():

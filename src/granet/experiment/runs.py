@@ -4,7 +4,8 @@ in it, which ``granet train`` and every run of ``granet sweep`` share.
 Layout of ``RUN_DIR``::
 
     run.json             granet made this folder: run id, granet version, settings hash
-    run.lock             locked by the one process that writes the run, while it runs
+    run.lock             locked by the one process that writes the run, while it runs (removed
+                         at its end; one left by a killed process blocks nothing)
     config.yaml          the resolved settings (``granet train --config`` reads it back)
     metrics.jsonl        one JSON line per finished epoch
     checkpoints/last.pt  everything needed to resume exactly (also written on Ctrl-C/SIGTERM)
@@ -13,17 +14,21 @@ Layout of ``RUN_DIR``::
 
 Every file is written under a temporary name unique to its writer and renamed into place, so a
 kill during a write leaves the previous version intact; checkpoints carry a SHA-256 of their
-contents, checked on every load.
+contents, checked on every load. Nothing is written through a symbolic link (or into a hard
+link) in a folder granet writes, and a process writes into a folder it locked only while the
+folder is still the one it locked.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import stat
 import time
 import uuid
 import warnings
@@ -67,23 +72,102 @@ class RunFailed(RuntimeError):
     sweep did; the message says which and where."""
 
 
+class FolderLost(RunFailed):
+    """The folder a process locked was deleted or replaced (say by a new run in a folder of the
+    same name) while the process wrote it: it stops rather than write into the new one."""
+
+
 # ----------------------------------------------------------------------------- writing files
+LINK_REFUSED = "a symbolic link, which granet does not write through (remove it)"
+# O_NOFOLLOW and O_CLOEXEC where the system has them (POSIX), O_BINARY where it has that (Windows)
+_OPEN_FLAGS = sum(getattr(os, f, 0) for f in ("O_NOFOLLOW", "O_CLOEXEC", "O_BINARY"))
+
+
+def refuse_link(path: str | Path) -> None:
+    """Refuse to write ``path`` when it is a symbolic link, dangling or not: in a folder of
+    granet's, writing through one would change a file elsewhere."""
+    if os.path.islink(path):
+        raise OSError(errno.ELOOP, LINK_REFUSED, str(path))
+
+
+def _open_own(path: Path, flags: int, mode: int = 0o666) -> int:
+    """``os.open`` of a plain file that is ``path`` alone: never through a symbolic link, never
+    a file with other names (a hard link), whose contents belong elsewhere too."""
+    refuse_link(path)  # where there is no O_NOFOLLOW
+    try:
+        fd = os.open(path, flags | _OPEN_FLAGS, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, LINK_REFUSED, str(path)) from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        raise OSError(
+            errno.EMLINK,
+            "not a plain file of its own (a hard link or a device), which granet does not "
+            "write into (remove it)",
+            str(path),
+        )
+    return fd
+
+
+class _KeptErrors:
+    """A file whose write errors are kept: ``torch.save`` reports a failed write (a full disk)
+    as a RuntimeError of its own, which the kept OSError replaces."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
 def write_atomic(path: str | Path, data: bytes | str | Callable[[IO[bytes]], None]) -> None:
     """Write ``path`` through a temporary file of this writer's own (process id and a random
-    part in its name), renamed over ``path`` when complete and removed on every other exit."""
+    part in its name), renamed over ``path`` when complete and removed on every other exit.
+    A symbolic link at ``path`` is refused (see :func:`check_writable`)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
     try:
-        with open(tmp, "wb") as f:
+        check_writable(path)
+        with open(_open_own(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
             if callable(data):
-                data(f)
+                sink = _KeptErrors(f)
+                try:
+                    data(sink)  # type: ignore[arg-type]
+                except Exception:
+                    if sink.error is not None:
+                        raise sink.error from None
+                    raise
             else:
                 f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
     except OSError as e:  # named by the file meant, not the temporary one
+        _verify_held(path)  # a folder deleted meanwhile is the reason to give
         raise OSError(e.errno, f"cannot write it: {e.strerror}", str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def open_append(path: str | Path) -> IO[str]:
+    """``path`` opened to append text, created if missing (never through a symbolic link, see
+    :func:`check_writable`)."""
+    path = Path(path)
+    try:
+        check_writable(path)
+        return open(_open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a")
+    except OSError as e:
+        _verify_held(path)
+        raise OSError(e.errno, f"cannot write it: {e.strerror}", str(path)) from None
 
 
 def _finite(value: Any) -> Any:
@@ -123,6 +207,7 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
     """Write ``state`` with its format and checksum, atomically: a kill during the write leaves
     the previous checkpoint intact."""
     path = Path(path)
+    check_writable(path)  # before mkdir, which would re-create a deleted run folder
     path.parent.mkdir(parents=True, exist_ok=True)
     body = _to_cpu({k: v for k, v in state.items() if k not in ("format", "sha256")})
     full = {"format": CHECKPOINT_FORMAT, **body}
@@ -133,7 +218,8 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (tensors on the CPU unless
     ``map_location``), after checking its checksum; errors name the file. Checkpoints of granet
-    versions before checksums load unchecked."""
+    versions before checksums (format 2 and older) load unchecked; one of format 3 without its
+    checksum is refused."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -144,6 +230,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict):
         raise ValueError(f"{path} is not a granet checkpoint")
     stored = state.pop("sha256", None)
+    fmt = state.get("format", 0)  # checkpoints before format 1 had no format
+    if stored is None and not (type(fmt) is int and fmt < CHECKPOINT_FORMAT):
+        raise ValueError(
+            f"checkpoint {path} is corrupt: it has no SHA-256 of its contents, which every "
+            f"checkpoint of format {CHECKPOINT_FORMAT} has (a damaged or edited file)"
+        )
     if stored is not None and stored != state_digest(state):
         raise ValueError(
             f"checkpoint {path} is corrupt: its contents do not match their SHA-256 (a damaged "
@@ -253,39 +345,105 @@ def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / MARKER_FILE).is_file()
 
 
+_HELD: dict[str, FolderLock] = {}  # absolute folder path -> this process's lock on it
+
+
+def check_writable(path: str | Path) -> None:
+    """Before writing ``path``: it is no symbolic link; and where it lies in a folder this
+    process locked (a run, sweep or study folder), that folder is still the one it locked
+    (:class:`FolderLost` if not) and no folder between it and ``path`` is a symbolic link."""
+    target = os.path.abspath(path)
+    for folder in _verify_held(path):
+        inner = folder
+        for name in Path(target[len(folder) + 1 :]).parts[:-1]:
+            inner = os.path.join(inner, name)
+            refuse_link(inner)
+    refuse_link(path)
+
+
+def _verify_held(path: str | Path) -> list[str]:
+    """The folders this process locked that hold ``path``, each checked to be still the one it
+    locked (:class:`FolderLost` if not)."""
+    target = os.path.abspath(path)
+    folders = [f for f in _HELD if target.startswith(f + os.sep)]
+    for folder in folders:
+        _HELD[folder].verify()
+    return folders
+
+
 class FolderLock:
     """An exclusive ``flock`` on ``folder/name``, held by one process at a time; the file holds
-    the holder's process id, which a refused process names. Not available without ``fcntl``
-    (Windows): there nothing is locked."""
+    the holder's process id, which a refused process names, and is removed on release. While
+    held, every granet write into the folder first checks (:func:`check_writable`) that the
+    folder is still the one locked: the lock file there is the same file. Not available without
+    ``fcntl`` (Windows): there nothing is locked."""
 
     def __init__(self, folder: Path, what: str, name: str = LOCK_FILE) -> None:
         self.path, self.what, self._fd = folder / name, what, None
+        self._id: tuple[int, int] | None = None
 
     def acquire(self) -> FolderLock:
         """Take the lock, or refuse naming the process that holds it."""
         if fcntl is None:
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        for _ in range(100):  # a holder that lets go removes the file: lock the new one then
+            fd = _open_own(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise FileExistsError(
+                    f"{self.what} {self.path.parent} is in use by process {holder} (it holds "
+                    f"{self.path}); wait for it to finish or stop it"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            info = os.fstat(fd)
+            self._id = (info.st_dev, info.st_ino)
+            if self._same():
+                break
             os.close(fd)
+        else:
             raise FileExistsError(
-                f"{self.what} {self.path.parent} is in use by process {holder} (it holds "
-                f"{self.path}); wait for it to finish or stop it"
-            ) from None
-        except BaseException:
-            os.close(fd)
-            raise
+                f"{self.what} {self.path.parent}: its lock file {self.path} keeps being replaced "
+                "by other processes"
+            )
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        _HELD[os.path.abspath(self.path.parent)] = self
         return self
 
+    def _same(self) -> bool:
+        """Whether ``self.path`` is still the file this process locked."""
+        try:
+            info = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return (info.st_dev, info.st_ino) == self._id
+
+    def verify(self) -> None:
+        """Raise :class:`FolderLost` unless the folder is still the one this process locked."""
+        if self._fd is not None and not self._same():
+            raise FolderLost(
+                f"{self.what} {self.path.parent} was deleted or replaced while this process "
+                f"wrote it ({self.path} is no longer the lock it took): stopped, leaving what "
+                "is there now alone"
+            )
+
+    def held(self) -> bool:
+        """Whether this process holds the lock on the folder as it is now."""
+        return self._fd is not None and self._same()
+
     def release(self) -> None:
-        """Let the lock go (closing its file)."""
+        """Let the lock go: remove its file (if it is still this lock's), then close it."""
         if self._fd is not None:
+            if _HELD.get(os.path.abspath(self.path.parent)) is self:
+                del _HELD[os.path.abspath(self.path.parent)]
+            if self._same():
+                self.path.unlink(missing_ok=True)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -421,6 +579,7 @@ def open_run(
     try:
         _remove_stale_temporaries(run_dir)
         if resume:
+            _refuse_links(run_dir)
             folder = RunFolder(run_dir, read_marker(run_dir), new=False)
         else:
             try:
@@ -433,11 +592,23 @@ def open_run(
             folder = RunFolder(run_dir, write_marker(run_dir, None), new=True)
         yield folder
     except BaseException:
-        if ours and not checkpoint_path(run_dir).is_file():
+        # not once the folder was replaced: what is there now is another run's
+        if ours and (lock.held() or fcntl is None) and not checkpoint_path(run_dir).is_file():
             _discard(run_dir, made)
         raise
     finally:
         lock.release()
+
+
+def _refuse_links(run_dir: Path) -> None:
+    """Refuse a run folder with a symbolic link among its files or checkpoints, before
+    anything is written through it."""
+    for folder in (run_dir, run_dir / CHECKPOINT_DIR):
+        if folder.is_dir() and not folder.is_symlink():
+            for p in folder.iterdir():
+                refuse_link(p)
+        else:
+            refuse_link(folder)
 
 
 def _discard(run_dir: Path, made: bool) -> None:
@@ -515,8 +686,13 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def append_metrics(run_dir: Path, record: Mapping[str, Any]) -> None:
     """Add one epoch's record to ``metrics.jsonl`` as one line."""
-    with open(run_dir / METRICS_FILE, "a") as f:
-        f.write(to_json(record) + "\n")
+    path = run_dir / METRICS_FILE
+    with open_append(path) as f:
+        try:
+            f.write(to_json(record) + "\n")
+            f.flush()
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write it: {e.strerror}", str(path)) from None
 
 
 def truncate_metrics(run_dir: Path, epochs_done: int) -> None:

@@ -47,6 +47,7 @@ from granet.experiment.runs import (
     FolderLock,
     RunFailed,
     is_run_dir,
+    open_append,
     read_report,
     read_run_config,
 )
@@ -299,7 +300,7 @@ def run_processes(
                     cmd = command(job, resume, overwrite, out)  # may take a while (a prune)
                     if stop.asked:  # asked meanwhile: nothing new starts
                         break
-                    with (out / f"{job.name}.log").open("a") as log:
+                    with open_append(out / f"{job.name}.log") as log:
                         print(f"[sweep] started {job.name} (log: {log.name})", file=sys.stderr)
                         proc = subprocess.Popen(
                             cmd,

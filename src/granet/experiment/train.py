@@ -7,8 +7,8 @@
    that cannot reach the target is refused here, before any training).
 3. A new run records its resolved settings (``config.yaml``, their hash in ``run.json``). A
    resumed one is checked first: a finished run is reported, not retrained; its checkpoint must
-   be intact and hold the settings of ``config.yaml``; ``metrics.jsonl`` is cut back to the
-   checkpoint.
+   be intact and hold the settings of ``config.yaml``; ``metrics.jsonl`` must hold every epoch
+   of the checkpoint, and is cut back to it.
 4. Train, test the chosen checkpoint, write the report.
 
 A new run that fails before its first checkpoint leaves nothing behind.
@@ -31,10 +31,12 @@ from granet.experiment.loggers import RunLoggers
 from granet.experiment.report import counted, hardware, percent
 from granet.experiment.runs import (
     CHECKPOINT_DIR,
+    CONFIG_FILE,
     METRICS_FILE,
     REPORT_JSON,
     RunFolder,
     checkpoint_path,
+    differing_settings,
     load_checkpoint,
     open_run,
     read_metrics,
@@ -80,10 +82,23 @@ def _seen_by_all(path: Path, ranks: parallel.Ranks, device: torch.device) -> boo
     return count > 0
 
 
-def _finished(folder: RunFolder) -> bool:
-    """A finished run (it has its report): nothing to train. Its checkpoints may be gone."""
+def _finished(folder: RunFolder, config: Config) -> bool:
+    """A finished run (it has its report): nothing to train. Its checkpoints may be gone. Its
+    settings must still be those of ``config`` (a finished run is never trained further)."""
     if not (folder.path / REPORT_JSON).is_file():
         return False
+    report = read_report(folder.path)
+    recorded, steps = report.get("config"), report.get("steps_per_epoch")
+    if type(steps) is int:  # settings left to the run's length are compared as it made them
+        config = config.resolved(config.epochs * steps)
+    differ = differing_settings(recorded, config.to_dict()) if isinstance(recorded, dict) else []
+    if differ:
+        raise ValueError(
+            f"{folder.path} has already finished, with settings other than its {CONFIG_FILE} "
+            f"now says ({'; '.join(differ)}): a finished run is not trained further. Put them "
+            f"back, or train a new run (--out) that starts from this one's "
+            f"{CHECKPOINT_DIR}/last.pt (StartFrom.checkpoint in Python, see docs/cli.md)"
+        )
     log(f"{folder.path} has already finished")
     if not checkpoint_path(folder.path).is_file():
         warnings.warn(
@@ -110,7 +125,25 @@ def _resume_checks(folder: RunFolder, config: Config) -> dict[str, Any] | None:
         return None
     state = load_checkpoint(last)
     folder.check_settings(config, state)
+    position, first = state.get("position"), state.get("first_epoch")
+    if isinstance(position, Mapping) and type(position.get("epoch")) is int and type(first) is int:
+        _check_metrics(folder.path, first, position["epoch"])
     return state
+
+
+def _check_metrics(run_dir: Path, first: int, epochs: int) -> None:
+    """Refuse to resume a run whose ``metrics.jsonl`` lacks an epoch its checkpoint includes
+    (after ``first``, those of the state it was started from): deleted, cut short, or mixed with
+    another run's. The report's totals (training FLOPs, samples) are summed from it, and what
+    is lost cannot be rebuilt."""
+    have = [r["epoch"] for r in read_metrics(run_dir) if r["epoch"] <= epochs]
+    if have != list(range(first + 1, epochs + 1)):
+        held = ", ".join(map(str, have)) if have else "none"
+        raise ValueError(
+            f"{run_dir / METRICS_FILE} does not hold the epochs of {CHECKPOINT_DIR}/last.pt "
+            f"({first + 1} to {epochs}; it has {held}): the report would leave them out. Put "
+            "the file back, or start the run again with --overwrite"
+        )
 
 
 def train(
@@ -147,7 +180,7 @@ def train(
         progress = sys.stderr.isatty()
     device = resolve_device(config.device)
     with _open(run_dir, resume, overwrite, ranks) as folder:
-        if resume and parallel.on_main(lambda: _finished(folder), ranks):
+        if resume and parallel.on_main(lambda: _finished(folder, config), ranks):
             return read_report(run_dir) if ranks.main else None
         trainer = Trainer(
             config,

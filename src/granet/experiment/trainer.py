@@ -384,6 +384,7 @@ class Trainer:
         )
         self.sparse_names = list(layer_summary(self.model, self.sparsifier))
         self.epoch = 0 if start is None else start.epoch  # epochs done
+        self.first_epoch = self.epoch  # epochs done before this run (started from a state)
         self.batch = 0  # batches of the current epoch done
         self.step = first  # optimizer steps done
         self.train_seconds = 0.0
@@ -437,6 +438,7 @@ class Trainer:
             "sparsifier": None if sp is None else sp.state_dict(),
             "scaler": self.scaler.state_dict(),
             "position": {"epoch": self.epoch, "batch": self.batch, "step": self.step},
+            "first_epoch": self.first_epoch,
             "sums": self._sums_across(),
             "train_seconds": self.train_seconds,
             "best": self.best,
@@ -464,6 +466,7 @@ class Trainer:
                 raise ValueError(f"its position {dict(pos)} is negative")
             sums, best = state["sums"], state["best"]
             seconds = float(state["train_seconds"])
+            first_epoch = int(state.get("first_epoch", self.first_epoch))
             set_rng_state(state["rng"], self.device)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
             raise ValueError(f"{source} does not hold a state of this run: {e}") from None
@@ -473,6 +476,7 @@ class Trainer:
                 f"{self.data.source}"
             )
         self.epoch, self.batch, self.step = epoch, batch, step
+        self.first_epoch = first_epoch
         if self.ranks.main:  # the saved sums are over all processes: count them once
             self.sums = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in sums.items()}
         self.train_seconds, self.best = seconds, best
