@@ -163,6 +163,37 @@ def test_the_weight_gradient_buffer_is_reused_not_copied():
     assert len(seen) == 1
 
 
+def test_a_gradient_kept_from_an_earlier_step_does_not_change():
+    _, (sparse, opt, sp) = side_by_side("static", OPTIMIZERS["sgd"])
+    step(sparse, opt, 0)
+    kept = sparse.fc2.weight.grad
+    before = kept.clone()
+    for i in range(1, 3):
+        step(sparse, opt, i)
+        assert torch.equal(kept, before), i
+        assert sparse.fc2.weight.grad.data_ptr() != kept.data_ptr()
+
+
+def test_gradient_noise_added_in_place_does_not_stay_in_later_gradients():
+    (dense, d_opt, _), (sparse, s_opt, s_sp) = side_by_side("static", OPTIMIZERS["sgd"])
+    noise = torch.Generator().manual_seed(0)
+    for i in range(4):
+        within = tol(dense, d_opt, i + 1)
+        for net, opt in ((dense, d_opt), (sparse, s_opt)):
+            opt.zero_grad(set_to_none=True)
+            x, y = batch(i)
+            nn.functional.cross_entropy(net(x.double()), y).backward()
+        for name, mask in s_sp.masks.items():
+            p, q = dense.get_parameter(name), sparse.get_parameter(name)
+            assert not q.grad[~mask].any(), (i, name)  # not the last step's noise
+            assert (p.grad[mask] - q.grad[mask]).abs().max() <= within, (i, name)
+        noises = [torch.randn(p.shape, generator=noise, dtype=p.dtype) for p in dense.parameters()]
+        for net, opt in ((dense, d_opt), (sparse, s_opt)):
+            for p, n in zip(net.parameters(), noises):
+                p.grad.add_(n, alpha=0.1)
+            opt.step()
+
+
 def test_the_update_of_sparse_layers_touches_only_active_entries():
     _, (sparse, opt, sp) = side_by_side("static", OPTIMIZERS["sgd"])
     step(sparse, opt, 0)

@@ -8,8 +8,8 @@ every selected ``nn.Linear`` on the CPU through CSR kernels, forward and backwar
   the forward's);
 - weight gradient only at the active positions (``torch.sparse.sampled_addmm``), written into a
   dense ``.grad`` buffer the layer keeps (zero at the inactive positions, which are never
-  written), so that hooks, ``GradScaler``, gradient clipping and DDP's all-reduce see an ordinary
-  dense gradient;
+  written; a buffer its caller still holds or wrote into is replaced or zeroed), so that
+  hooks, ``GradScaler``, gradient clipping and DDP's all-reduce see an ordinary dense gradient;
 - for ``torch.optim.SGD``, ``Adam`` and ``AdamW`` the update of such a layer runs on its active
   entries only (flat gathers and scatters of the weight and its optimizer state, the param
   group's hyperparameters, torch's formulas and state layout), and the mask multiply skips it;
@@ -195,6 +195,7 @@ class _Layer:
         self._sparse: bool | None = None  # by mode and density
         self._positions: _Positions | None = None
         self._buffer: torch.Tensor | None = None
+        self._buffer_version = -1
         self._kept: dict[str, tuple[torch.Tensor, int, int, torch.Tensor]] = {}
 
     def gather(self, role: str, dense: torch.Tensor) -> torch.Tensor:
@@ -280,14 +281,27 @@ class _Layer:
         The first call of a step, with no gradient accumulated yet, fills the layer's buffer,
         whose inactive entries are zero since the mask last changed; autograd takes it over as
         ``.grad`` without a copy. Any other call gets a fresh tensor, which autograd adds.
+
+        The reuse is invisible: a buffer that something still holds (an earlier step's ``.grad``
+        kept by the caller) is left to its holder and a new one made; one written in place since
+        it was handed out (gradient noise, clipping, unscaling) is zeroed in full first.
         """
         weight = self.param
         if own and weight.grad is None and positions is self._positions:
             buffer = self._buffer
-            if buffer is None or buffer.dtype != weight.dtype or buffer.device != weight.device:
+            if (
+                buffer is None
+                or buffer.dtype != weight.dtype
+                or buffer.device != weight.device
+                or not _unshared(buffer)
+            ):
                 buffer = self._buffer = torch.zeros_like(weight)
+            elif buffer._version != self._buffer_version:
+                buffer.zero_()
             buffer.view(-1).index_copy_(0, positions.flat, values)
-            return buffer.detach()  # a new tensor object on the same memory: stolen, not copied
+            self._buffer_version = buffer._version
+            return buffer.detach()  # a new tensor object on the same memory (and version
+            # counter): autograd steals it, not copies
         grad = torch.zeros_like(weight)
         grad.view(-1).index_copy_(0, positions.flat, values)
         return grad
@@ -527,6 +541,14 @@ def _unsupported(w: torch.Tensor) -> str | None:
     if not w.is_contiguous():
         return "its weight is not contiguous"
     return None
+
+
+def _unshared(t: torch.Tensor) -> bool:
+    """Whether nothing but ``t`` holds its memory (no other tensor on it, no ``.grad``)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:  # cannot tell: treat it as held
+        return False
+    return use_count(t.untyped_storage()._cdata) <= 2  # t and the storage object asked here
 
 
 def _sparse_enough(mask: torch.Tensor) -> bool:
