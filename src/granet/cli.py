@@ -534,12 +534,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_bench_inference(args: argparse.Namespace) -> int:
     from granet.experiment.serving import bench_inference
+    from granet.inference import RULE
 
     bad = [n for n in args.batch_sizes if n < 1]
     if bad:
         raise ValueError(f"--batch-sizes must be >= 1; got {' '.join(map(str, bad))}")
 
     rows = bench_inference(args.run_dir, batch_sizes=tuple(args.batch_sizes))
+    if all(row["sparse_ms"] is None for row in rows):
+        print(f"no layer runs sparse; nothing to compare (the rule: {RULE})")
+        return 0
     if rows:
         keys = list(rows[0])
         print("| " + " | ".join(keys) + " |")
@@ -550,6 +554,8 @@ def cmd_bench_inference(args: argparse.Namespace) -> int:
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
