@@ -1,7 +1,7 @@
 """Sparse kernels in the training step, on CPU: the ``compute`` option of every sparsifier.
 
-``compute="dense"`` (the default) trains with dense kernels on masked weights. ``"sparse"`` runs
-every selected ``nn.Linear`` on the CPU through CSR kernels, forward and backward:
+``compute="dense"`` trains with dense kernels on masked weights. ``"sparse"`` runs every
+selected ``nn.Linear`` on the CPU through CSR kernels, forward and backward:
 
 - forward ``bias + W @ x`` as one ``torch.addmm`` of a CSR of the active weights;
 - input gradient through a CSR of ``W.T`` (positions built once per mask, values permuted from
@@ -21,9 +21,9 @@ growth reads; so does every step when a score observes the gradients (SNFS's mom
 equal the masked-dense path's up to float rounding (sums in another order), except under gradient
 clipping by norm, which sees only the active entries' gradient here.
 
-``"auto"`` decides per layer by a rule, again after every mask change: a CPU ``nn.Linear`` in
-float32/float64 with at least :data:`AUTO_MIN_NUMEL` weights at a density of at most
-:data:`AUTO_MAX_DENSITY` runs sparse (measured: ``benchmarks/compute.py layers``). A rule, not
+``"auto"`` (the default) decides per layer by a rule, again after every mask change: a CPU
+``nn.Linear`` in float32/float64 with at least :data:`AUTO_MIN_NUMEL` weights at a density of at
+most :data:`AUTO_MAX_DENSITY` runs sparse (measured: ``benchmarks/compute.py layers``). A rule, not
 a timed probe, so that a resumed run decides exactly as the original did (bitwise resume) and
 every data-parallel rank alike. GPU layers always stay dense: CSR kernels there were measured
 slower than dense ones (see ``inference.py``).
