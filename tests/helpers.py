@@ -141,7 +141,8 @@ def sum_magnitude(model: nn.Module, x: torch.Tensor, backward: bool = True) -> t
     the absolute terms of that layer's sums and of the errors earlier layers pass on through it,
     so the output error is at most ``depth * (n - 1) * u * magnitude``, ``n`` the longest sum
     (fan-in, fan-out or the batch a weight gradient sums over), ``magnitude`` the largest
-    output entry of the absolute network. The backward pass runs as many sums as long.
+    output entry of the absolute network. The backward pass runs as many sums, of the same
+    lengths.
     """
     absolute = copy.deepcopy(model)
     longest, depth, magnitude = x.shape[0], 0, 0.0
