@@ -57,8 +57,8 @@ def table_row(name: str, sparsity: str, timing: dict, sizes: dict) -> list[str]:
         sparsity,
         str(timing["batch_size"]),
         f"{timing['dense_ms']:.3f}",
-        f"{timing['sparse_ms']:.3f}",
-        f"{timing['speedup']:.2f}x",
+        "-" if timing["sparse_ms"] is None else f"{timing['sparse_ms']:.3f}",
+        "-" if timing["speedup"] is None else f"{timing['speedup']:.2f}x",
         timing["csr_layers"],
         f"{sizes['torch_save_bytes'] / 1024:.1f}",
         f"{sizes['bytes'] / 1024:.1f}",
@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> None:
             for sparsity in sparsities:
                 model = masked(name, sparsity, args.seed)
                 sizes = export_model(model, out)
-                timings = bench_model(model, INPUT_SHAPE, batch_sizes, repeats, min_sample_s)
+                timings = bench_model(
+                    model, INPUT_SHAPE, batch_sizes, repeats, min_sample_s, probe=True
+                )
                 rows.extend(table_row(name, f"{sparsity:.0%}", t, sizes) for t in timings)
 
     cpu = f"{platform.machine()}, {os.cpu_count()} CPUs"

@@ -1,6 +1,7 @@
 """Shared test helpers: a small model, batches, a training loop, checkpoint comparison, a
 trainer hook that sends a signal."""
 
+import copy
 import os
 import re
 import signal
@@ -143,3 +144,65 @@ def run_doc(page: Path, fragment_names: Callable[[], dict] | None = None) -> dic
         exec(compiled, names)
         page_names.update(names)
     return page_names
+
+
+def rounding_tol(dtype: torch.dtype, terms: int, magnitude: Any = 1.0) -> Any:
+    """How far apart two float results of the same sum may be when it runs in different orders
+    (sparse vs dense kernels, one vs several processes, another CPU or thread count).
+
+    A float sum of ``terms`` terms whose absolute values add up to ``magnitude`` is within
+    ``(terms - 1) * u * magnitude`` of the exact sum, u = eps / 2, whatever the order (Higham,
+    Accuracy and Stability of Numerical Algorithms, 2nd ed., (4.4)); two orders are within twice
+    that. ``magnitude`` may be a tensor: one bound per entry.
+    """
+    return max(terms - 1, 1) * torch.finfo(dtype).eps * magnitude
+
+
+def optimizer_gain(optimizer: torch.optim.Optimizer) -> float:
+    """The most one optimizer step multiplies a gradient's error by on its way into the weights
+    and the optimizer state (to first order): SGD's momentum buffer sums a geometric series,
+    ``1 / (1 - momentum)``, ``lr`` times that reaches the weights; Adam and RMSprop divide by
+    ``sqrt(v) + eps``, whose slope in ``g`` near zero is up to ``lr / eps``."""
+    gain = 1.0
+    for group in optimizer.param_groups:
+        series = 1 / (1 - (group.get("momentum") or 0.0))
+        step = group["lr"] / group["eps"] if "eps" in group else group["lr"]
+        gain = max(gain, series, step * series)
+    return gain
+
+
+def sum_magnitude(model: nn.Module, x: torch.Tensor, backward: bool = True) -> tuple[int, float]:
+    """``(terms, magnitude)`` for :func:`rounding_tol` covering one forward pass of ``model`` on
+    ``x`` (and its backward pass unless ``backward=False``), for a network of Linear and Conv
+    layers with 1-Lipschitz activations (ReLU, max pooling) in between.
+
+    Run on ``|x|`` with every parameter replaced by its absolute value, each layer's output bounds
+    the absolute terms of that layer's sums and of the errors earlier layers pass on through it,
+    so the output error is at most ``depth * (n - 1) * u * magnitude``, ``n`` the longest sum
+    (fan-in, fan-out or the batch a weight gradient sums over), ``magnitude`` the largest
+    output entry of the absolute network. The backward pass runs as many sums, of the same
+    lengths.
+    """
+    absolute = copy.deepcopy(model)
+    longest, depth, magnitude = x.shape[0], 0, 0.0
+
+    def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+        nonlocal longest, depth, magnitude
+        longest = max(longest, module.weight[0].numel() + 1, module.weight.shape[0])
+        depth += 1
+        magnitude = max(magnitude, float(out.max()))
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in absolute.modules()
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    ]
+    with torch.no_grad():
+        for p in absolute.parameters():
+            p.abs_()
+        out = absolute(x.abs())
+    for handle in handles:
+        handle.remove()
+    magnitude = max(magnitude, float(out.abs().max()))
+    passes = 2 if backward else 1
+    return passes * max(depth, 1) * (longest - 1) + 1, magnitude

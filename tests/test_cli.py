@@ -171,8 +171,8 @@ def test_export_and_bench_inference_use_the_best_checkpoint(tiny_run, tmp_path):
     assert out.is_file() and json.loads(printed)["bytes"] == out.stat().st_size
     code, printed, err = run_cli("bench-inference", str(run_dir), "--batch-sizes", "2")
     assert code == 0, err
-    header, rule, *rows = printed.strip().splitlines()
-    assert header.startswith("| ") and rule.startswith("|---") and len(rows) == 1
+    # LeNet-5's layers are too small for the rule: no speed-up of a model against itself
+    assert printed.startswith("no layer runs sparse; nothing to compare (the rule: ")
 
 
 def test_sweep_table_and_redrawn_reports(tmp_path):

@@ -99,3 +99,57 @@ def test_sigterm_to_the_granet_process_then_resume_matches(reference, tmp_path):
 
     assert main(["train", "--resume", str(run_dir)]) == 0
     assert_same_run(run_dir, reference)
+
+
+def test_a_run_of_a_granet_without_the_compute_setting_resumes_as_dense(tmp_path):
+    """granet's default became compute='auto'; a run saved before the setting existed (none in
+    config.yaml, the checkpoint or the settings hash) trained dense and resumes dense."""
+    import json
+
+    import yaml
+
+    from granet.experiment.runs import save_checkpoint, settings_of
+
+    run_dir = tmp_path / "run"
+    settings = {"dataset": "synthetic", "model": "mlp", "epochs": 2, "batch_size": 300}
+    settings.update(method="set", sparsity=0.95, init_sparsity=0.95, compute="dense")
+    with pytest.raises(Interrupted):
+        train(make_config(settings), run_dir, progress=False, callbacks=[SignalAt(2)])
+    config_file, last = run_dir / "config.yaml", run_dir / "checkpoints" / "last.pt"
+    old = yaml.safe_load(config_file.read_text())
+    del old["compute"]
+    config_file.write_text(yaml.safe_dump(old, sort_keys=False))
+    state = load_checkpoint(last)
+    del state["settings"]["compute"]
+    save_checkpoint(state, last)
+    marker = json.loads((run_dir / "run.json").read_text())
+    recorded = {k: v for k, v in settings_of(make_config(settings)).items() if k != "compute"}
+    text = json.dumps(recorded, sort_keys=True).encode()
+    marker["settings_hash"] = __import__("hashlib").sha256(text).hexdigest()[:16]
+    (run_dir / "run.json").write_text(json.dumps(marker))
+
+    assert make_config(old).compute == "auto"  # what a new run of these settings would use
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert {v["compute"] for v in report["layers"].values()} == {"dense"}
+    assert "compute" not in yaml.safe_load(config_file.read_text())  # left as it was
+
+
+def test_resuming_keeps_the_runs_own_compute_whatever_the_config_says(tmp_path):
+    """As a plasticity study's base run is resumed: with the study's settings, whose compute
+    (now the default, auto) is not the one the run began with."""
+    import json
+
+    run_dir = tmp_path / "run"
+    settings = {"dataset": "synthetic", "model": "mlp", "epochs": 2, "batch_size": 300}
+    settings.update(method="set", sparsity=0.95, init_sparsity=0.95)
+    with pytest.raises(Interrupted):
+        train(
+            make_config({**settings, "compute": "dense"}),
+            run_dir,
+            progress=False,
+            callbacks=[SignalAt(2)],
+        )
+    train(make_config(settings), run_dir, resume=True, progress=False)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert {v["compute"] for v in report["layers"].values()} == {"dense"}

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import SmallNet, batch, masked_zero
+from helpers import SmallNet, batch, masked_zero, optimizer_gain, rounding_tol, sum_magnitude
 from torch import nn
 
 import granet
@@ -50,6 +50,18 @@ def step(net, opt, i, dtype=torch.float64, micro=1, set_to_none=True):
     opt.step()
 
 
+def tol(net, opt, steps, dtype=torch.float64):
+    """How far ``steps`` steps of dense and sparse compute may drift apart by rounding alone:
+    every step's sums run in another order, the optimizer amplifies the difference."""
+    terms, magnitude = sum_magnitude(net, batch(0)[0].to(dtype))
+    return steps * optimizer_gain(opt) * rounding_tol(dtype, terms, magnitude)
+
+
+def forward_tol(net, x):
+    """How far one forward pass of dense and sparse compute may be apart, per output entry."""
+    return rounding_tol(x.dtype, *sum_magnitude(net, x, backward=False))
+
+
 def gap(a, b):
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
@@ -72,18 +84,24 @@ def test_sparse_compute_trains_like_dense_step_for_step(method, opt_name):
         step(dense, d_opt, i)
         step(sparse, s_opt, i)
         assert all(torch.equal(d_sp.masks[n], s_sp.masks[n]) for n in d_sp.names), i
-        assert gap(dense, sparse) < 1e-12, i
-        assert state_gap(d_opt, s_opt, dense, sparse) < 1e-12, i
+        assert gap(dense, sparse) <= tol(dense, d_opt, i + 1), i
+        assert state_gap(d_opt, s_opt, dense, sparse) <= tol(dense, d_opt, i + 1), i
     assert d_sp.itop_rate() == s_sp.itop_rate()
     masked_zero(s_sp, s_opt)
 
 
-def test_float32_stays_within_float_tolerance():
+def test_float32_is_as_accurate_as_dense_compute():
+    """Both float32 paths against the float64 run: sparse compute's error is of the size of
+    dense compute's own (a few float32 roundings of each weight; a lost bit of precision or a
+    wrong entry would be orders of magnitude more; a factor 4 leaves room for chance)."""
     (dense, d_opt, _), (sparse, s_opt, _) = side_by_side("granet", OPTIMIZERS["sgd"], torch.float32)
+    (ref, r_opt, _), _ = side_by_side("granet", OPTIMIZERS["sgd"])
     for i in range(KW["total_steps"]):
+        step(ref, r_opt, i)
         step(dense, d_opt, i, torch.float32)
         step(sparse, s_opt, i, torch.float32)
-    assert gap(dense, sparse) < 1e-5
+    error = gap(dense.double(), ref)
+    assert 0 < gap(sparse.double(), ref) <= 4 * error
 
 
 def test_weight_gradient_is_dense_only_for_the_step_before_a_round():
@@ -94,11 +112,12 @@ def test_weight_gradient_is_dense_only_for_the_step_before_a_round():
             x, y = batch(i)
             nn.functional.cross_entropy(net(x.double()), y).backward()
         before_round = s_sp.step + 1 in (5, 10)
+        within = tol(dense, d_opt, i + 1)  # i steps' drift and this step's sums
         for name, p, q in zip(s_sp.names, d_sp.params, s_sp.params):
             mask = s_sp.masks[name]
-            assert torch.allclose(p.grad[mask], q.grad[mask], atol=1e-12)
+            assert (p.grad[mask] - q.grad[mask]).abs().max() <= within
             if before_round:  # growth reads the dense gradient, inactive positions included
-                assert torch.allclose(p.grad, q.grad, atol=1e-12) and q.grad[~mask].any()
+                assert (p.grad - q.grad).abs().max() <= within and q.grad[~mask].any()
             else:
                 assert not q.grad[~mask].any()
         d_opt.step()
@@ -129,7 +148,7 @@ def test_gradient_accumulation_zeroed_gradients_and_a_layer_called_twice():
     for i in range(KW["total_steps"]):
         step(dense, d_opt, i, micro=3, set_to_none=i % 2 == 0)
         step(sparse, s_opt, i, micro=3, set_to_none=i % 2 == 0)
-        assert gap(dense, sparse) < 1e-12, i
+        assert gap(dense, sparse) <= tol(dense, d_opt, i + 1), i
 
 
 def test_the_weight_gradient_buffer_is_reused_not_copied():
@@ -142,6 +161,37 @@ def test_the_weight_gradient_buffer_is_reused_not_copied():
         seen.add(sparse.fc2.weight.grad.data_ptr())
         opt.step()
     assert len(seen) == 1
+
+
+def test_a_gradient_kept_from_an_earlier_step_does_not_change():
+    _, (sparse, opt, sp) = side_by_side("static", OPTIMIZERS["sgd"])
+    step(sparse, opt, 0)
+    kept = sparse.fc2.weight.grad
+    before = kept.clone()
+    for i in range(1, 3):
+        step(sparse, opt, i)
+        assert torch.equal(kept, before), i
+        assert sparse.fc2.weight.grad.data_ptr() != kept.data_ptr()
+
+
+def test_gradient_noise_added_in_place_does_not_stay_in_later_gradients():
+    (dense, d_opt, _), (sparse, s_opt, s_sp) = side_by_side("static", OPTIMIZERS["sgd"])
+    noise = torch.Generator().manual_seed(0)
+    for i in range(4):
+        within = tol(dense, d_opt, i + 1)
+        for net, opt in ((dense, d_opt), (sparse, s_opt)):
+            opt.zero_grad(set_to_none=True)
+            x, y = batch(i)
+            nn.functional.cross_entropy(net(x.double()), y).backward()
+        for name, mask in s_sp.masks.items():
+            p, q = dense.get_parameter(name), sparse.get_parameter(name)
+            assert not q.grad[~mask].any(), (i, name)  # not the last step's noise
+            assert (p.grad[mask] - q.grad[mask]).abs().max() <= within, (i, name)
+        noises = [torch.randn(p.shape, generator=noise, dtype=p.dtype) for p in dense.parameters()]
+        for net, opt in ((dense, d_opt), (sparse, s_opt)):
+            for p, n in zip(net.parameters(), noises):
+                p.grad.add_(n, alpha=0.1)
+            opt.step()
 
 
 def test_the_update_of_sparse_layers_touches_only_active_entries():
@@ -169,7 +219,7 @@ def test_grad_scaler_skipped_step_and_clipping():
             scaler.step(opt)
             scaler.update()
     assert d_sp.step == s_sp.step == 11
-    assert gap(dense, sparse) < 1e-12
+    assert gap(dense, sparse) <= tol(dense, d_opt, 12)
 
 
 def test_a_closure_step_runs_the_optimizer_on_the_whole_gradient():
@@ -185,7 +235,7 @@ def test_a_closure_step_runs_the_optimizer_on_the_whole_gradient():
                 return loss
 
             opt.step(closure)
-    assert gap(dense, sparse) < 1e-12
+    assert gap(dense, sparse) <= tol(dense, d_opt, 12)
 
 
 def test_auto_follows_the_rule_and_decides_again_after_every_round():
@@ -218,7 +268,7 @@ def test_a_dense_compute_state_resumes_with_sparse_compute():
     for i in range(12, 30):
         step(dense, d_opt, i)
         step(sparse, s_opt, i)
-    assert gap(dense, sparse) < 1e-12
+    assert gap(dense, sparse) <= tol(dense, d_opt, 18)
 
 
 def test_bad_compute_value_names_the_choices():
@@ -272,7 +322,7 @@ def test_attention_weights_run_dense_and_train_like_dense_compute():
     for i in range(KW["total_steps"]):
         step(dense, d_opt, i)
         step(sparse, s_opt, i)
-        assert gap(dense, sparse) < 1e-12, i
+        assert gap(dense, sparse) <= tol(dense, d_opt, i + 1), i
 
 
 def test_an_unsupported_dtype_is_named_once_and_runs_dense():
@@ -310,7 +360,7 @@ def test_autocast_and_a_mismatched_input_run_dense_with_a_warning():
         "granet: compute='sparse' runs fc1.weight dense: the input of fc1.weight is "
         "torch.float64, its weight torch.float32",
     ]
-    assert torch.allclose(net(x), expected)
+    assert (net(x) - expected).abs().max() <= forward_tol(net, x)
 
 
 def test_copies_and_pickles_run_dense_and_remove_restores_the_forward():
@@ -320,18 +370,19 @@ def test_copies_and_pickles_run_dense_and_remove_restores_the_forward():
     out = net(x)
     twin = copy.deepcopy(net)
     assert "forward" in twin.fc1.__dict__ and compute._LAYERS.get(twin.fc1) is None
-    assert torch.allclose(twin(x), out, atol=1e-12)
+    within = forward_tol(net, x)  # a copy runs dense
+    assert (twin(x) - out).abs().max() <= within
     buf = io.BytesIO()
     torch.save(net, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
-    assert torch.allclose(loaded(x), out, atol=1e-12)
+    assert (loaded(x) - out).abs().max() <= within
     assert pickle.loads(pickle.dumps(net.fc1)).forward.__func__ is nn.Linear.forward
     with torch.inference_mode():
-        assert torch.allclose(net(x), out)
+        assert (net(x) - out).abs().max() <= within
     sp.remove()
     assert all("forward" not in m.__dict__ for m in net.modules())
-    assert torch.allclose(net(x), out, atol=1e-12)
+    assert (net(x) - out).abs().max() <= within
 
 
 def test_a_copy_runs_sparse_under_a_sparsifier_of_its_own():
@@ -359,7 +410,7 @@ def test_an_inference_mode_pass_between_steps_and_rounds():
             sparse(x.double())
         step(dense, d_opt, i)
         step(sparse, s_opt, i)
-    assert gap(dense, sparse) < 1e-12
+    assert gap(dense, sparse) <= tol(dense, d_opt, 12)
 
 
 def test_a_double_backward_through_a_sparse_layer_raises():
@@ -410,15 +461,15 @@ def test_weights_changed_between_steps_are_seen_by_the_next_forward():
     for net in (dense, sparse):
         with torch.no_grad():  # an in-place write: the version counter moves
             net.fc1.weight.mul_(2.0)
-    assert torch.allclose(dense(x), sparse(x), atol=1e-12)
+    assert (dense(x) - sparse(x)).abs().max() <= tol(dense, d_opt, 4)  # 3 steps and a forward
     averaged = [p.detach() * 0.5 for p in dense.parameters()]
     for net in (dense, sparse):
         for p, a in zip(net.parameters(), averaged):  # a swap through .data: the probe sees it
             p.data.copy_(a)
-    assert torch.allclose(dense(x), sparse(x), atol=1e-12)
+    assert (dense(x) - sparse(x)).abs().max() <= forward_tol(dense, x)
     step(dense, d_opt, 3)
     step(sparse, s_opt, 3)
-    assert gap(dense, sparse) < 1e-12
+    assert gap(dense, sparse) <= tol(dense, d_opt, 4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -415,3 +415,26 @@ def test_a_rerun_with_more_rates_and_variants_adds_their_cells_only(tmp_path):
     assert all(cells[(r["prune_epoch"], r["rate"], r["variant"])] == r for r in first)
     recorded = json.loads((out / "plasticity.json").read_text())["settings"]
     assert recorded["rates"] == [0.5, 0.9] and recorded["variants"] == list(VARIANTS)
+
+
+@pytest.mark.parametrize("stored", ["dense", None])  # None: a granet without the setting
+def test_a_study_made_with_another_compute_is_the_same_study(tmp_path, stored):
+    """compute says how the base trains, not what: a study made when the default was dense is
+    continued, not refused as one with other settings (its base resumes with its own value)."""
+    from granet.experiment.plasticity import STUDY_FILE, STUDY_KIND, _open_study
+
+    study = small_study()
+    assert study.base.compute == "auto"
+    recorded = study.settings()
+    recorded["base"] = {**recorded["base"], "compute": stored}
+    if stored is None:
+        del recorded["base"]["compute"]
+    out = tmp_path / "study"
+    out.mkdir()
+    record = {"kind": STUDY_KIND, "settings": recorded}
+    (out / STUDY_FILE).write_text(json.dumps(record))
+    _open_study(study, out, overwrite=False)
+    recorded["base"]["epochs"] = 4
+    (out / STUDY_FILE).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"base.epochs: 4 -> 3"):
+        _open_study(study, out, overwrite=False)

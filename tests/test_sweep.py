@@ -129,3 +129,22 @@ def test_a_sweep_refuses_a_run_folder_as_its_out(tmp_path, capsys):
 
 def _flags(settings: dict) -> list[str]:
     return [f for k, v in settings.items() for f in ("--" + k.replace("_", "-"), str(v))]
+
+
+@pytest.mark.parametrize("stored", ["dense", None])  # None: a granet without the setting
+def test_runs_made_with_another_compute_still_belong_to_the_sweep(tmp_path, stored):
+    """compute says how a step is computed, not what: a run made when the default was dense
+    is kept (and resumed with its own value), not refused as trained with other settings."""
+    sweep = load_sweep(sweep_file(tmp_path, methods=["set"], sparsities=[0.8]))
+    (job,) = sweep.jobs
+    assert job.config.compute == "auto"
+    job.run_dir.mkdir(parents=True)
+    config = {**job.config.to_dict(), "compute": stored}
+    if stored is None:
+        del config["compute"]
+    (job.run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    (job.run_dir / "report.json").write_text("{}")
+    assert _state(job, overwrite=False) == "done"
+    (job.run_dir / "config.yaml").write_text(yaml.safe_dump({**config, "seed": 5}))
+    with pytest.raises(ValueError, match="trained with other settings .seed."):
+        _state(job, overwrite=False)

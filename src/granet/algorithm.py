@@ -204,11 +204,12 @@ class Algorithm:
         0, "seeds the sparsifier's own generators", int, lambda n, v: checks.integer(n, v)
     )
     compute: str = _option(
-        "dense",
+        "auto",
         "kernels of the training step: dense on masked weights, sparse (CSR kernels for every "
         "selected nn.Linear on CPU; other layers dense, with a warning), or auto (CSR kernels "
         f"for the CPU nn.Linear layers of at least {AUTO_MIN_NUMEL:,} weights at a density of "
-        f"at most {AUTO_MAX_DENSITY:.0%}, decided again after every topology round)",
+        f"at most {AUTO_MAX_DENSITY:.0%}, decided again after every topology round; dense on "
+        "GPUs)",
         str,
         _one_of(COMPUTE),
         choices=tuple(COMPUTE),

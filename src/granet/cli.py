@@ -541,6 +541,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_bench_inference(args: argparse.Namespace) -> int:
     from granet.experiment.serving import bench_inference
+    from granet.inference import RULE
 
     bad = [n for n in args.batch_sizes if n < 1]
     if bad:
@@ -555,6 +556,9 @@ def cmd_bench_inference(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--batch-sizes {max(args.batch_sizes)}: a batch that large does not fit in memory"
         ) from None
+    if all(row["sparse_ms"] is None for row in rows):
+        print(f"no layer runs sparse; nothing to compare (the rule: {RULE})")
+        return 0
     if rows:
         keys = list(rows[0])
         print("| " + " | ".join(keys) + " |")
@@ -565,6 +569,8 @@ def cmd_bench_inference(args: argparse.Namespace) -> int:
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 

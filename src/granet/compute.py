@@ -1,15 +1,15 @@
 """Sparse kernels in the training step, on CPU: the ``compute`` option of every sparsifier.
 
-``compute="dense"`` (the default) trains with dense kernels on masked weights. ``"sparse"`` runs
-every selected ``nn.Linear`` on the CPU through CSR kernels, forward and backward:
+``compute="dense"`` trains with dense kernels on masked weights. ``"sparse"`` runs every
+selected ``nn.Linear`` on the CPU through CSR kernels, forward and backward:
 
 - forward ``bias + W @ x`` as one ``torch.addmm`` of a CSR of the active weights;
 - input gradient through a CSR of ``W.T`` (positions built once per mask, values permuted from
   the forward's);
 - weight gradient only at the active positions (``torch.sparse.sampled_addmm``), written into a
   dense ``.grad`` buffer the layer keeps (zero at the inactive positions, which are never
-  written), so that hooks, ``GradScaler``, gradient clipping and DDP's all-reduce see an ordinary
-  dense gradient;
+  written; a buffer its caller still holds or wrote into is replaced or zeroed), so that
+  hooks, ``GradScaler``, gradient clipping and DDP's all-reduce see an ordinary dense gradient;
 - for ``torch.optim.SGD``, ``Adam`` and ``AdamW`` the update of such a layer runs on its active
   entries only (flat gathers and scatters of the weight and its optimizer state, the param
   group's hyperparameters, torch's formulas and state layout), and the mask multiply skips it;
@@ -21,9 +21,9 @@ growth reads; so does every step when a score observes the gradients (SNFS's mom
 equal the masked-dense path's up to float rounding (sums in another order), except under gradient
 clipping by norm, which sees only the active entries' gradient here.
 
-``"auto"`` decides per layer by a rule, again after every mask change: a CPU ``nn.Linear`` in
-float32/float64 with at least :data:`AUTO_MIN_NUMEL` weights at a density of at most
-:data:`AUTO_MAX_DENSITY` runs sparse (measured: ``benchmarks/compute.py layers``). A rule, not
+``"auto"`` (the default) decides per layer by a rule, again after every mask change: a CPU
+``nn.Linear`` in float32/float64 with at least :data:`AUTO_MIN_NUMEL` weights at a density of at
+most :data:`AUTO_MAX_DENSITY` runs sparse (measured: ``benchmarks/compute.py layers``). A rule, not
 a timed probe, so that a resumed run decides exactly as the original did (bitwise resume) and
 every data-parallel rank alike. GPU layers always stay dense: CSR kernels there were measured
 slower than dense ones (see ``inference.py``).
@@ -195,6 +195,7 @@ class _Layer:
         self._sparse: bool | None = None  # by mode and density
         self._positions: _Positions | None = None
         self._buffer: torch.Tensor | None = None
+        self._buffer_version = -1
         self._kept: dict[str, tuple[torch.Tensor, int, int, torch.Tensor]] = {}
 
     def gather(self, role: str, dense: torch.Tensor) -> torch.Tensor:
@@ -280,14 +281,27 @@ class _Layer:
         The first call of a step, with no gradient accumulated yet, fills the layer's buffer,
         whose inactive entries are zero since the mask last changed; autograd takes it over as
         ``.grad`` without a copy. Any other call gets a fresh tensor, which autograd adds.
+
+        The reuse is invisible: a buffer that something still holds (an earlier step's ``.grad``
+        kept by the caller) is left to its holder and a new one made; one written in place since
+        it was handed out (gradient noise, clipping, unscaling) is zeroed in full first.
         """
         weight = self.param
         if own and weight.grad is None and positions is self._positions:
             buffer = self._buffer
-            if buffer is None or buffer.dtype != weight.dtype or buffer.device != weight.device:
+            if (
+                buffer is None
+                or buffer.dtype != weight.dtype
+                or buffer.device != weight.device
+                or not _unshared(buffer)
+            ):
                 buffer = self._buffer = torch.zeros_like(weight)
+            elif buffer._version != self._buffer_version:
+                buffer.zero_()
             buffer.view(-1).index_copy_(0, positions.flat, values)
-            return buffer.detach()  # a new tensor object on the same memory: stolen, not copied
+            self._buffer_version = buffer._version
+            return buffer.detach()  # a new tensor object on the same memory (and version
+            # counter): autograd steals it, not copies
         grad = torch.zeros_like(weight)
         grad.view(-1).index_copy_(0, positions.flat, values)
         return grad
@@ -527,6 +541,14 @@ def _unsupported(w: torch.Tensor) -> str | None:
     if not w.is_contiguous():
         return "its weight is not contiguous"
     return None
+
+
+def _unshared(t: torch.Tensor) -> bool:
+    """Whether nothing but ``t`` holds its memory (no other tensor on it, no ``.grad``)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:  # cannot tell: treat it as held
+        return False
+    return use_count(t.untyped_storage()._cdata) <= 2  # t and the storage object asked here
 
 
 def _sparse_enough(mask: torch.Tensor) -> bool:

@@ -72,6 +72,10 @@ __all__ = [
 
 RULE_MAX_DENSITY = 0.05
 RULE_MIN_NUMEL = 2**18
+RULE = (
+    f"a CPU nn.Linear with at least 2**{RULE_MIN_NUMEL.bit_length() - 1} weights at a density "
+    f"of at most {RULE_MAX_DENSITY:.0%} runs on CSR"
+)
 PROBE_REPEATS = 7
 _CSR_DTYPES = (torch.float32, torch.float64)
 

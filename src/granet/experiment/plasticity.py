@@ -84,6 +84,7 @@ from granet.experiment.runs import (
     run_name,
     settings_of,
     to_json,
+    without_how,
     write_atomic,
 )
 from granet.experiment.signals import Interrupted, stop_on_signals, stopped_as
@@ -371,7 +372,10 @@ def _open_study(study: Study, out: Path, overwrite: bool) -> None:
         else:
             settings = recorded.get("settings", {})
             fixed = {k: v for k, v in study.settings().items() if k not in GROWABLE}
-            diffs = differing_settings({k: settings.get(k) for k in fixed}, fixed)
+            had = {k: settings.get(k) for k in fixed}
+            if isinstance(had["base"], dict):  # how the base trains is not what it computes
+                had["base"] = without_how(had["base"])
+            diffs = differing_settings(had, {**fixed, "base": without_how(fixed["base"])})
             if diffs:
                 raise ValueError(
                     f"{out} holds a plasticity study with other settings ({'; '.join(diffs)}); "

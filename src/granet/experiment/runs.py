@@ -44,6 +44,7 @@ import yaml
 from torch import nn
 
 import granet
+from granet.algorithm import OPTIONS
 from granet.checksum import state_digest
 
 try:
@@ -64,6 +65,12 @@ MARKER_KIND = "granet run"
 # Where and how fast a run trains and where its scalars are also logged, not what it computes:
 # these may change between a run and its resumption; every other setting must stay as it began.
 PLACEMENT = ("device", "data_root", "workers", "log")
+# How a run's step is computed, not what (``Option.affects_result`` False): a run keeps its own
+# value when resumed, and a run made with another one still belongs to a sweep or study.
+HOW = tuple(o.name for o in OPTIONS if not o.affects_result)
+# Settings added after runs were first saved, with the value a run saved without one was
+# trained with (``compute`` came with dense kernels as the only ones, and as the default).
+SETTINGS_ADDED: dict[str, Any] = {"compute": "dense"}
 _TMP_SUFFIX = ".tmp"
 
 
@@ -292,8 +299,30 @@ def settings_of(config: Any) -> dict[str, Any]:
 
 def settings_hash(config: Any) -> str:
     """A short hash of :func:`settings_of`, recorded in ``run.json``."""
-    text = json.dumps(settings_of(config), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _hash(settings_of(config))
+
+
+def _hash(settings: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _legacy_hash(config: Any) -> str:
+    """The hash a granet from before :data:`SETTINGS_ADDED` recorded for ``config``."""
+    settings = settings_of(config)
+    for k, v in SETTINGS_ADDED.items():
+        if settings.get(k) == v:
+            del settings[k]
+    return _hash(settings)
+
+
+def with_added(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Recorded settings with the :data:`SETTINGS_ADDED` they lack (a run of an older granet)."""
+    return {**SETTINGS_ADDED, **settings}
+
+
+def without_how(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` without :data:`HOW`: what a run computes."""
+    return {k: v for k, v in settings.items() if k not in HOW}
 
 
 def differing_settings(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
@@ -495,13 +524,17 @@ class RunFolder:
             recorded = checkpoint.get("settings")
             if not isinstance(recorded, dict):
                 raise ValueError(f"{checkpoint_path(self.path)} does not record its settings")
-            differ = differing_settings(recorded, config.to_dict())
+            differ = differing_settings(with_added(recorded), config.to_dict())
             if differ:
                 raise ValueError(
                     f"{self.path / CONFIG_FILE} differs from the settings the run was trained "
                     f"with ({'; '.join(differ)}); put them back, or start a new run"
                 )
-        elif self.marker.get("settings_hash") not in (None, settings_hash(config)):
+        elif self.marker.get("settings_hash") not in (
+            None,
+            settings_hash(config),
+            _legacy_hash(config),
+        ):
             raise ValueError(
                 f"{self.path / CONFIG_FILE} was edited after the run started (its settings hash "
                 f"is {settings_hash(config)}, {MARKER_FILE} records "
@@ -638,7 +671,8 @@ def default_run_dir(config: Any, root: str | Path = "runs") -> Path:
 
 # ------------------------------------------------------------------------ reading the files
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
-    """The settings a run was trained with (its ``config.yaml``)."""
+    """The settings a run was trained with (its ``config.yaml``; those of
+    :data:`SETTINGS_ADDED` that an older granet did not write, at the value it trained with)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         if is_run_dir(run_dir):
@@ -653,7 +687,7 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of settings")
-    return values
+    return with_added(values)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -39,7 +39,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> dict[str, 
 def bench_inference(
     run_dir: str | os.PathLike, batch_sizes: Sequence[int] = (1, 128)
 ) -> list[dict[str, Any]]:
-    """Dense vs :func:`~granet.inference.sparse_inference` latency of the run's best model."""
+    """Dense vs :func:`~granet.inference.sparse_inference` latency of the run's best model, the
+    sparse layers chosen by the rule (see :func:`bench_model`)."""
     model, meta = _load(run_dir)
     return bench_model(model, _input_shape(model, meta), batch_sizes)
 
@@ -82,32 +83,37 @@ def bench_model(
     batch_sizes: Sequence[int] = (1, 128),
     repeats: int = 15,
     min_sample_s: float = 5e-3,
+    probe: bool = False,
 ) -> list[dict[str, Any]]:
     """Time ``model`` (eval mode) against its sparse-inference copy on random inputs.
 
-    ``input_shape`` is one example's shape (no batch dimension). The copy is made per batch
-    size (the probe's decisions depend on it) and told the real input shape. One row per
-    batch size: medians of ``repeats`` interleaved samples, in milliseconds, and the speed-up.
+    ``input_shape`` is one example's shape (no batch dimension). Which layers run sparse:
+    :func:`~granet.inference.sparse_inference`'s documented rule by default, so that every
+    run of a model compares the same two models; ``probe=True`` times each layer instead (its
+    choice may change with the machine's load from one run to the next), per batch size and
+    told the real input shape. One row per batch size: medians of ``repeats`` interleaved
+    samples, in milliseconds, and the speed-up; a copy in which no layer runs sparse is the
+    model itself, so its row has ``sparse_ms`` and ``speedup`` None (nothing to compare).
     """
     dense = copy.deepcopy(model).eval()
     layers = sum(type(m) in (nn.Linear, nn.Conv2d) for m in dense.modules())
     rows = []
     for batch_size in batch_sizes:
         x = torch.randn(batch_size, *input_shape)
-        sparse = sparse_inference(dense, batch_size=batch_size, example_input=x)
+        sparse = sparse_inference(dense, probe=probe, batch_size=batch_size, example_input=x)
+        csr = len(sparse_layers(sparse))
+        fns = [partial(dense, x), partial(sparse, x)] if csr else [partial(dense, x)]
         with torch.inference_mode():
-            t_dense, t_sparse = interleaved_times(
-                [partial(dense, x), partial(sparse, x)], repeats, min_sample_s
-            )
-        dense_ms = statistics.median(t_dense) * 1e3
-        sparse_ms = statistics.median(t_sparse) * 1e3
+            times = interleaved_times(fns, repeats, min_sample_s)
+        dense_ms = statistics.median(times[0]) * 1e3
+        sparse_ms = statistics.median(times[1]) * 1e3 if csr else None
         rows.append(
             {
                 "batch_size": batch_size,
                 "dense_ms": dense_ms,
                 "sparse_ms": sparse_ms,
-                "speedup": dense_ms / sparse_ms,
-                "csr_layers": f"{len(sparse_layers(sparse))}/{layers}",
+                "speedup": dense_ms / sparse_ms if sparse_ms else None,
+                "csr_layers": f"{csr}/{layers}",
                 "threads": torch.get_num_threads(),
             }
         )

@@ -41,6 +41,7 @@ from granet.experiment.config import (
 from granet.experiment.report import summarize, write_comparison
 from granet.experiment.runs import (
     CONFIG_FILE,
+    HOW,
     MARKER_FILE,
     PLACEMENT,
     REPORT_JSON,
@@ -180,7 +181,9 @@ def _state(job: Job, overwrite: bool) -> str:
     differ = [
         k
         for k, v in wanted.items()
-        if k not in PLACEMENT and stored.get(k) != v and not (k in _RESOLVED_LATER and v is None)
+        if k not in (*PLACEMENT, *HOW)
+        and stored.get(k) != v
+        and not (k in _RESOLVED_LATER and v is None)
     ]
     if differ:
         raise ValueError(

@@ -20,6 +20,7 @@ import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from granet.experiment.report import counted, hardware, percent
 from granet.experiment.runs import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
+    HOW,
     METRICS_FILE,
     REPORT_JSON,
     RunFolder,
@@ -41,6 +43,7 @@ from granet.experiment.runs import (
     open_run,
     read_metrics,
     read_report,
+    read_run_config,
     truncate_metrics,
 )
 from granet.experiment.trainer import Callbacks, StartFrom, Trainer, log, resolve_device
@@ -107,6 +110,16 @@ def _finished(folder: RunFolder, config: Config) -> bool:
             stacklevel=2,
         )
     return True
+
+
+def _own_how(config: Config, run_dir: Path) -> Config:
+    """``config`` with the run's own :data:`~granet.experiment.runs.HOW` settings: a resumed
+    run computes its steps as it began (another ``compute`` would change the float rounding,
+    and a resumed run is bit-identical to an uninterrupted one)."""
+    if not (run_dir / CONFIG_FILE).is_file():
+        return config
+    own = read_run_config(run_dir)
+    return replace(config, **{k: own[k] for k in HOW if k in own})
 
 
 def _resume_checks(folder: RunFolder, config: Config) -> dict[str, Any] | None:
@@ -182,6 +195,8 @@ def train(
     with _open(run_dir, resume, overwrite, ranks) as folder:
         if resume and parallel.on_main(lambda: _finished(folder, config), ranks):
             return read_report(run_dir) if ranks.main else None
+        if resume:
+            config = _own_how(config, run_dir)
         trainer = Trainer(
             config,
             run_dir,
