@@ -22,6 +22,7 @@ from torch import nn
 
 from granet import checks
 from granet.algorithm import OPTION, Algorithm
+from granet.comm import CompactAllReduce
 from granet.compute import SparseCompute
 from granet.criteria import GROWTH, IMPORTANCE
 from granet.distributed import data_parallel_group, refuse_sharded, verify_agreement
@@ -172,6 +173,13 @@ class Sparsifier:
                 alg.compute, self.model, self.names, self.params, self._masks, optimizer, self._warn
             )
             self._compute.dense_grad = self._dense_grad_due()
+        self._comm = None
+        if alg.communication != "dense" and isinstance(model, nn.parallel.DistributedDataParallel):
+            self._comm = CompactAllReduce.install(
+                alg.communication, model, self.params, self._masks
+            )
+            if self._comm:
+                self._comm.dense = self._dense_grad_due()
         self._hook = optimizer.register_step_post_hook(self._on_step)
 
     def _existing_sparsity(
@@ -260,6 +268,8 @@ class Sparsifier:
             self._apply(skip=updated)
         if self._compute:
             self._compute.dense_grad = self._dense_grad_due()
+        if self._comm:
+            self._comm.dense = self._dense_grad_due()
 
     def _dense_grad_due(self) -> bool:
         """Whether the next step needs the full dense gradient of every sparse tensor: a
@@ -389,6 +399,8 @@ class Sparsifier:
         self._target_cache = None
         if self._compute:
             self._compute.refresh(self._masks)
+        if self._comm:
+            self._comm.refresh(self._masks)
         self._apply()
 
     def _drop_and_regrow(
@@ -584,6 +596,9 @@ class Sparsifier:
         if self._compute:
             self._compute.refresh(self._masks)
             self._compute.dense_grad = self._dense_grad_due()
+        if self._comm:
+            self._comm.refresh(self._masks)
+            self._comm.dense = self._dense_grad_due()
         self._apply()
 
     def _check_belongs(self, state: dict[str, Any]) -> None:
@@ -606,6 +621,8 @@ class Sparsifier:
         self._hook.remove()
         if self._compute:
             self._compute.remove()
+        if self._comm:
+            self._comm.detach()
         for p in self.params:
             entry = _HELD.get(id(p))
             if entry is not None and entry[1]() is self:
