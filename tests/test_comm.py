@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import granet
+from granet.comm import AUTO_MAX_FRACTION
 
 GLOBAL_BATCH = 16
 STEPS, RESUME_AT = 12, 5
@@ -147,19 +148,26 @@ def resumed(rank, world, store: Path):
 
 
 def traffic(rank, world):
-    """Elements sent by one ordinary compact step, and what it should be."""
-    model, net, opt, sp = build("rigl", rank, "compact", update_every=100)
-    run(model, opt, 0, 2, rank, world)  # the buckets are final after the first iteration
-    counter = Counter()
-    dist.all_reduce = counter
-    try:
-        run(model, opt, 2, 3, rank, world)
-    finally:
-        dist.all_reduce = counter.original
-    active = sum(int(m.sum()) for m in sp.masks.values())
-    dense = sum(p.numel() for n, p in net.named_parameters() if n not in sp.masks)
-    total = sum(p.numel() for p in net.parameters())
-    return {"sent": counter.elements, "expected": active + dense, "total": total}
+    """Elements sent by one ordinary step, and what they should be."""
+    found = {}
+    for comm, sparsity in (("compact", 0.8), ("auto", 0.9), ("auto", 0.5)):
+        model, net, opt, sp = build("rigl", rank, comm, update_every=100, sparsity=sparsity)
+        run(model, opt, 0, 2, rank, world)  # the buckets are final after the first iteration
+        counter = Counter()
+        dist.all_reduce = counter
+        try:
+            run(model, opt, 2, 3, rank, world)
+        finally:
+            dist.all_reduce = counter.original
+        active = sum(int(m.sum()) for m in sp.masks.values())
+        dense = sum(p.numel() for n, p in net.named_parameters() if n not in sp.masks)
+        total = sum(p.numel() for p in net.parameters())
+        found[f"{comm}-{sparsity}"] = {
+            "sent": counter.elements,
+            "compact": active + dense,
+            "total": total,
+        }
+    return found
 
 
 def refusals(rank):
@@ -249,8 +257,12 @@ def test_compact_exchange_trains_what_the_dense_all_reduce_trains(ranks, scenari
 
 def test_an_ordinary_step_sends_the_active_entries_and_the_dense_parameters(ranks):
     for rank in ranks:
-        t = rank["traffic"]
-        assert t["sent"] == t["expected"] < t["total"] / 2
+        for case in ("compact-0.8", "auto-0.9"):
+            t = rank["traffic"][case]
+            assert t["sent"] == t["compact"] < t["total"] / 4, case
+        # auto sends a bucket whole where packing would not pay (AUTO_MAX_FRACTION)
+        t = rank["traffic"]["auto-0.5"]
+        assert t["compact"] > AUTO_MAX_FRACTION * t["total"] and t["sent"] == t["total"]
 
 
 def test_resume_under_compact_exchange(ranks):

@@ -29,9 +29,10 @@ COMMUNICATION: dict[str, str] = {
     "dense": "DDP's own all-reduce of whole tensors",
 }
 # auto sends a bucket compact when at most this fraction of its entries is exchanged (active
-# sparse entries plus dense parameters); above it, packing costs more than it saves
-# (docs/benchmarks.md, "Data-parallel communication").
-AUTO_MAX_FRACTION = 0.5
+# sparse entries plus dense parameters). Measured on CPU/gloo (docs/benchmarks.md, section 7):
+# gathering and scattering an entry costs about 4x what all-reducing it does over loopback, so
+# packing pays below about 1/5.
+AUTO_MAX_FRACTION = 0.2
 
 
 def existing_hook(ddp: nn.parallel.DistributedDataParallel) -> str | None:
