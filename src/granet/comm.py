@@ -30,8 +30,7 @@ COMMUNICATION: dict[str, str] = {
 }
 # auto sends a bucket compact when at most this fraction of its entries is exchanged (active
 # sparse entries plus dense parameters). Measured on CPU/gloo (docs/benchmarks.md, section 7):
-# gathering and scattering an entry costs about 4x what all-reducing it does over loopback, so
-# packing pays below about 1/5.
+# over loopback, packing and sending break even near a fifth; over a network sending costs more.
 AUTO_MAX_FRACTION = 0.2
 
 
