@@ -193,6 +193,18 @@ def refusals(rank):
     return found
 
 
+def installed(rank):
+    """By default a DDP model gets the hook; a later sparsifier on it takes the hook over."""
+    net = TinyNet().double()
+    model = DDP(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    first = granet.RigL(model, opt, **KW)
+    hooks = [type(state).__name__ for _, state in model._comm_hooks]
+    first.remove()
+    second = granet.SET(model, opt, **KW)  # DDP would refuse a second register_comm_hook
+    return {"hooks": hooks, "taken_over": second._comm is first._comm}
+
+
 def _user_hook(state, bucket):
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
@@ -212,6 +224,7 @@ def worker(rank, world, store, out):
     results["resumed"] = resumed(rank, world, out)
     if world == 2:
         results["refusals"] = refusals(rank)
+        results["installed"] = installed(rank)
     torch.save(results, out / f"world{world}-rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -279,3 +292,10 @@ def test_a_users_hook_is_refused_by_compact_and_kept_by_auto(ranks):
         assert kind == "refused" and qualname in message and "communication='dense'" in message
         kind, caught = found[f"{name}-auto"]
         assert kind == "kept" and any("is kept" in w and qualname in w for w in caught)
+
+
+def test_the_hook_is_the_default_and_a_new_sparsifier_takes_it_over(ranks):
+    if "installed" not in ranks[0]:
+        pytest.skip("checked on 2 processes")
+    for rank in ranks:
+        assert rank["installed"] == {"hooks": ["CompactAllReduce"], "taken_over": True}
