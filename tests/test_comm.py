@@ -5,7 +5,8 @@ and ``"dense"`` from the same start and compare, step for step, what the ranks e
 runs are in float64: the compact vector is summed by gloo in other chunks than the whole bucket,
 so an element's partial sums may be added in another order; in float64 that moves a weight by
 about ``steps * world * eps64`` relative, far below anything a wrong exchange gives, and the
-masks stay bit-identical.
+masks stay bit-identical. With 2 processes the sums have one order and the weights are equal
+bit for bit (so they are in float32: measured, docs/distributed.md).
 """
 
 import warnings
@@ -237,17 +238,20 @@ def ranks(request, tmp_path_factory):
     return [torch.load(tmp / f"world{world}-rank{r}.pt", weights_only=True) for r in range(world)]
 
 
-def tolerance(weights):
-    """Reordered float64 sums over ``world`` ranks, compounded over the run's steps."""
-    return STEPS * 8 * torch.finfo(torch.float64).eps * max(w.abs().max() for w in weights)
+def tolerance(weights, world):
+    """Reordered float64 sums over ``world`` ranks, compounded over the run's steps; none for two
+    ranks, whose sum ``a + b`` has one order."""
+    if world == 2:
+        return 0.0
+    return STEPS * 2 * world * torch.finfo(torch.float64).eps * max(w.abs().max() for w in weights)
 
 
-def assert_same(a, b):
+def assert_same(a, b, world):
     assert a["step"] == b["step"]
     assert a["masks"].keys() == b["masks"].keys()
     for k in a["masks"]:
         assert torch.equal(a["masks"][k], b["masks"][k]), k
-    atol = tolerance(a["weights"].values())
+    atol = tolerance(a["weights"].values(), world)
     for k in a["weights"]:
         gap = (a["weights"][k] - b["weights"][k]).abs().max().item()
         assert gap <= atol, (k, gap, atol)
@@ -261,7 +265,7 @@ def test_compact_exchange_trains_what_the_dense_all_reduce_trains(ranks, scenari
     for rank in ranks:
         runs = rank["scenarios"][scenario]
         assert runs["compact"]["step"] == STEPS  # the scaler's skipped step did not count
-        assert_same(runs["compact"], runs["dense"])
+        assert_same(runs["compact"], runs["dense"], len(ranks))
     first = ranks[0]["scenarios"][scenario]["compact"]["weights"]
     for rank in ranks[1:]:  # and the ranks agree bit for bit
         for name, weight in rank["scenarios"][scenario]["compact"]["weights"].items():
@@ -280,7 +284,7 @@ def test_an_ordinary_step_sends_the_active_entries_and_the_dense_parameters(rank
 
 def test_resume_under_compact_exchange(ranks):
     for rank in ranks:
-        assert_same(rank["resumed"], rank["scenarios"]["granet"]["compact"])
+        assert_same(rank["resumed"], rank["scenarios"]["granet"]["compact"], len(ranks))
 
 
 def test_a_users_hook_is_refused_by_compact_and_kept_by_auto(ranks):
