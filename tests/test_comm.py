@@ -199,11 +199,15 @@ def installed(rank):
     net = TinyNet().double()
     model = DDP(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    first = granet.RigL(model, opt, **KW)
+    first = granet.RigL(model, opt, exclude=["fc2.*"], **KW)
     hooks = [type(state).__name__ for _, state in model._comm_hooks]
+    try:  # a second live sparsifier on the model cannot share the hook
+        granet.SET(model, opt, include=["fc2.*"], communication="compact", **KW)
+    except ValueError as error:
+        shared = str(error)
     first.remove()
     second = granet.SET(model, opt, **KW)  # DDP would refuse a second register_comm_hook
-    return {"hooks": hooks, "taken_over": second._comm is first._comm}
+    return {"hooks": hooks, "taken_over": second._comm is first._comm, "shared": shared}
 
 
 def _user_hook(state, bucket):
@@ -302,4 +306,6 @@ def test_the_hook_is_the_default_and_a_new_sparsifier_takes_it_over(ranks):
     if "installed" not in ranks[0]:
         pytest.skip("checked on 2 processes")
     for rank in ranks:
-        assert rank["installed"] == {"hooks": ["CompactAllReduce"], "taken_over": True}
+        found = rank["installed"]
+        assert found["hooks"] == ["CompactAllReduce"] and found["taken_over"]
+        assert "granet's, of another live sparsifier" in found["shared"]

@@ -35,15 +35,28 @@ AUTO_MAX_FRACTION = 0.2
 
 
 def existing_hook(ddp: nn.parallel.DistributedDataParallel) -> str | None:
-    """The name of a communication hook already registered on ``ddp``, or None."""
+    """The name of a communication hook registered on ``ddp`` that is in use, or None (none, or
+    granet's own left by a removed sparsifier)."""
     hooks = getattr(ddp, "_comm_hooks", [])
     if hooks:
         state = hooks[0][1]
         if isinstance(state, CompactAllReduce):
-            return None
+            return "granet's, of another live sparsifier" if state.attached else None
         return getattr(hooks[0][0], "__qualname__", repr(hooks[0][0]))
     logged = ddp._get_ddp_logging_data().get("comm_hook")  # builtin hooks are only logged
     return logged or None
+
+
+def refuse_other_hook(mode: str, ddp: nn.parallel.DistributedDataParallel) -> str | None:
+    """Raise ValueError if ``mode`` is ``"compact"`` and another hook is in use on ``ddp``;
+    return that hook's name (None if there is none)."""
+    other = existing_hook(ddp)
+    if other is not None and mode == "compact":
+        raise ValueError(
+            f"communication='compact' needs DDP's communication hook, but {other!r} is already "
+            "registered (DDP takes one); register none, or pass communication='dense' to keep it"
+        )
+    return other
 
 
 class CompactAllReduce:
@@ -66,6 +79,7 @@ class CompactAllReduce:
         self.group = ddp.process_group
         self.world = dist.get_world_size(self.group)
         self.dense = True  # the next step needs the full dense average
+        self.attached = False
         self._sparse: dict[int, int] = {}
         self._masks: Sequence[torch.Tensor] = ()
         self._plans: dict[int, tuple[tuple[int, ...], torch.Tensor | None]] = {}
@@ -84,14 +98,8 @@ class CompactAllReduce:
         A hook the user registered stays: ``mode="compact"`` is refused with a ValueError,
         ``"auto"`` warns and leaves the exchange to that hook.
         """
-        other = existing_hook(ddp)
+        other = refuse_other_hook(mode, ddp)
         if other is not None:
-            if mode == "compact":
-                raise ValueError(
-                    f"communication='compact' needs DDP's communication hook, but {other!r} is "
-                    "already registered (DDP takes one); register none, or pass "
-                    "communication='dense' to keep yours"
-                )
             warnings.warn(
                 f"granet: the DDP communication hook {other!r} is kept, so gradients are "
                 "all-reduced dense; communication='dense' silences this",
@@ -111,11 +119,13 @@ class CompactAllReduce:
     def attach(self, params: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
         """Follow these sparse tensors and their masks."""
         self._sparse = {id(p): i for i, p in enumerate(params)}
+        self.attached = True
         self.refresh(masks)
 
     def detach(self) -> None:
         """Send every bucket dense from now on (DDP cannot unregister a hook)."""
         self._sparse, self._masks, self._plans = {}, (), {}
+        self.attached, self.dense = False, True
 
     def refresh(self, masks: Sequence[torch.Tensor]) -> None:
         """The masks changed: rebuild every bucket's index at its next use."""

@@ -22,7 +22,7 @@ from torch import nn
 
 from granet import checks
 from granet.algorithm import OPTION, Algorithm
-from granet.comm import CompactAllReduce
+from granet.comm import CompactAllReduce, refuse_other_hook
 from granet.compute import SparseCompute
 from granet.criteria import GROWTH, IMPORTANCE
 from granet.distributed import data_parallel_group, refuse_sharded, verify_agreement
@@ -122,6 +122,9 @@ class Sparsifier:
         if alg.total_steps is None:
             raise ValueError("total_steps must be an integer >= 1; got None")
         self.algorithm = alg
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        if ddp and alg.communication == "compact":
+            refuse_other_hook(alg.communication, model)  # before anything changes
         start, end = alg.window()
         self.cadence = UpdateCadence(alg.update_every, alg.total_steps)
         self.sparsity_schedule = alg.sparsity_schedule or CubicSparsity(
@@ -174,7 +177,7 @@ class Sparsifier:
             )
             self._compute.dense_grad = self._dense_grad_due()
         self._comm = None
-        if alg.communication != "dense" and isinstance(model, nn.parallel.DistributedDataParallel):
+        if alg.communication != "dense" and ddp:
             self._comm = CompactAllReduce.install(
                 alg.communication, model, self.params, self._masks
             )
