@@ -103,27 +103,30 @@ def test_sigterm_to_the_granet_process_then_resume_matches(reference, tmp_path):
 
 def test_a_run_of_a_granet_without_the_compute_setting_resumes_as_dense(tmp_path):
     """granet's default became compute='auto'; a run saved before the setting existed (none in
-    config.yaml, the checkpoint or the settings hash) trained dense and resumes dense."""
+    config.yaml, the checkpoint or the settings hash, nor any other setting added since) trained
+    dense and resumes dense."""
     import json
 
     import yaml
 
-    from granet.experiment.runs import save_checkpoint, settings_of
+    from granet.experiment.runs import SETTINGS_ADDED, save_checkpoint, settings_of
 
     run_dir = tmp_path / "run"
     settings = {"dataset": "synthetic", "model": "mlp", "epochs": 2, "batch_size": 300}
-    settings.update(method="set", sparsity=0.95, init_sparsity=0.95, compute="dense")
+    settings.update(method="set", sparsity=0.95, init_sparsity=0.95, **SETTINGS_ADDED)
     with pytest.raises(Interrupted):
         train(make_config(settings), run_dir, progress=False, callbacks=[SignalAt(2)])
     config_file, last = run_dir / "config.yaml", run_dir / "checkpoints" / "last.pt"
     old = yaml.safe_load(config_file.read_text())
-    del old["compute"]
-    config_file.write_text(yaml.safe_dump(old, sort_keys=False))
     state = load_checkpoint(last)
-    del state["settings"]["compute"]
+    for added in SETTINGS_ADDED:
+        del old[added], state["settings"][added]
+    config_file.write_text(yaml.safe_dump(old, sort_keys=False))
     save_checkpoint(state, last)
     marker = json.loads((run_dir / "run.json").read_text())
-    recorded = {k: v for k, v in settings_of(make_config(settings)).items() if k != "compute"}
+    recorded = {
+        k: v for k, v in settings_of(make_config(settings)).items() if k not in SETTINGS_ADDED
+    }
     text = json.dumps(recorded, sort_keys=True).encode()
     marker["settings_hash"] = __import__("hashlib").sha256(text).hexdigest()[:16]
     (run_dir / "run.json").write_text(json.dumps(marker))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from granet import checks
+from granet.comm import AUTO_MAX_FRACTION, COMMUNICATION
 from granet.compute import AUTO_MAX_DENSITY, AUTO_MIN_NUMEL, COMPUTE
 from granet.criteria import GROWTH, IMPORTANCE
 from granet.distributions import DISTRIBUTIONS
@@ -213,6 +214,17 @@ class Algorithm:
         str,
         _one_of(COMPUTE),
         choices=tuple(COMPUTE),
+        affects_result=False,
+    )
+    communication: str = _option(
+        "auto",
+        "gradient exchange under DistributedDataParallel: compact (a communication hook that "
+        "all-reduces only the active entries, dense on the steps before topology rounds), auto "
+        f"(compact for the DDP buckets where at most {AUTO_MAX_FRACTION:.0%} of the entries are "
+        "exchanged), or dense (DDP's own all-reduce); docs/distributed.md",
+        str,
+        _one_of(COMMUNICATION),
+        choices=tuple(COMMUNICATION),
         affects_result=False,
     )
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from granet import checks
 from granet.algorithm import OPTION, Algorithm
+from granet.comm import CompactAllReduce, refuse_other_hook
 from granet.compute import SparseCompute
 from granet.criteria import GROWTH, IMPORTANCE
 from granet.distributed import data_parallel_group, refuse_sharded, verify_agreement
@@ -148,6 +149,9 @@ class Sparsifier:
         if alg.total_steps is None:
             raise ValueError("total_steps must be an integer >= 1; got None")
         self.algorithm = alg
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        if ddp and alg.communication == "compact":
+            refuse_other_hook(alg.communication, model)  # before anything changes
         start, end = alg.window()
         self.cadence = UpdateCadence(alg.update_every, alg.total_steps)
         self.sparsity_schedule = alg.sparsity_schedule or CubicSparsity(
@@ -199,6 +203,13 @@ class Sparsifier:
                 alg.compute, self.model, self.names, self.params, self._masks, optimizer, self._warn
             )
             self._compute.dense_grad = self._dense_grad_due()
+        self._comm = None
+        if alg.communication != "dense" and ddp:
+            self._comm = CompactAllReduce.install(
+                alg.communication, model, self.params, self._masks
+            )
+            if self._comm:
+                self._comm.dense = self._dense_grad_due()
         self._hook = optimizer.register_step_post_hook(self._on_step)
 
     def _existing_sparsity(
@@ -287,6 +298,8 @@ class Sparsifier:
             self._apply(skip=updated)
         if self._compute:
             self._compute.dense_grad = self._dense_grad_due()
+        if self._comm:
+            self._comm.dense = self._dense_grad_due()
 
     def _dense_grad_due(self) -> bool:
         """Whether the next step needs the full dense gradient of every sparse tensor: a
@@ -416,6 +429,8 @@ class Sparsifier:
         self._target_cache = None
         if self._compute:
             self._compute.refresh(self._masks)
+        if self._comm:
+            self._comm.refresh(self._masks)
         self._apply()
 
     def _drop_and_regrow(
@@ -612,6 +627,9 @@ class Sparsifier:
         if self._compute:
             self._compute.refresh(self._masks)
             self._compute.dense_grad = self._dense_grad_due()
+        if self._comm:
+            self._comm.refresh(self._masks)
+            self._comm.dense = self._dense_grad_due()
         self._apply()
 
     def _check_belongs(self, state: dict[str, Any]) -> None:
@@ -634,6 +652,8 @@ class Sparsifier:
         self._hook.remove()
         if self._compute:
             self._compute.remove()
+        if self._comm:
+            self._comm.detach()
         for p in self.params:
             entry = _HELD.get(id(p))
             if entry is not None and entry[1]() is self:

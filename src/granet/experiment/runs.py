@@ -69,8 +69,9 @@ PLACEMENT = ("device", "data_root", "workers", "log")
 # value when resumed, and a run made with another one still belongs to a sweep or study.
 HOW = tuple(o.name for o in OPTIONS if not o.affects_result)
 # Settings added after runs were first saved, with the value a run saved without one was
-# trained with (``compute`` came with dense kernels as the only ones, and as the default).
-SETTINGS_ADDED: dict[str, Any] = {"compute": "dense"}
+# trained with (``compute`` came with dense kernels as the only ones, and as the default;
+# ``communication`` with DDP's own all-reduce).
+SETTINGS_ADDED: dict[str, Any] = {"compute": "dense", "communication": "dense"}
 _TMP_SUFFIX = ".tmp"
 
 
