@@ -18,12 +18,14 @@ import torch
 from torch import nn
 
 from granet import checks
+from granet.initial import check_calibration
+from granet.masks import unpack_bits
 from granet.methods import METHODS
 from granet.selection import check_rules, select_parameters, unwrap, unwrap_optimizer
 from granet.sparsifier import Sparsifier
 
 # Sparsifier keywords that are not fields of granet.Algorithm
-_BUILD_ONLY = ("algorithm", "include", "exclude", "verify_ranks")
+_BUILD_ONLY = ("algorithm", "include", "exclude", "verify_ranks", "calibration")
 
 
 def method_class(method: str, options: dict[str, Any]) -> type[Sparsifier]:
@@ -31,7 +33,9 @@ def method_class(method: str, options: dict[str, Any]) -> type[Sparsifier]:
     fails where the callback is made rather than when training starts."""
     cls = checks.choice("method", method.lower() if isinstance(method, str) else method, METHODS)
     fields = {k: v for k, v in options.items() if k not in _BUILD_ONLY}
-    cls.resolve(options.get("algorithm"), **fields)
+    check_calibration(
+        cls.resolve(options.get("algorithm"), **fields).init, options.get("calibration")
+    )
     check_rules(options.get("include"), options.get("exclude", ()))
     checks.boolean("verify_ranks", options.get("verify_ranks", True))
     return cls
@@ -52,12 +56,9 @@ def attach(
     options = {"total_steps": total_steps, **options}
     if state is None:
         return cls(model, optimizer, **options)
-    params = [
-        p
-        for _, p in select_parameters(
-            unwrap(model), options.get("include"), options.get("exclude", ())
-        )
-    ]
+    chosen = select_parameters(unwrap(model), options.get("include"), options.get("exclude", ()))
+    _check_zeros(chosen, state)
+    params = [p for _, p in chosen]
     opt_state = unwrap_optimizer(optimizer).state
     tensors = [
         t
@@ -84,6 +85,22 @@ def attach(
             for t, copy in zip(tensors, copies):
                 t.copy_(copy)
     return sparsifier
+
+
+def _check_zeros(chosen: Sequence[tuple[str, torch.Tensor]], state: dict[str, Any]) -> None:
+    """Refuse restored weights that are not zero where the saved masks are: the checkpoint's
+    weights and its sparsifier state do not belong together (edited, or mixed up)."""
+    for name, p in chosen:
+        packed, shape = state["masks"].get(name), state["shapes"].get(name)
+        if packed is None or tuple(shape) != tuple(p.shape):
+            continue  # load_state_dict names what is missing or misshaped
+        mask = unpack_bits(packed.to(p.device), p.shape)
+        wrong = int(p.detach()[~mask].count_nonzero())
+        if wrong:
+            raise ValueError(
+                f"resume: the checkpoint's {name} has {wrong} non-zero weights where its saved "
+                "sparsifier masks are zero; its weights and sparsifier state do not belong together"
+            )
 
 
 class SparsifierHolder:
