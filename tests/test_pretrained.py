@@ -111,15 +111,15 @@ def test_keep_sparse_fine_tuning_survives_checkpoints_resume_and_save_pretrained
 def test_a_checkpoint_whose_zeros_do_not_match_its_masks_is_refused(tmp_path):
     model = gpt2()
     prune(model, 0.5)
-    trainer(tmp_path, model, [GraNetCallback("static", init="existing")], max_steps=4).train()
+    trainer(tmp_path, model, [GraNetCallback("static", init="existing")]).train()
     weights = tmp_path / "checkpoint-4" / "model.safetensors"
     state = load_file(weights)
     name = "transformer.h.1.mlp.c_fc.weight"
     state[name][state[name] == 0] = 0.5  # someone edited the weights, not the masks
     save_file(state, weights, metadata={"format": "pt"})
-    t = trainer(tmp_path, gpt2(), [GraNetCallback("static", init="existing")], max_steps=8)
+    t = trainer(tmp_path, gpt2(), [GraNetCallback("static", init="existing")])
     with pytest.raises(ValueError, match=rf"^resume: the checkpoint's {name} has \d+ non-zero"):
-        t.train(resume_from_checkpoint=True)
+        t.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
 
 
 pl = pytest.importorskip("lightning.pytorch")
@@ -170,7 +170,7 @@ def test_gradual_fine_tuning_in_lightning_reaches_the_sparsity_exactly(tmp_path)
 def test_lightning_refuses_a_checkpoint_whose_zeros_do_not_match_its_masks(tmp_path):
     model = gpt2()
     prune(model, 0.5)
-    trainer = fit(tmp_path, CausalLM(model), LightningGraNet("static", init="existing"), steps=4)
+    trainer = fit(tmp_path, CausalLM(model), LightningGraNet("static", init="existing"))
     path = tmp_path / "edited.ckpt"
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=False)
@@ -178,4 +178,4 @@ def test_lightning_refuses_a_checkpoint_whose_zeros_do_not_match_its_masks(tmp_p
     checkpoint["state_dict"][name][0, :] = 1.0
     torch.save(checkpoint, path)
     with pytest.raises(ValueError, match=rf"^resume: the checkpoint's {name} has \d+ non-zero"):
-        fit(tmp_path, CausalLM(gpt2()), LightningGraNet("static", init="existing"), path, 8)
+        fit(tmp_path, CausalLM(gpt2()), LightningGraNet("static", init="existing"), path)

@@ -19,7 +19,6 @@ from torch import nn
 
 from granet import checks
 from granet.initial import check_calibration
-from granet.masks import unpack_bits
 from granet.methods import METHODS
 from granet.selection import check_rules, select_parameters, unwrap, unwrap_optimizer
 from granet.sparsifier import Sparsifier
@@ -56,9 +55,12 @@ def attach(
     options = {"total_steps": total_steps, **options}
     if state is None:
         return cls(model, optimizer, **options)
-    chosen = select_parameters(unwrap(model), options.get("include"), options.get("exclude", ()))
-    _check_zeros(chosen, state)
-    params = [p for _, p in chosen]
+    params = [
+        p
+        for _, p in select_parameters(
+            unwrap(model), options.get("include"), options.get("exclude", ())
+        )
+    ]
     opt_state = unwrap_optimizer(optimizer).state
     tensors = [
         t
@@ -67,6 +69,7 @@ def attach(
         if torch.is_tensor(t) and t.shape == p.shape
     ]
     copies = [t.detach().to("cpu", copy=True) for t in tensors]
+    restored = {id(t): c for t, c in zip(tensors, copies)}
     sparsifier = None
     try:
         algorithm = options.get("algorithm")
@@ -76,6 +79,7 @@ def attach(
             _set_sparsity(params, state["settings"]["init_sparsity"])
         sparsifier = cls(model, optimizer, **options)
         sparsifier.load_state_dict(state)
+        _check_zeros(sparsifier, [restored[id(p)] for p in sparsifier.params])
     except BaseException:
         if sparsifier is not None:
             sparsifier.remove()
@@ -87,15 +91,11 @@ def attach(
     return sparsifier
 
 
-def _check_zeros(chosen: Sequence[tuple[str, torch.Tensor]], state: dict[str, Any]) -> None:
-    """Refuse restored weights that are not zero where the saved masks are: the checkpoint's
-    weights and its sparsifier state do not belong together (edited, or mixed up)."""
-    for name, p in chosen:
-        packed, shape = state["masks"].get(name), state["shapes"].get(name)
-        if packed is None or tuple(shape) != tuple(p.shape):
-            continue  # load_state_dict names what is missing or misshaped
-        mask = unpack_bits(packed.to(p.device), p.shape)
-        wrong = int(p.detach()[~mask].count_nonzero())
+def _check_zeros(sparsifier: Sparsifier, weights: Sequence[torch.Tensor]) -> None:
+    """Refuse restored ``weights`` that are not zero where the resumed ``sparsifier``'s masks
+    are: the checkpoint's weights and its sparsifier state do not belong together."""
+    for name, weight, mask in zip(sparsifier.names, weights, sparsifier.masks.values()):
+        wrong = int(weight[~mask.to(weight.device)].count_nonzero())
         if wrong:
             raise ValueError(
                 f"resume: the checkpoint's {name} has {wrong} non-zero weights where its saved "
