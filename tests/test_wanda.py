@@ -175,3 +175,13 @@ def test_init_wanda_without_calibration_is_refused_also_by_the_callbacks():
 
     with pytest.raises(ValueError, match="^calibration: init='wanda' needs calibration"):
         GraNetCallback("rigl", init="wanda")
+
+
+def test_the_command_line_refuses_init_wanda_in_one_line(tmp_path, capsys):
+    from granet.cli import main
+
+    argv = ["train", "--dataset", "synthetic", "--model", "lenet5", "--epochs", "1"]
+    assert main([*argv, "--init", "wanda", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("error: calibration: init='wanda' needs calibration batches "
+                            "(model inputs, from Python)")  # fmt: skip

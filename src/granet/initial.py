@@ -77,7 +77,9 @@ def check_calibration(init: str, calibration: Any) -> None:
     """Refuse ``init="wanda"`` without calibration batches, and calibration batches that no
     other ``init`` reads."""
     if init == "wanda" and calibration is None:
-        raise ValueError("calibration: init='wanda' needs calibration batches (model inputs)")
+        raise ValueError(
+            "calibration: init='wanda' needs calibration batches (model inputs, from Python)"
+        )
     if init != "wanda" and calibration is not None:
         raise ValueError(f"calibration is read only by init='wanda'; init is {init!r}")
 
