@@ -1,12 +1,15 @@
 """granet.integrations.peft: LoRA on a pruned Llama-style and GPT-2 model keeps the zeros,
 in training and through the merge."""
 
+import copy
+
 import pytest
 import torch
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 from peft import LoraConfig, get_peft_model  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from granet.integrations.peft import keep_sparse, merge_and_unload  # noqa: E402
@@ -127,3 +130,22 @@ def test_a_merge_without_known_masks_is_refused_in_one_line():
         merge_and_unload(peft_model)
     with pytest.raises(ValueError, match=r"^peft_model: holds no LoRA layer"):
         keep_sparse(llama()[0])
+
+
+def test_adapters_saved_and_loaded_again_are_masked_again_by_keep_sparse(tmp_path):
+    from peft import PeftModel
+
+    model, lora = gpt2()
+    prune(model, 0.5)
+    base = copy.deepcopy(model)
+    peft_model = keep_sparse(get_peft_model(model, lora))
+    for layer in peft_model.modules():
+        if hasattr(layer, "lora_B"):
+            for b in layer.lora_B.values():
+                torch.nn.init.normal_(b.weight)  # as after training
+    peft_model.save_pretrained(tmp_path)
+    assert not any("granet" in k for k in load_file(tmp_path / "adapter_model.safetensors"))
+    loaded = keep_sparse(PeftModel.from_pretrained(base, tmp_path))
+    ids = tokens(2, 7)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits)
