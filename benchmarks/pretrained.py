@@ -15,6 +15,8 @@ and, as the reference, the dense model fine-tuned as long. The attention and MLP
 sparse; embeddings, norms and the LM head stay dense. Prints a markdown table and writes JSON.
 
     python benchmarks/pretrained.py --model llama --out pretrained.json
+
+``--checkpoint DIR`` saves the trained dense model there, or reuses it if the folder exists.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
 import time
 
@@ -73,6 +76,11 @@ class Windows:
             0, len(self.train) - self.length, (self.batch,), generator=self.generator
         )
         return torch.stack([self.train[s : s + self.length] for s in starts])
+
+    def next_batches(self, count: int) -> None:
+        """Draw ``count`` batches and drop them."""
+        for _ in range(count):
+            self.next()
 
     def evaluation(self, count: int = 128) -> list[torch.Tensor]:
         step = (len(self.held_out) - self.length) // count
@@ -127,6 +135,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--checkpoint", default=None, help="folder of the pretrained model: saved, or reused"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     data = Windows(corpus(), args.length, args.batch)
@@ -151,7 +162,13 @@ def main() -> None:
     names = sparse_names(dense)
     row("untrained", dense, 0.0, names)
     start = time.perf_counter()
-    train(dense, data, args.pretrain_steps, 3e-3)
+    if args.checkpoint and os.path.isdir(args.checkpoint):  # pretrained by an earlier run
+        dense = type(dense).from_pretrained(args.checkpoint)
+        data.next_batches(args.pretrain_steps)  # the same draws as the run that trained it
+    else:
+        train(dense, data, args.pretrain_steps, 3e-3)
+        if args.checkpoint:
+            dense.save_pretrained(args.checkpoint)
     row("dense, trained (the 'pretrained' checkpoint)", dense, time.perf_counter() - start, names)
 
     # 1. one-shot
@@ -161,6 +178,7 @@ def main() -> None:
         ("magnitude, global", dict(pruning="global")),
         ("magnitude, per layer", dict(pruning="uniform")),
         ("magnitude, per output row", dict(pruning="row")),
+        ("wanda, per layer", dict(score="wanda", calibration=calibration, pruning="uniform")),
         ("wanda, per output row", dict(score="wanda", calibration=calibration)),
     ):
         model = copy.deepcopy(dense)
