@@ -185,3 +185,14 @@ def test_the_command_line_refuses_init_wanda_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("error: calibration: init='wanda' needs calibration batches "
                             "(model inputs, from Python)")  # fmt: skip
+
+
+def test_row_pruning_removes_the_rate_of_each_rows_remaining_weights():
+    model = mlp()
+    xs = [torch.randn(6, 12)]
+    first = prune(model, 0.5, score="wanda", calibration=xs)
+    second = prune(model, 0.5, score="wanda", calibration=xs)
+    for name, mask in second.masks.items():
+        assert not (mask & ~first.masks[name]).any(), name  # nothing comes back
+        kept = first.masks[name].sum(1)
+        assert torch.equal(mask.sum(1), kept - (kept.double() * 0.5).round().long()), name
