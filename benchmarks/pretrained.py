@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--oneshot-only", action="store_true", help="stop after the one-shot rows")
     parser.add_argument(
         "--checkpoint", default=None, help="folder of the pretrained model: saved, or reused"
     )
@@ -187,6 +188,13 @@ def main() -> None:
         row(f"one-shot {label}", model, time.perf_counter() - start, names)
         pruned[label] = model
 
+    if not args.oneshot_only:
+        fine_tune(args, dense, pruned, data, names, row)
+    report(args, rows)
+
+
+def fine_tune(args, dense, pruned, data, names, row) -> None:
+    """Journeys 2-4 and the dense reference, each ``args.finetune_steps`` steps."""
     steps = args.finetune_steps
     # reference: the dense model fine-tuned as long
     model = copy.deepcopy(dense)
@@ -246,6 +254,9 @@ def main() -> None:
     row(f"one-shot wanda + LoRA r=8 {steps} steps, merged", merged,
         time.perf_counter() - start, names, zeros_kept_exactly=exact)  # fmt: skip
 
+
+def report(args, rows) -> None:
+    """The markdown table on stdout, and everything as JSON in ``args.out``."""
     print()
     print("| journey | held-out loss | sparsity | time (s) |")
     print("|---|---|---|---|")
