@@ -57,7 +57,7 @@ def build(kind: str, length: int, hidden: int, layers: int) -> nn.Module:
         return LlamaForCausalLM(config)
     config = GPT2Config(
         vocab_size=256, n_embd=hidden, n_layer=layers, n_head=4, n_positions=length,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
     return GPT2LMHeadModel(config)
 
