@@ -18,7 +18,7 @@ def test_initial_masks_have_their_counts():
     assert params[0].abs()[top].min() >= params[0].abs()[~top].max()
     params[0][0] = 0.0
     assert torch.equal(existing_init(params, [0, 0], gen)[0], params[0] != 0)
-    assert list(INIT) == ["random", "magnitude", "existing"]
+    assert list(INIT) == ["random", "magnitude", "existing", "wanda"]
 
 
 def pruned_mlp(sparsity: float = 0.8) -> nn.Sequential:

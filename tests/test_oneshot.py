@@ -134,7 +134,9 @@ def test_rates_outside_the_open_unit_interval_are_refused(rate):
 
 
 def test_bad_input_is_refused_naming_it():
-    with pytest.raises(ValueError, match="pruning must be one of global, uniform; got 'layer'"):
+    with pytest.raises(
+        ValueError, match="pruning must be one of global, uniform, row; got 'layer'"
+    ):
         prune_masks(weights(), 0.5, "layer")
     with pytest.raises(ValueError, match="one mask per weight"):
         prune_masks(weights(), 0.5, masks=[torch.ones(3, dtype=torch.bool)])

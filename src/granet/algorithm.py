@@ -190,7 +190,8 @@ class Algorithm:
     init: str = _option(
         "random",
         "initial masks: random positions at the distribution's densities, the largest "
-        "weights (magnitude), or the weights' own zeros (existing)",
+        "weights (magnitude), the weights' own zeros (existing), or in each output row the "
+        "largest magnitude times input activation norm (wanda; from Python, with calibration=)",
         str,
         _one_of(INIT),
         choices=tuple(INIT),

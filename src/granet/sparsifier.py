@@ -13,7 +13,7 @@ import gc
 import math
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -27,7 +27,7 @@ from granet.compute import SparseCompute
 from granet.criteria import GROWTH, IMPORTANCE
 from granet.distributed import data_parallel_group, refuse_sharded, verify_agreement
 from granet.distributions import DISTRIBUTIONS
-from granet.initial import INIT
+from granet.initial import INIT, check_calibration
 from granet.masks import apply_masks, pack_bits, top_mask, unpack_bits
 from granet.pruning import PRUNING
 from granet.readback import HostCopy
@@ -93,6 +93,7 @@ class Sparsifier:
         include: Sequence[Rule] | None = None,
         exclude: Sequence[Rule] = (),
         verify_ranks: bool = True,
+        calibration: Iterable[Any] | None = None,
         **options: Any,
     ) -> None:
         """Select the sparse tensors of ``model``, draw their masks and hook ``optimizer``.
@@ -100,6 +101,8 @@ class Sparsifier:
         ``options`` are the fields of :class:`Algorithm` (``sparsity``, ``total_steps``, ...);
         ``total_steps`` is required. ``optimizer`` may be a wrapper holding the torch optimizer
         (accelerate's, Lightning's): the sparsifier hooks the optimizer inside.
+        ``calibration`` (model inputs, e.g. a few batches of token ids) is what
+        ``init="wanda"`` reads; data, not a setting, so it is no field of the algorithm.
         """
         optimizer = unwrap_optimizer(optimizer)
         check_rules(include, exclude)
@@ -148,6 +151,7 @@ class Sparsifier:
         alg = self.resolve(algorithm, **options)
         if alg.total_steps is None:
             raise ValueError("total_steps must be an integer >= 1; got None")
+        check_calibration(alg.init, calibration)
         self.algorithm = alg
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         if ddp and alg.communication == "compact":
@@ -178,7 +182,14 @@ class Sparsifier:
 
         densities = DISTRIBUTIONS[alg.distribution](self.params, 1.0 - alg.init_sparsity)
         counts = [min(round(d * p.numel()), p.numel()) for p, d in zip(self.params, densities)]
-        self._masks = INIT[alg.init](self.params, counts, self._generator(torch.device("cpu")))
+        self._masks = INIT[alg.init](
+            self.params,
+            counts,
+            self._generator(torch.device("cpu")),
+            model=self.model,
+            names=self.names,
+            calibration=calibration,
+        )
         self._nnz = [int(m.count_nonzero()) for m in self._masks]  # per layer, as last read
         self._warn_empty(self._nnz, "start")
         if alg.scale_init:

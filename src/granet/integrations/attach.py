@@ -18,12 +18,13 @@ import torch
 from torch import nn
 
 from granet import checks
+from granet.initial import check_calibration
 from granet.methods import METHODS
 from granet.selection import check_rules, select_parameters, unwrap, unwrap_optimizer
 from granet.sparsifier import Sparsifier
 
 # Sparsifier keywords that are not fields of granet.Algorithm
-_BUILD_ONLY = ("algorithm", "include", "exclude", "verify_ranks")
+_BUILD_ONLY = ("algorithm", "include", "exclude", "verify_ranks", "calibration")
 
 
 def method_class(method: str, options: dict[str, Any]) -> type[Sparsifier]:
@@ -31,7 +32,9 @@ def method_class(method: str, options: dict[str, Any]) -> type[Sparsifier]:
     fails where the callback is made rather than when training starts."""
     cls = checks.choice("method", method.lower() if isinstance(method, str) else method, METHODS)
     fields = {k: v for k, v in options.items() if k not in _BUILD_ONLY}
-    cls.resolve(options.get("algorithm"), **fields)
+    check_calibration(
+        cls.resolve(options.get("algorithm"), **fields).init, options.get("calibration")
+    )
     check_rules(options.get("include"), options.get("exclude", ()))
     checks.boolean("verify_ranks", options.get("verify_ranks", True))
     return cls
@@ -66,6 +69,7 @@ def attach(
         if torch.is_tensor(t) and t.shape == p.shape
     ]
     copies = [t.detach().to("cpu", copy=True) for t in tensors]
+    restored = {id(t): c for t, c in zip(tensors, copies)}
     sparsifier = None
     try:
         algorithm = options.get("algorithm")
@@ -75,6 +79,7 @@ def attach(
             _set_sparsity(params, state["settings"]["init_sparsity"])
         sparsifier = cls(model, optimizer, **options)
         sparsifier.load_state_dict(state)
+        _check_zeros(sparsifier, [restored[id(p)] for p in sparsifier.params])
     except BaseException:
         if sparsifier is not None:
             sparsifier.remove()
@@ -84,6 +89,18 @@ def attach(
             for t, copy in zip(tensors, copies):
                 t.copy_(copy)
     return sparsifier
+
+
+def _check_zeros(sparsifier: Sparsifier, weights: Sequence[torch.Tensor]) -> None:
+    """Refuse restored ``weights`` that are not zero where the resumed ``sparsifier``'s masks
+    are: the checkpoint's weights and its sparsifier state do not belong together."""
+    for name, weight, mask in zip(sparsifier.names, weights, sparsifier.masks.values()):
+        wrong = int(weight[~mask.to(weight.device)].count_nonzero())
+        if wrong:
+            raise ValueError(
+                f"resume: the checkpoint's {name} has {wrong} non-zero weights where its saved "
+                "sparsifier masks are zero; its weights and sparsifier state do not belong together"
+            )
 
 
 class SparsifierHolder:
