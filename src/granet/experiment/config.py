@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 import granet
-from granet import checks
+from granet import checks, patterns
 from granet.algorithm import OPTIONS, cli_options
 from granet.experiment.datasets import DATASETS
 from granet.experiment.loggers import LOGGERS
@@ -91,6 +91,8 @@ class RunSettings:
     def sparsifier_options(self) -> dict[str, Any]:
         """The sparsifier's options as this run sets them (unset ones: the method's own)."""
         values = {k: getattr(self, k) for k in SPARSIFIER_KEYS}
+        if self.pattern is not None:  # the pattern sets the layers' densities
+            del values["distribution"]
         return {k: v for k, v in values.items() if v is not None}
 
 
@@ -211,7 +213,10 @@ def _typed_values(values: dict[str, Any]) -> dict[str, Any]:
 
 def make_config(values: dict[str, Any]) -> Config:
     """A validated :class:`Config` from a mapping of settings (unknown keys are an error)."""
-    config = Config(**_typed_values(values))
+    typed = _typed_values(values)
+    if typed.get("pattern") is not None and typed.get("sparsity") is None:
+        typed["sparsity"] = patterns.parse(typed["pattern"]).sparsity
+    config = Config(**typed)
     if config.lr is None:
         config = replace(config, lr=DEFAULT_LR.get(config.optimizer))
     _check_ranges(config)
