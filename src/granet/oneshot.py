@@ -14,13 +14,14 @@ active, or else the non-zero ones.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from granet import checks
+from granet import checks, patterns
 from granet.masks import apply_masks, top_mask
 from granet.pruning import PRUNING, global_pruning
 from granet.selection import Rule, select_parameters
@@ -35,11 +36,18 @@ def prune_masks(
     rate: float,
     pruning: str = "global",
     masks: Sequence[torch.Tensor] | None = None,
+    pattern: str | None = None,
+    groups: Sequence[patterns.Groups] | None = None,
 ) -> list[torch.Tensor]:
     """The masks that remain when ``round(rate * n)`` of the ``n`` active weights, those of
     smallest magnitude, are removed: ``n`` counted over all tensors with ``pruning="global"``
     (one threshold), or in each tensor with ``"uniform"``. ``masks`` says which weights are
-    active (default: the non-zero ones); an inactive weight stays inactive."""
+    active (default: the non-zero ones); an inactive weight stays inactive.
+
+    With an N:M ``pattern`` (``rate`` must then be ``1 - N/M``), every group of M along a
+    weight's input dimension keeps its N largest active weights (the ASP / SR-STE rule), and
+    ``pruning`` does not apply; ``groups`` (from :func:`granet.patterns.layer_groups`) says
+    how each weight splits, by default along dim 1 (``nn.Linear``, convolutions)."""
     rate = _rate(rate)
     checks.choice("pruning", pruning, PRUNING)
     if masks is None:
@@ -48,6 +56,19 @@ def prune_masks(
         raise ValueError(
             f"masks must hold one mask per weight; got {len(masks)} for {len(weights)}"
         )
+    if pattern is not None:
+        nm = patterns.parse(pattern)
+        if abs(rate - nm.sparsity) > 1e-9:
+            raise ValueError(
+                f"rate={rate:g} contradicts pattern={pattern!r}, which prunes 1 - {nm.n}/{nm.m}"
+                f" = {nm.sparsity:g} of every group"
+            )
+        if groups is None:
+            groups = patterns.layer_groups([str(i) for i in range(len(weights))], weights, nm)[0]
+        return [
+            patterns.initial_mask(g, w.detach().abs(), g.keep, m).contiguous()
+            for g, w, m in zip(groups, weights, masks)
+        ]
     scores = [torch.where(m, w.detach().abs().float(), -torch.inf) for w, m in zip(weights, masks)]
     nnz = [int(m.count_nonzero()) for m in masks]
     if pruning == "uniform":
@@ -116,6 +137,7 @@ def prune(
     optimizer: torch.optim.Optimizer | None = None,
     include: Sequence[Rule] | None = None,
     exclude: Sequence[Rule] = (),
+    pattern: str | None = None,
 ) -> Pruned:
     """Prune ``rate`` of the remaining weights of ``model``'s sparse tensors by magnitude, in
     place (see :func:`prune_masks`): the removed weights, and their ``optimizer`` state
@@ -123,7 +145,10 @@ def prune(
 
     ``masks`` (parameter name -> bool mask, e.g. a sparsifier's ``masks``) says which weights
     remain; by default the non-zero ones. ``include`` / ``exclude`` choose the tensors as for a
-    sparsifier.
+    sparsifier. ``pattern="2:4"`` (any ``"N:M"``, with ``rate`` ``1 - N/M``) keeps the N
+    largest of every M consecutive weights along each tensor's input dimension; a tensor whose
+    input size M does not divide keeps its largest ``N/M`` of its weights instead, with a
+    warning naming it.
     """
     chosen = select_parameters(model, include, exclude)
     if not chosen:
@@ -136,7 +161,19 @@ def prune(
         before = [masks[n].to(p.device).bool() for n, p in zip(names, params)]
     else:
         before = [p.detach() != 0 for p in params]
-    after = prune_masks(params, rate, pruning, before)
+    groups = None
+    if pattern is not None:
+        groups, loose = patterns.layer_groups(
+            names, params, patterns.parse(pattern), patterns.input_dim_first(model, names)
+        )
+        if loose:
+            warnings.warn(
+                f"granet: pattern {pattern}: the input size of {', '.join(loose)} is not a "
+                "multiple of its M; these are pruned unstructured to the pattern's density",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    after = prune_masks(params, rate, pruning, before, pattern, groups)
     with torch.no_grad():
         _zero(params, after, optimizer)
     removed = {

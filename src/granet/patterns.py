@@ -15,8 +15,10 @@ Every function here works on one tensor through its :class:`Groups`: the tensor 
 
 from __future__ import annotations
 
+import math
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +49,7 @@ def parse(value: Any, name: str = "pattern") -> Pattern:
     """``"N:M"`` as a :class:`Pattern`; a one-line ValueError naming ``name`` otherwise."""
     match = _SYNTAX.fullmatch(value.strip()) if isinstance(value, str) else None
     if match is None:
-        hint = " (quote it in YAML: \"2:4\")" if isinstance(value, int) else ""
+        hint = ' (quote it in YAML: "2:4")' if isinstance(value, int) else ""
         raise ValueError(f'{name} must be a string "N:M" such as "2:4"; got {value!r}{hint}')
     n, m = int(match[1]), int(match[2])
     if not 1 <= n < m:
@@ -74,7 +76,7 @@ class Groups:
 
     @property
     def structured(self) -> bool:
-        return self.size != _numel(self.shape)
+        return self.size != math.prod(self.shape)
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (of the tensor's shape) as ``(groups, size)``; a copy when transposed."""
@@ -94,34 +96,35 @@ class Groups:
         return min(self.size, max(self.keep, round(self.size * (1.0 - sparsity))))
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
-
-
 def _is_conv1d(module: nn.Module | None) -> bool:
     conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
     return isinstance(conv1d, type) and isinstance(module, conv1d)
 
 
+def input_dim_first(model: nn.Module, names: Sequence[str]) -> list[bool]:
+    """For each named parameter of ``model``: whether its input dimension is dim 0 (the
+    weight of a Hugging Face ``Conv1D``, stored ``(in, out)``)."""
+    return [_is_conv1d(model.get_submodule(name.rpartition(".")[0])) for name in names]
+
+
 def layer_groups(
-    model: nn.Module, names: list[str], params: list[torch.Tensor], pattern: Pattern
+    names: Sequence[str],
+    params: Sequence[torch.Tensor],
+    pattern: Pattern,
+    transposed: Sequence[bool] | None = None,
 ) -> tuple[list[Groups], list[str]]:
     """Each tensor's :class:`Groups` under ``pattern``, and the names of those left
-    unstructured (a 1-D tensor, or an input size that ``pattern.m`` does not divide)."""
+    unstructured (a 1-D tensor, or an input size that ``pattern.m`` does not divide).
+    ``transposed`` (default: none) marks tensors whose input dimension is dim 0."""
     groups, unstructured = [], []
-    for name, p in zip(names, params):
-        owner = name.rpartition(".")[0]
-        module = model.get_submodule(owner) if owner else model
-        transposed = _is_conv1d(module) and p.dim() == 2
-        inputs = p.shape[0] if transposed else (_numel(tuple(p.shape[1:])) if p.dim() > 1 else 0)
+    for i, (name, p) in enumerate(zip(names, params)):
+        flip = bool(transposed and transposed[i]) and p.dim() == 2
+        inputs = p.shape[0] if flip else (math.prod(tuple(p.shape[1:])) if p.dim() > 1 else 0)
         shape = tuple(p.shape)
         if inputs and inputs % pattern.m == 0:
-            groups.append(Groups(shape, pattern.m, pattern.n, transposed))
+            groups.append(Groups(shape, pattern.m, pattern.n, flip))
         else:
-            numel = _numel(shape)
+            numel = math.prod(shape)
             groups.append(Groups(shape, numel, round(numel * pattern.n / pattern.m)))
             unstructured.append(name)
     return groups, unstructured
@@ -193,7 +196,7 @@ def holds(mask: torch.Tensor, pattern: Pattern | str) -> bool:
     """Whether a 2-D-or-more ``mask`` (or weight: non-zeros) holds ``pattern`` along dim 1
     (flattened dims 1..), as :class:`Groups` reads an ``nn.Linear`` or convolution weight."""
     pattern = parse(pattern) if isinstance(pattern, str) else pattern
-    inputs = _numel(tuple(mask.shape[1:])) if mask.dim() > 1 else 0
+    inputs = math.prod(tuple(mask.shape[1:])) if mask.dim() > 1 else 0
     if not inputs or inputs % pattern.m:
         return False
     rows = (mask != 0).reshape(-1, pattern.m)

@@ -141,7 +141,10 @@ class Sparsifier:
         self._groups: list[patterns.Groups] | None = None
         if alg.pattern is not None:
             self._groups, loose = patterns.layer_groups(
-                self.model, self.names, self.params, patterns.parse(alg.pattern)
+                self.names,
+                self.params,
+                patterns.parse(alg.pattern),
+                patterns.input_dim_first(self.model, self.names),
             )
             if loose:
                 self._warn(

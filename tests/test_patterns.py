@@ -1,0 +1,288 @@
+"""N:M sparsity (``pattern=``): every method keeps at most N of every M consecutive weights
+along each layer's input dimension after every round."""
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from helpers import SmallNet, train
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import granet
+from granet import oneshot, patterns
+
+METHODS = ["granet", "gmp", "rigl", "set", "snfs", "static"]
+
+
+def group_counts(mask: torch.Tensor, m: int) -> torch.Tensor:
+    """Active entries of every group of ``m`` along dim 1 (flattened), computed directly."""
+    return mask.reshape(mask.shape[0], -1, m).sum(dim=-1)
+
+
+def net_of(kind: str, width: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(width, 24), nn.ReLU(), nn.Linear(24, 8))
+    return nn.Sequential(
+        nn.Conv2d(width // 4, 8, 2), nn.Flatten(), nn.ReLU(), nn.Linear(8 * 3 * 3, 8)
+    )
+
+
+def batch(kind: str, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (8, width) if kind == "mlp" else (8, width // 4, 4, 4)
+    return torch.randn(shape, generator=g), torch.randint(0, 8, (8,), generator=g)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    method=st.sampled_from(METHODS),
+    pattern=st.sampled_from(["2:4", "1:4", "4:8"]),
+    kind=st.sampled_from(["mlp", "conv"]),
+    width=st.sampled_from([8, 16, 24]),
+    seed=st.integers(0, 2**16),
+    init=st.sampled_from(["random", "magnitude"]),
+)
+def test_the_pattern_holds_after_every_round(method, pattern, kind, width, seed, init):
+    n, m = map(int, pattern.split(":"))
+    net = net_of(kind, width, seed)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    # a gradual method starts dense here, so that its groups shrink round by round
+    start = {"init_sparsity": 0.0} if method in ("granet", "gmp") else {}
+    sp = granet.sparsify(
+        net,
+        opt,
+        method,
+        pattern=pattern,
+        total_steps=24,
+        update_every=2,
+        seed=seed,
+        init=init,
+        **start,
+    )
+    rounds = 0
+    for step in range(24):
+        x, y = batch(kind, width, step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        if sp.step % 2 == 0:
+            rounds += 1
+            target = sp.sparsity_schedule(sp.step)
+            for name, p in zip(sp.names, sp.params):
+                counts = group_counts(sp.masks[name], m)
+                cap = min(m, max(n, round(m * (1 - target))))
+                assert (counts <= cap).all(), (name, step)
+                assert (group_counts(p.detach() != 0, m) <= cap).all(), name
+    assert rounds > 0
+    for name in sp.names:  # the end: exactly N of every M
+        assert (group_counts(sp.masks[name], m) == n).all(), name
+    assert sp.sparsity() == pytest.approx(1 - n / m)
+
+
+def test_gradual_granet_shrinks_groups_to_exactly_n():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = granet.GraNet(net, opt, pattern="1:8", init_sparsity=0, total_steps=40, update_every=2)
+    assert all(m.all() for m in sp.masks.values())  # dense start
+    seen = set()
+    for step in range(40):
+        x = torch.randn(4, 32, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        net(x).square().mean().backward()
+        opt.step()
+        for mask in sp.masks.values():
+            counts = group_counts(mask, 8)
+            assert counts.min() == counts.max()  # every group alike
+            seen.add(int(counts[0, 0]))
+    assert {1, 8} <= seen and len(seen) > 3  # through intermediate counts to exactly N
+    assert sp.sparsity() == 1 - 1 / 8
+
+
+def test_drop_and_regrow_moves_weights_within_groups():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 32))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = granet.RigL(net, opt, pattern="2:4", total_steps=10, update_every=1, regrow_fraction=0.5)
+    before = sp.masks["0.weight"].clone()
+    x = torch.randn(16, 64)
+    opt.zero_grad()
+    net(x).square().mean().backward()
+    opt.step()
+    after = sp.masks["0.weight"]
+    moved = int((before & ~after).sum())
+    assert 0 < moved <= sp.last_round["dropped"] <= (32 * 64 // 2) * 0.5 + 1
+    assert (group_counts(after, 4) == 2).all()
+
+
+def test_layers_m_does_not_divide_stay_unstructured_with_a_warning():
+    torch.manual_seed(0)
+    net = SmallNet()  # conv1: 1x3x3 = 9 inputs, conv2: 6x3x3 = 54: not multiples of 4
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    with pytest.warns(RuntimeWarning, match="conv1.weight, conv2.weight is not a multiple"):
+        sp = granet.RigL(net, opt, pattern="2:4", total_steps=20, update_every=2)
+    train(net, opt, 20)
+    masks = sp.masks
+    assert (group_counts(masks["fc1.weight"], 4) == 2).all()
+    for name in ("conv1.weight", "conv2.weight"):
+        assert int(masks[name].sum()) == round(masks[name].numel() / 2)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"pattern": "4:4"}, "1 <= N < M"),
+        ({"pattern": "0:4"}, "1 <= N < M"),
+        ({"pattern": "2-4"}, 'pattern must be a string "N:M"'),
+        ({"pattern": 124}, 'quote it in YAML: "2:4"'),
+        ({"pattern": "2:4", "sparsity": 0.9}, "sparsity=0.9 contradicts pattern='2:4'"),
+        ({"pattern": "2:4", "distribution": "erk"}, "distribution='erk' does not apply"),
+        ({"pattern": "2:4", "distribution": "uniform"}, "distribution='uniform' does not"),
+    ],
+)
+def test_bad_patterns_are_refused_in_one_line(options, message):
+    net = nn.Sequential(nn.Linear(8, 4))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=message) as error:
+        granet.RigL(net, opt, total_steps=10, **options)
+    assert "\n" not in str(error.value)
+
+
+def test_an_algorithm_value_with_a_pattern_needs_its_sparsity():
+    with pytest.raises(ValueError, match="sparsity=0.9 contradicts pattern='4:8'"):
+        granet.Algorithm(pattern="4:8")
+    alg = granet.Algorithm(pattern="4:8", sparsity=0.5, total_steps=10)
+    net = nn.Sequential(nn.Linear(16, 4))
+    sp = granet.RigL(net, torch.optim.SGD(net.parameters(), lr=0.1), alg)
+    assert (group_counts(sp.masks["0.weight"], 8) == 4).all()
+
+
+def test_magnitude_init_keeps_the_n_largest_of_every_m():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(16, 6))
+    w = net[0].weight.detach().clone()
+    sp = granet.Static(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.1),
+        pattern="2:4",
+        init="magnitude",
+        total_steps=5,
+    )
+    assert torch.equal(sp.masks["0.weight"], reference_nm(w, 2, 4))
+
+
+def test_existing_init_checks_the_weights_hold_the_pattern():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 4))
+    oneshot.prune(net, 0.5, pattern="2:4")
+    sp = granet.RigL(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.1),
+        pattern="2:4",
+        init="existing",
+        total_steps=5,
+    )
+    assert torch.equal(sp.masks["0.weight"], net[0].weight != 0)
+    sp.remove()
+    with torch.no_grad():
+        net[0].weight[1, 4:8] = 1.0
+    with pytest.raises(ValueError, match=r"0.weight has more than 2 non-zeros in 1 of its"):
+        granet.RigL(
+            net,
+            torch.optim.SGD(net.parameters(), lr=0.1),
+            pattern="2:4",
+            init="existing",
+            total_steps=5,
+        )
+
+
+def reference_nm(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The N largest |w| of every M consecutive along dim 1, by numpy, group by group."""
+    w = np.abs(weight.detach().reshape(weight.shape[0], -1).numpy())
+    keep = np.zeros(w.shape, dtype=bool)
+    for row in range(w.shape[0]):
+        for start in range(0, w.shape[1], m):
+            group = w[row, start : start + m]
+            keep[row, start + np.argsort(-group, kind="stable")[:n]] = True
+    return torch.from_numpy(keep).reshape(weight.shape)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    pattern=st.sampled_from(["2:4", "1:4", "4:8"]),
+    rows=st.integers(1, 6),
+    groups=st.integers(1, 5),
+)
+def test_oneshot_pattern_is_the_n_largest_of_m(seed, pattern, rows, groups):
+    n, m = map(int, pattern.split(":"))
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(groups * m, rows), nn.Conv2d(m, 3, 2))
+    expected = {k: reference_nm(v, n, m) for k, v in net.state_dict().items() if "weight" in k}
+    pruned = oneshot.prune(net, 1 - n / m, pattern=pattern)
+    assert pruned.masks.keys() == expected.keys()
+    for name, mask in pruned.masks.items():
+        assert torch.equal(mask, expected[name]), name
+        assert torch.equal(net.get_parameter(name) != 0, mask)
+
+
+def test_oneshot_pattern_refuses_a_contradicting_rate():
+    net = nn.Sequential(nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="rate=0.3 contradicts pattern='2:4'"):
+        oneshot.prune(net, 0.3, pattern="2:4")
+
+
+def build(seed: int = 5):
+    torch.manual_seed(seed)
+    net = SmallNet()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the convolutions stay unstructured
+        sp = granet.GraNet(
+            net, opt, pattern="1:4", init_sparsity=0, total_steps=40, update_every=4, seed=3
+        )
+    return net, opt, sp
+
+
+def test_resume_with_a_pattern_is_bit_exact():
+    net, opt, sp = build()
+    train(net, opt, 40)
+    straight = net.state_dict()
+
+    net, opt, sp = build()
+    train(net, opt, 14)
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "sp": sp.state_dict()}, buf)
+    assert sp.state_dict()["settings"]["pattern"] == "1:4"
+    net2, opt2, sp2 = build(seed=6)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    net2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    sp2.load_state_dict(ckpt["sp"])
+    train(net2, opt2, 26, start=14)
+    for key, value in net2.state_dict().items():
+        assert torch.equal(straight[key], value), key
+    assert (group_counts(sp2.masks["fc1.weight"], 4) == 1).all()
+
+
+def test_a_state_without_the_pattern_is_refused():
+    net, opt, sp = build()
+    state = sp.state_dict()
+    torch.manual_seed(5)
+    other = SmallNet()
+    o = torch.optim.SGD(other.parameters(), lr=0.05)
+    plain = granet.GraNet(other, o, sparsity=0.75, init_sparsity=0, total_steps=40, update_every=4)
+    with pytest.raises(ValueError, match="pattern='1:4' \\(here None\\)"):
+        plain.load_state_dict(state)
+
+
+def test_holds():
+    w = torch.tensor([[1.0, 0, 0, 2, 0, 3, 0, 0]])
+    assert patterns.holds(w, "2:4") and patterns.holds(w, "1:4") is False
+    assert not patterns.holds(torch.ones(2, 6), "2:4")  # 4 does not divide 6
