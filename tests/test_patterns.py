@@ -286,3 +286,116 @@ def test_holds():
     w = torch.tensor([[1.0, 0, 0, 2, 0, 3, 0, 0]])
     assert patterns.holds(w, "2:4") and patterns.holds(w, "1:4") is False
     assert not patterns.holds(torch.ones(2, 6), "2:4")  # 4 does not divide 6
+
+
+def test_export_records_the_pattern(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 6))
+    oneshot.prune(net, 0.5, pattern="2:4", include=["0.weight"])
+    granet.save_sparse(net, tmp_path / "m.safetensors", pattern="2:4")
+    info = granet.export.inspect_sparse(tmp_path / "m.safetensors")
+    marked = {t["name"]: t.get("pattern") for t in info["tensors"]}
+    assert marked == {"0.weight": "2:4", "0.bias": None, "2.weight": None, "2.bias": None}
+    assert info["pattern"] == "2:4"
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
+        assert f.metadata()["pattern"] == "2:4"
+    granet.save_sparse(net, tmp_path / "plain.safetensors")
+    assert granet.export.inspect_sparse(tmp_path / "plain.safetensors")["pattern"] is None
+    with pytest.raises(ValueError, match="pattern must have 1 <= N < M"):
+        granet.save_sparse(net, tmp_path / "bad.safetensors", pattern="4:2")
+
+
+def two_four_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    oneshot.prune(net, 0.5, pattern="2:4", include=["0.weight"])
+    return net
+
+
+def test_on_cpu_inference_says_no_nm_kernel_exists():
+    net = two_four_net()
+    assert granet.inference.nm_plan(net) == {"0": "no N:M kernel on cpu"}
+    with pytest.warns(RuntimeWarning, match=r"2:4 layers without .*: 0 \(no N:M kernel on cpu\)"):
+        fast = granet.sparse_inference(net, probe=False)
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(fast(x), net(x))
+
+
+class FakeCuda:
+    """A weight as the decision sees it on a CUDA device (no GPU here)."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
+        self.device, self.dtype, self.shape = torch.device("cuda", 0), dtype, weight.shape
+
+
+@pytest.mark.parametrize(
+    ("capability", "dtype", "shape", "cutlass", "expected"),
+    [
+        ((8, 0), torch.float16, (32, 64), False, None),
+        ((9, 0), torch.bfloat16, (64, 128), True, None),
+        ((7, 5), torch.float16, (32, 64), False, "compute capability 7.5 is below 8.0"),
+        ((8, 0), torch.float32, (32, 64), False, "float32 is not a dtype of"),
+        ((8, 0), torch.float32, (32, 64), True, None),
+        ((8, 0), torch.float16, (32, 40), True, "shape 32x40 is not a multiple of 32x64"),
+    ],
+)
+def test_semi_structured_decision(monkeypatch, capability, dtype, shape, cutlass, expected):
+    from granet import inference
+
+    monkeypatch.setattr(inference, "_capability", lambda device: capability)
+    monkeypatch.setattr(torch.sparse.SparseSemiStructuredTensor, "_FORCE_CUTLASS", cutlass)
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
+    reason = inference.semi_structured_reason(FakeCuda(torch.empty(shape), dtype))
+    if expected is None:
+        assert reason is None
+    else:
+        assert expected in reason
+
+
+def test_sparse_inference_converts_the_layers_the_plan_allows(monkeypatch):
+    from granet import inference
+
+    converted = []
+    monkeypatch.setattr(inference, "semi_structured_reason", lambda w: None)
+    monkeypatch.setattr(
+        inference, "_to_semi_structured", lambda model, names: converted.extend(names)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast = granet.sparse_inference(two_four_net(), probe=False)
+    assert converted == ["0"]
+    assert inference.sparse_layers(fast) == []
+
+
+def test_a_config_with_a_pattern_takes_its_sparsity(tmp_path):
+    from granet.experiment.config import make_config, resolve_config, save_config
+
+    config = make_config({"pattern": "4:8", "method": "rigl"})
+    assert config.sparsity == 0.5
+    assert "distribution" not in config.sparsifier_options()
+    save_config(config, tmp_path / "c.yaml")
+    assert resolve_config(tmp_path / "c.yaml") == config  # a saved run reads back
+    with pytest.raises(ValueError, match="sparsity=0.9 contradicts pattern='2:4'"):
+        make_config({"pattern": "2:4", "sparsity": 0.9})
+    with pytest.raises(ValueError, match="distribution='er' does not apply"):
+        make_config({"pattern": "2:4", "distribution": "er"})
+    (tmp_path / "bad.yaml").write_text("pattern: 2:4\n")
+    with pytest.raises(ValueError, match='quote it in YAML: "2:4"'):
+        resolve_config(tmp_path / "bad.yaml")
+
+
+def test_granet_train_with_a_pattern(tmp_path):
+    from granet.experiment.config import make_config
+    from granet.experiment.runs import checkpoint_path, load_checkpoint
+    from granet.experiment.train import train as train_run
+
+    settings = {"dataset": "synthetic", "model": "lenet5", "epochs": 2, "batch_size": 300}
+    config = make_config({**settings, "method": "gmp", "pattern": "2:4", "exclude": ["conv*"]})
+    train_run(config, tmp_path / "run", progress=False)
+    state = load_checkpoint(checkpoint_path(tmp_path / "run"))["sparsifier"]
+    assert state["settings"]["pattern"] == "2:4"
+    for name, packed in state["masks"].items():
+        mask = granet.masks.unpack_bits(packed, state["shapes"][name])
+        assert (group_counts(mask, 4) == 2).all(), name  # fc1, fc2, fc3: GMP ended at 2:4
