@@ -399,3 +399,38 @@ def test_granet_train_with_a_pattern(tmp_path):
     for name, packed in state["masks"].items():
         mask = granet.masks.unpack_bits(packed, state["shapes"][name])
         assert (group_counts(mask, 4) == 2).all(), name  # fc1, fc2, fc3: GMP ended at 2:4
+
+
+@pytest.mark.filterwarnings("ignore:granet. pattern")
+def test_a_callback_resumes_an_existing_pattern_on_restored_weights():
+    import copy
+
+    from granet.integrations.attach import attach, method_class
+
+    options = {"init": "existing", "pattern": "2:4", "update_every": 4}
+    cls = method_class("rigl", options)
+
+    def pruned():
+        torch.manual_seed(0)
+        net = SmallNet()
+        oneshot.prune(net, 0.5, pattern="2:4")
+        return net
+
+    net = pruned()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    sp = attach(cls, net, opt, 24, options)
+    train(net, opt, 10)
+    saved = copy.deepcopy((net.state_dict(), opt.state_dict(), sp.state_dict()))
+    train(net, opt, 14, 10)
+
+    net2 = SmallNet()
+    net2.load_state_dict(saved[0])
+    opt2 = torch.optim.SGD(net2.parameters(), lr=0.05, momentum=0.9)
+    opt2.load_state_dict(saved[1])
+    sp2 = attach(cls, net2, opt2, 24, options, saved[2])
+    for name, p in net2.state_dict().items():
+        assert torch.equal(p, saved[0][name]), name  # what the framework restored is kept
+    train(net2, opt2, 14, 10)
+    for name, p in net.state_dict().items():
+        assert torch.equal(p, net2.state_dict()[name]), name
+    assert (group_counts(sp2.masks["fc1.weight"], 4) == 2).all()
