@@ -434,3 +434,14 @@ def test_a_callback_resumes_an_existing_pattern_on_restored_weights():
     for name, p in net.state_dict().items():
         assert torch.equal(p, net2.state_dict()[name]), name
     assert (group_counts(sp2.masks["fc1.weight"], 4) == 2).all()
+
+
+def test_a_layer_that_holds_2_4_by_chance_is_left_unstructured():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 8))
+    oneshot.prune(net, 0.9)  # unstructured 90%: 64 groups of 4, likely none above 2
+    assert patterns.holds(net[0].weight, "2:4")
+    assert granet.inference.nm_plan(net) == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        granet.sparse_inference(net, probe=False)

@@ -47,7 +47,9 @@ keeps every layer dense on a GPU; the probe (run on the layer's own device) pick
 it measures faster. The GPU path has not been timed in this project's test suite.
 
 2:4 layers: an ``nn.Linear`` whose weight holds the 2:4 pattern along its input dimension (at
-most 2 non-zeros in every 4 consecutive weights, as ``pattern="2:4"`` trains it) runs on
+most 2 non-zeros in every 4 consecutive weights, as ``pattern="2:4"`` trains it) with more than
+a quarter of its weights non-zero (a much sparser layer holds 2:4 by chance; it is left to the
+route above, as an unstructured one) runs on
 ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt, or CUTLASS when torch is set to force
 it) where that exists: a CUDA device of compute capability 8.0 or above, a dtype and shape the
 kernel takes (float16/bfloat16/int8, float32 on CUTLASS; each dimension a multiple of the
@@ -244,7 +246,7 @@ def sparse_inference(
 
 
 def nm_plan(model: nn.Module) -> dict[str, str]:
-    """For every ``nn.Linear`` of ``model`` whose weight holds 2:4 (with at least one zero):
+    """For every ``nn.Linear`` of ``model`` whose weight holds 2:4 at a density above 1/4:
     :data:`SEMI_STRUCTURED` where ``to_sparse_semi_structured`` can run it, else why not."""
     plan = {}
     for name, module in model.named_modules():
@@ -252,6 +254,8 @@ def nm_plan(model: nn.Module) -> dict[str, str]:
         if type(module) is not nn.Linear or not isinstance(weight, torch.Tensor):
             continue
         if weight.layout != torch.strided or not holds(weight.detach(), "2:4"):
+            continue
+        if int(weight.count_nonzero()) * 4 <= weight.numel():
             continue
         plan[name] = semi_structured_reason(weight) or SEMI_STRUCTURED
     return plan
