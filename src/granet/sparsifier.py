@@ -463,7 +463,9 @@ class Sparsifier:
     ) -> int | torch.Tensor:
         """In each layer, drop the ``ceil(fraction * count)`` lowest-importance active weights
         and regrow as many inactive positions with the highest growth score. Returns the number
-        dropped. A weight dropped and regrown at once never left: it keeps value and state."""
+        dropped. A weight dropped and regrown at once never left: it keeps value and state.
+        Under a pattern the weights move within their groups
+        (:func:`granet.patterns.drop_and_regrow`)."""
         if torch.is_tensor(counts):
             ks = (counts.double() * fraction).ceil().long()  # as math.ceil in double precision
             total = ks.sum()
