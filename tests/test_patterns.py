@@ -399,6 +399,16 @@ def test_granet_train_with_a_pattern(tmp_path):
     for name, packed in state["masks"].items():
         mask = granet.masks.unpack_bits(packed, state["shapes"][name])
         assert (group_counts(mask, 4) == 2).all(), name  # fc1, fc2, fc3: GMP ended at 2:4
+    from granet.experiment.serving import export_run
+
+    export_run(tmp_path / "run", tmp_path / "m.safetensors")
+    info = granet.export.inspect_sparse(tmp_path / "m.safetensors")
+    assert info["pattern"] == "2:4"
+    assert {t["name"] for t in info["tensors"] if t.get("pattern")} == {
+        "fc1.weight",
+        "fc2.weight",
+        "fc3.weight",
+    }
 
 
 @pytest.mark.filterwarnings("ignore:granet. pattern")
@@ -445,3 +455,37 @@ def test_a_layer_that_holds_2_4_by_chance_is_left_unstructured():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         granet.sparse_inference(net, probe=False)
+
+
+@pytest.mark.parametrize("method", ["granet", "set"])
+def test_sparse_compute_with_a_pattern_matches_dense_compute(method):
+    def run(compute):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).double()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        sp = granet.sparsify(
+            net,
+            opt,
+            method,
+            pattern="1:4",
+            init_sparsity=0.5,
+            total_steps=12,
+            update_every=2,
+            compute=compute,
+        )
+        for step in range(12):
+            g = torch.Generator().manual_seed(step)
+            x = torch.randn(8, 32, generator=g, dtype=torch.float64)
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+        return net.state_dict(), sp.masks
+
+    (dense, dense_masks), (sparse, sparse_masks) = run("dense"), run("sparse")
+    for name in dense_masks:
+        assert torch.equal(dense_masks[name], sparse_masks[name]), name
+        assert (group_counts(sparse_masks[name], 4) == 1).all()
+    # float64 sums of up to 64 terms in another order, over 12 steps
+    atol = 64 * 12 * torch.finfo(torch.float64).eps
+    for key in dense:
+        torch.testing.assert_close(sparse[key], dense[key], rtol=0, atol=atol)
