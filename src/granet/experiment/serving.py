@@ -32,10 +32,8 @@ __all__ = ["bench_inference", "bench_model", "export_model", "export_run"]
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
     """Write the best model of the run in ``run_dir`` to ``out`` (see :func:`export_model`)."""
-    from granet.experiment.runs import read_run_config
-
-    model, _ = _load(run_dir)
-    return export_model(model, out, pattern=read_run_config(Path(run_dir)).get("pattern"))
+    model, meta = _load(run_dir)  # meta: the run's settings, its N:M pattern among them
+    return export_model(model, out, pattern=meta.get("pattern"))
 
 
 def bench_inference(
