@@ -489,3 +489,21 @@ def test_sparse_compute_with_a_pattern_matches_dense_compute(method):
     atol = 64 * 12 * torch.finfo(torch.float64).eps
     for key in dense:
         torch.testing.assert_close(sparse[key], dense[key], rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--pattern", "5:4"], "pattern must have 1 <= N < M; got '5:4'"),
+        (["--pattern", "2:4", "--sparsity", "0.9"], "sparsity=0.9 contradicts pattern='2:4'"),
+        (["--pattern", "2:4", "--distribution", "er"], "distribution='er' does not apply"),
+    ],
+)
+def test_granet_train_refuses_a_bad_pattern_in_one_line(capsys, tmp_path, flags, message):
+    from helpers import one_line_error
+
+    from granet.cli import main
+
+    assert main(["train", *flags, "--out", str(tmp_path / "run")]) == 2
+    assert message in one_line_error(capsys.readouterr().err, "train")
+    assert not (tmp_path / "run").exists()
