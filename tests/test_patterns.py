@@ -507,3 +507,24 @@ def test_granet_train_refuses_a_bad_pattern_in_one_line(capsys, tmp_path, flags,
     assert main(["train", *flags, "--out", str(tmp_path / "run")]) == 2
     assert message in one_line_error(capsys.readouterr().err, "train")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_nm_sweep_files_hold_the_whole_grid():
+    from pathlib import Path
+
+    from granet.experiment.sweep import load_sweep
+
+    cells = set()
+    for path in (Path(__file__).parents[1] / "configs" / "sweep-nm").glob("*.yaml"):
+        for job in load_sweep(path).jobs:
+            c = job.config
+            cells.add((c.model, c.pattern, c.method, c.init_sparsity, c.sparsity, c.seed))
+    methods = [("granet", 0.0), ("rigl", None), ("set", None), ("gmp", None), ("static", None)]
+    expected = {
+        (model, pattern, method, init, 0.5, seed)
+        for model in ("mlp", "lenet5")
+        for pattern in ("2:4", "4:8", None)
+        for method, init in methods
+        for seed in (0, 1, 2)
+    }
+    assert cells == expected
