@@ -528,3 +528,21 @@ def test_the_nm_sweep_files_hold_the_whole_grid():
         for seed in (0, 1, 2)
     }
     assert cells == expected
+
+
+def test_drop_and_regrow_rule_by_hand():
+    inf = float("inf")
+    groups = patterns.Groups(shape=(1, 8), size=4, keep=2)
+    mask = torch.tensor([[True, True, False, False, True, True, False, False]])
+    importance = torch.tensor([[0.1, 0.9, -inf, -inf, 0.2, 0.3, -inf, -inf]])
+    growth = torch.tensor([[0.0, 0.0, 5.0, 1.0, 0.0, 0.0, 0.0, 7.0]])
+    new, dropped = patterns.drop_and_regrow(groups, mask, 2, importance, growth)
+    # the layer's two weakest (0.1, 0.2) leave; each group regrows its best free position
+    assert new.tolist() == [[False, True, True, False, False, True, False, True]]
+    assert int(dropped) == 2
+    # a full group cannot move anything, however weak: the drop goes to a group with room
+    mask = torch.tensor([[True, True, True, True, True, False, False, False]])
+    importance = torch.tensor([[0.01, 0.01, 0.01, 0.01, 0.5, -inf, -inf, -inf]])
+    new, dropped = patterns.drop_and_regrow(groups, mask, 1, importance, growth)
+    assert new.tolist() == [[True, True, True, True, False, False, False, True]]
+    assert int(dropped) == 1
