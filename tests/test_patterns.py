@@ -546,3 +546,16 @@ def test_drop_and_regrow_rule_by_hand():
     new, dropped = patterns.drop_and_regrow(groups, mask, 1, importance, growth)
     assert new.tolist() == [[True, True, True, True, False, False, False, True]]
     assert int(dropped) == 1
+
+
+def test_random_pattern_masks_do_not_follow_weights_drawn_with_the_same_seed():
+    # torch.manual_seed(0) and a sparsifier with seed 0 start from the same random stream: a
+    # mask from uniform draws would keep the 2 largest initial weights of every group of 4
+    torch.manual_seed(0)
+    layer = nn.Linear(512, 256)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    sp = granet.Static(layer, opt, pattern="2:4", seed=0, total_steps=5)
+    kept = layer.weight.detach()[sp.masks["weight"]]
+    bound = 1 / 512**0.5  # the init's uniform bound
+    standard_error = bound / 3**0.5 / kept.numel() ** 0.5
+    assert abs(float(kept.mean())) < 5 * standard_error

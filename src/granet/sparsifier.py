@@ -225,8 +225,11 @@ class Sparsifier:
             elif alg.init == "magnitude":
                 mask = patterns.initial_mask(g, w.abs(), g.count(alg.init_sparsity))
             else:
-                scores = torch.rand(p.shape, generator=generator).to(p.device)
-                mask = patterns.initial_mask(g, scores, g.count(alg.init_sparsity))
+                # ranks of a random permutation: uniform draws (torch.rand) from a generator
+                # seeded like the global RNG that initialised the weights would repeat the
+                # weights' own uniform draws, and keep each group's largest initial weights
+                scores = torch.randperm(p.numel(), generator=generator).view(p.shape)
+                mask = patterns.initial_mask(g, scores.to(p.device), g.count(alg.init_sparsity))
             masks.append(mask.contiguous())
         return masks
 
