@@ -24,7 +24,7 @@ WORLD = 2
 GLOBAL_BATCH = 16
 STEPS, RESUME_AT = 24, 10
 KW = dict(sparsity=0.8, total_steps=STEPS, update_every=4, prune_end=0.75)
-METHODS = ("granet", "set", "snfs")
+METHODS = ("granet", "set", "snfs", "granet+1:4")  # +N:M: with that pattern
 # 1- and 2-process runs of the same global batch sum in another order, so their float32 weights
 # differ by rounding (measured <= 6e-8, docs/distributed.md). Each is compared with the same run
 # in float64 instead: a run's distance to it must be of the size of the 1-process float32 run's
@@ -52,7 +52,12 @@ def build(method, rank=0, ddp=False, **kw):
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     model = DDP(net) if ddp else net
     torch.manual_seed(1000 + rank)  # so does the global RNG from here on
-    return model, net, opt, granet.sparsify(model, opt, method, **{**KW, **kw})
+    method, _, pattern = method.partition("+")
+    if pattern:
+        kw = {"pattern": pattern, "sparsity": None, **kw}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "granet: pattern")  # the conv stays unstructured
+        return model, net, opt, granet.sparsify(model, opt, method, **{**KW, **kw})
 
 
 def run(model, opt, start, stop, rank=0, world=1, dtype=torch.float32):
@@ -343,3 +348,10 @@ if __name__ == "__main__":  # PYTHONPATH=src python tests/test_distributed.py: t
                 f"{method:7s} {label:25s} masks equal: {same_masks(a, b)}, "
                 f"max |w_a - w_b| = {max_weight_gap(a, b):.2e}"
             )
+
+
+def test_a_pattern_holds_on_every_rank(results):
+    for rank in results["ranks"]:
+        for name in ("fc1.weight", "fc2.weight"):
+            mask = rank["straight-granet+1:4"]["masks"][name]
+            assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) == 1).all(), name

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from granet import checks
+from granet import checks, patterns
 from granet.comm import AUTO_MAX_FRACTION, COMMUNICATION
 from granet.compute import AUTO_MAX_DENSITY, AUTO_MIN_NUMEL, COMPUTE
 from granet.criteria import GROWTH, IMPORTANCE
@@ -148,6 +148,15 @@ class Algorithm:
         _one_of(DISTRIBUTIONS),
         choices=tuple(DISTRIBUTIONS),
     )
+    pattern: str | None = _option(
+        None,
+        'N:M sparsity ("2:4", "4:8", any "N:M"): at most N active weights in every group of M '
+        "consecutive ones along each layer's input dimension, from the start (static, RigL, "
+        "SET, SNFS) or at the end of the gradual phase (GraNet, GMP); sets sparsity to 1 - N/M "
+        "and replaces the distribution (docs/design.md); none: unstructured",
+        str,
+        patterns.check,
+    )
     pruning: str = _option(
         "global",
         "gradual pruning: one global threshold, or every layer to the target sparsity of its "
@@ -236,6 +245,8 @@ class Algorithm:
             raise ValueError(
                 f"init_sparsity must be in [0, sparsity={self.sparsity}]; got {self.init_sparsity}"
             )
+        if self.pattern is not None:
+            self._check_pattern(patterns.parse(self.pattern))
         fractions = isinstance(self.prune_start, float) and isinstance(self.prune_end, float)
         if fractions and self.prune_end <= self.prune_start:
             raise ValueError(
@@ -258,6 +269,21 @@ class Algorithm:
                 raise ValueError(
                     f"prune_end ({self.prune_end}) must come after prune_start ({self.prune_start})"
                 )
+
+    def _check_pattern(self, pattern: patterns.Pattern) -> None:
+        """A pattern fixes every layer's density: a sparsity or distribution that says
+        otherwise is a contradiction."""
+        if abs(self.sparsity - pattern.sparsity) > 1e-9:
+            raise ValueError(
+                f"sparsity={self.sparsity:g} contradicts pattern={self.pattern!r}, whose "
+                f"sparsity is 1 - {pattern.n}/{pattern.m} = {pattern.sparsity:g}; leave sparsity "
+                "out or give that"
+            )
+        if self.distribution != OPTION["distribution"].default:
+            raise ValueError(
+                f"distribution={self.distribution!r} does not apply with pattern={self.pattern!r}"
+                " (the pattern sets every layer's density); leave distribution out"
+            )
 
     def window(self) -> tuple[int, int]:
         """The gradual phase ``(prune_start, prune_end)`` in optimizer steps."""

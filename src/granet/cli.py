@@ -176,6 +176,8 @@ def _default_text(option: Option) -> str:
         return "the method's own: " + method_defaults(option.name)
     if option.kind is bool:
         return "on" if option.default else "off"
+    if option.default is None:
+        return "none"
     return f"{option.default}"
 
 

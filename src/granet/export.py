@@ -28,6 +28,10 @@ The file's metadata (safetensors' string-to-string ``__metadata__``):
 - ``layout``: JSON, one entry per state-dict entry in order, ``{"name", "dtype", "shape",
   "encoding", "nnz"}`` (``"of"``, the name it repeats, for an alias); ``dtype`` is the torch dtype
   name, ``nnz`` the number of non-zero elements (the tensor's sparsity is ``1 - nnz / numel``);
+  with ``save_sparse(..., pattern="2:4")``, the entries of the tensors whose non-zeros hold that
+  N:M pattern along dim 1 (the input dimension of ``nn.Linear`` and convolution weights) also
+  carry ``"pattern": "2:4"``;
+- ``pattern``: the N:M pattern the model was trained with, when ``save_sparse`` was given one;
 - ``checksum``: ``"sha256:"`` and the hex digest of the layout's UTF-8 bytes followed, for every
   stored tensor in sorted name order, by its name's UTF-8 bytes, a zero byte and its raw bytes.
 
@@ -66,6 +70,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from granet import patterns
+
 __all__ = ["FORMAT_VERSION", "inspect_sparse", "load_sparse", "save_sparse"]
 
 FORMAT = "granet.sparse"
@@ -92,14 +98,16 @@ _V1_PREFIX = struct.Struct("<8sI32s")
 _V1_HEADER_LEN = struct.Struct("<Q")
 
 
-def save_sparse(model: nn.Module, path: str | os.PathLike) -> None:
+def save_sparse(model: nn.Module, path: str | os.PathLike, *, pattern: str | None = None) -> None:
     """Write ``model.state_dict()`` to ``path`` in the format described above.
 
-    The file is written to a temporary name and renamed, so ``path`` is either the old file or
-    the complete new one.
+    ``pattern`` (``"2:4"``, any ``"N:M"``) records the N:M pattern the model was trained with,
+    and marks each tensor that holds it. The file is written to a temporary name and renamed,
+    so ``path`` is either the old file or the complete new one.
     """
     from safetensors.torch import save
 
+    nm = None if pattern is None else patterns.parse(pattern)
     layout: list[dict[str, Any]] = []
     stored: dict[str, torch.Tensor] = {}
     seen: dict[tuple[Any, ...], str] = {}
@@ -117,6 +125,8 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> None:
         seen[same] = name
         encoding, nnz, parts = _encode(tensor)
         layout.append({**meta, "encoding": encoding, "nnz": nnz})
+        if nm is not None and tensor.is_floating_point() and patterns.holds(tensor, nm):
+            layout[-1]["pattern"] = str(nm)
         for key, part in zip(_keys(name, encoding), parts):
             if key in stored:
                 raise ValueError(f"state_dict entry {name!r} clashes with the stored {key!r}")
@@ -127,6 +137,7 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> None:
         "format_version": str(FORMAT_VERSION),
         "layout": layout_json,
         "checksum": _checksum(layout_json, stored.items()),
+        **({} if nm is None else {"pattern": str(nm)}),
     }
 
     path = Path(path)
@@ -189,7 +200,8 @@ def load_sparse(path: str | os.PathLike, model: nn.Module) -> nn.Module:
 def inspect_sparse(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of a file written by :func:`save_sparse`, checksum verified.
 
-    Returns ``{"version", "bytes", "tensors"}``; each tensor is its layout entry plus ``numel``,
+    Returns ``{"version", "bytes", "pattern", "tensors"}`` (``pattern``: the N:M pattern of
+    the tensors marked with one, else None); each tensor is its layout entry plus ``numel``,
     ``sparsity`` (``1 - nnz / numel``, 0 for empty tensors) and ``bytes`` (what it stores: 0
     for an alias).
     """
@@ -211,7 +223,13 @@ def inspect_sparse(path: str | os.PathLike) -> dict[str, Any]:
                 "bytes": stored,
             }
         )
-    return {"version": version, "bytes": Path(path).stat().st_size, "tensors": out}
+    marked = sorted({e["pattern"] for e in layout if e.get("pattern")})
+    return {
+        "version": version,
+        "bytes": Path(path).stat().st_size,
+        "pattern": ", ".join(marked) or None,
+        "tensors": out,
+    }
 
 
 # ----------------------------------------------------------------------------- encoding

@@ -45,6 +45,17 @@ Float16/bfloat16 layers stay dense: the CPU CSR kernels do not support them.
 GPU: CSR products were measured 3-18x slower than dense on an H100 for these shapes, so the rule
 keeps every layer dense on a GPU; the probe (run on the layer's own device) picks CSR only where
 it measures faster. The GPU path has not been timed in this project's test suite.
+
+2:4 layers: an ``nn.Linear`` whose weight holds the 2:4 pattern along its input dimension (at
+most 2 non-zeros in every 4 consecutive weights, as ``pattern="2:4"`` trains it) with more than
+a quarter of its weights non-zero (a much sparser layer holds 2:4 by chance; it is left to the
+route above, as an unstructured one) runs on
+``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt, or CUTLASS when torch is set to force
+it) where that exists: a CUDA device of compute capability 8.0 or above, a dtype and shape the
+kernel takes (float16/bfloat16/int8, float32 on CUTLASS; each dimension a multiple of the
+kernel's minimum). Every other 2:4 layer stays on the route above, and :func:`sparse_inference`
+says so in one warning with the reason (on a CPU: no N:M kernel exists); :func:`nm_plan` gives
+the decision per layer without converting anything.
 """
 
 from __future__ import annotations
@@ -62,10 +73,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from granet.patterns import holds
+
 __all__ = [
+    "SEMI_STRUCTURED",
     "SparseConv2d",
     "SparseLinear",
     "interleaved_times",
+    "nm_plan",
     "sparse_inference",
     "sparse_layers",
 ]
@@ -78,6 +93,7 @@ RULE = (
 )
 PROBE_REPEATS = 7
 _CSR_DTYPES = (torch.float32, torch.float64)
+SEMI_STRUCTURED = "semi-structured"  # nm_plan's value for a layer that runs the 2:4 kernel
 
 
 class _CSRLayer(nn.Module):
@@ -200,8 +216,23 @@ def sparse_inference(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     model = copy.deepcopy(model).eval()
+    plan = nm_plan(model)
+    _to_semi_structured(model, [n for n, why in plan.items() if why == SEMI_STRUCTURED])
+    dense = {}
+    for name, why in plan.items():
+        if why != SEMI_STRUCTURED:
+            dense.setdefault(why, []).append(name)
+    if dense:
+        warnings.warn(
+            "granet: 2:4 layers without the semi-structured kernel (dense or CSR instead): "
+            + "; ".join(f"{', '.join(names)} ({why})" for why, names in dense.items()),
+            RuntimeWarning,
+            stacklevel=2,
+        )
     candidates = {
-        name: module for name, module in model.named_modules() if _sparse_class(module) is not None
+        name: module
+        for name, module in model.named_modules()
+        if plan.get(name) != SEMI_STRUCTURED and _sparse_class(module) is not None
     }
     shapes = _input_shapes(model, candidates, example_input) if probe else {}
     for name, module in candidates.items():
@@ -216,6 +247,73 @@ def sparse_inference(
         if use_sparse:
             model.set_submodule(name, sparse)
     return model
+
+
+def nm_plan(model: nn.Module) -> dict[str, str]:
+    """For every ``nn.Linear`` of ``model`` whose weight holds 2:4 at a density above 1/4:
+    :data:`SEMI_STRUCTURED` where ``to_sparse_semi_structured`` can run it, else why not."""
+    plan = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if type(module) is not nn.Linear or not isinstance(weight, torch.Tensor):
+            continue
+        if weight.layout != torch.strided or not holds(weight.detach(), "2:4"):
+            continue
+        if int(weight.count_nonzero()) * 4 <= weight.numel():
+            continue
+        plan[name] = semi_structured_reason(weight) or SEMI_STRUCTURED
+    return plan
+
+
+def semi_structured_reason(weight: torch.Tensor) -> str | None:
+    """None if ``to_sparse_semi_structured`` takes this 2:4 weight on its device, else why not."""
+    if weight.device.type != "cuda":
+        return f"no N:M kernel on {weight.device.type}"
+    major, minor = _capability(weight.device)
+    if (major, minor) < (8, 0):
+        return f"compute capability {major}.{minor} is below 8.0"
+    kernel = _semi_structured_class()
+    if kernel is None:
+        return "torch has no semi-structured sparse kernel here (cuSPARSELt unavailable)"
+    limits = kernel._DTYPE_SHAPE_CONSTRAINTS.get(weight.dtype)
+    if limits is None:
+        return f"{_dtype_name(weight.dtype)} is not a dtype of {kernel.__name__}"
+    rows, cols = weight.shape
+    if rows % limits.sparse_min_rows or cols % limits.sparse_min_cols:
+        return (
+            f"shape {rows}x{cols} is not a multiple of "
+            f"{limits.sparse_min_rows}x{limits.sparse_min_cols}"
+        )
+    return None
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _semi_structured_class() -> type | None:
+    """The class ``to_sparse_semi_structured`` builds (CUTLASS when forced, else cuSPARSELt),
+    or None where that is not available."""
+    semi = getattr(torch.sparse, "SparseSemiStructuredTensor", None)
+    if semi is None:
+        return None
+    if semi._FORCE_CUTLASS:
+        return torch.sparse.SparseSemiStructuredTensorCUTLASS
+    if not torch.backends.cusparselt.is_available():
+        return None
+    return torch.sparse.SparseSemiStructuredTensorCUSPARSELT
+
+
+def _to_semi_structured(model: nn.Module, names: Sequence[str]) -> None:
+    """Give each named ``nn.Linear`` its weight as a semi-structured sparse tensor."""
+    for name in names:
+        module = model.get_submodule(name)
+        weight = torch.sparse.to_sparse_semi_structured(module.weight.detach().contiguous())
+        module.weight = nn.Parameter(weight, requires_grad=False)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def sparse_layers(model: nn.Module) -> list[str]:

@@ -18,6 +18,7 @@ active, or else the non-zero ones.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from granet import checks
+from granet import checks, patterns
 from granet.masks import apply_masks, top_mask
 from granet.pruning import PRUNING, global_pruning
 from granet.selection import Rule, select_parameters
@@ -45,13 +46,21 @@ def prune_masks(
     pruning: str = "global",
     masks: Sequence[torch.Tensor] | None = None,
     scores: Sequence[torch.Tensor] | None = None,
+    pattern: str | None = None,
+    groups: Sequence[patterns.Groups] | None = None,
 ) -> list[torch.Tensor]:
     """The masks that remain when ``round(rate * n)`` of the ``n`` active weights, those of
     lowest score, are removed: ``n`` counted over all tensors with ``pruning="global"`` (one
     threshold), in each tensor with ``"uniform"``, or in each row (the first dimension: an
     output unit of an ``(out, in)`` weight) with ``"row"``. ``scores`` defaults to the
     magnitudes. ``masks`` says which weights are active (default: the non-zero ones); an
-    inactive weight stays inactive."""
+    inactive weight stays inactive.
+
+    With an N:M ``pattern`` (``rate`` must then be ``1 - N/M``), every group of M along a
+    weight's input dimension keeps its N active weights of highest score (with magnitudes: the
+    ASP / SR-STE rule), and ``pruning`` does not apply; ``groups`` (from
+    :func:`granet.patterns.layer_groups`) says how each weight splits, by default along dim 1
+    (``nn.Linear``, convolutions)."""
     rate = _rate(rate)
     checks.choice("pruning", pruning, GROUPS)
     if masks is None:
@@ -63,6 +72,19 @@ def prune_masks(
             raise ValueError(
                 f"{name} must hold one {name[:-1]} per weight; got {len(given)} for {len(weights)}"
             )
+    if pattern is not None:
+        nm = patterns.parse(pattern)
+        if abs(rate - nm.sparsity) > 1e-9:
+            raise ValueError(
+                f"rate={rate:g} contradicts pattern={pattern!r}, which prunes 1 - {nm.n}/{nm.m}"
+                f" = {nm.sparsity:g} of every group"
+            )
+        if groups is None:
+            groups = patterns.layer_groups([str(i) for i in range(len(weights))], weights, nm)[0]
+        return [
+            patterns.initial_mask(g, s.detach(), g.keep, m).contiguous()
+            for g, s, m in zip(groups, scores, masks)
+        ]
     scores = [torch.where(m, s.detach().float(), -torch.inf) for s, m in zip(scores, masks)]
     if pruning == "row":
         kept = []
@@ -150,6 +172,7 @@ def prune(
     optimizer: torch.optim.Optimizer | None = None,
     include: Sequence[Rule] | None = None,
     exclude: Sequence[Rule] = (),
+    pattern: str | None = None,
 ) -> Pruned:
     """Prune ``rate`` of the remaining weights of ``model``'s sparse tensors, in place (see
     :func:`prune_masks`): the removed weights, and their ``optimizer`` state (momentum, Adam's
@@ -165,7 +188,10 @@ def prune(
 
     ``masks`` (parameter name -> bool mask, e.g. a sparsifier's ``masks``) says which weights
     remain; by default the non-zero ones. ``include`` / ``exclude`` choose the tensors as for a
-    sparsifier.
+    sparsifier. ``pattern="2:4"`` (any ``"N:M"``, with ``rate`` ``1 - N/M``) keeps the N
+    largest of every M consecutive weights along each tensor's input dimension; a tensor whose
+    input size M does not divide keeps its largest ``N/M`` of its weights instead, with a
+    warning naming it.
     """
     checks.choice("score", score, SCORES)
     if pruning is None:
@@ -188,16 +214,29 @@ def prune(
         if calibration is not None:
             raise ValueError("calibration is read only by score='wanda'")
         scores = [p.detach().abs() for p in params]
-    # an output row is the first dimension of every weight but a Conv1D's, which is (in, out)
-    rows = [output_major(model, n) for n in names]
-    after = prune_masks(
-        [as_rows(p, r) for p, r in zip(params, rows)],
-        rate,
-        pruning,
-        [as_rows(m, r) for m, r in zip(before, rows)],
-        [as_rows(s, r) for s, r in zip(scores, rows)],
-    )
-    after = [as_rows(a, r).contiguous() for a, r in zip(after, rows)]
+    if pattern is not None:
+        groups, loose = patterns.layer_groups(
+            names, params, patterns.parse(pattern), patterns.input_dim_first(model, names)
+        )
+        if loose:
+            warnings.warn(
+                f"granet: pattern {pattern}: the input size of {', '.join(loose)} is not a "
+                "multiple of its M; these are pruned unstructured to the pattern's density",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        after = prune_masks(params, rate, pruning, before, scores, pattern, groups)
+    else:
+        # an output row is the first dimension of every weight but a Conv1D's, which is (in, out)
+        rows = [output_major(model, n) for n in names]
+        after = prune_masks(
+            [as_rows(p, r) for p, r in zip(params, rows)],
+            rate,
+            pruning,
+            [as_rows(m, r) for m, r in zip(before, rows)],
+            [as_rows(s, r) for s, r in zip(scores, rows)],
+        )
+        after = [as_rows(a, r).contiguous() for a, r in zip(after, rows)]
     with torch.no_grad():
         _zero(params, after, optimizer)
     removed = {

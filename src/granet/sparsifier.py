@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from granet import checks
+from granet import checks, patterns
 from granet.algorithm import OPTION, Algorithm
 from granet.comm import CompactAllReduce, refuse_other_hook
 from granet.compute import SparseCompute
@@ -29,6 +29,7 @@ from granet.distributed import data_parallel_group, refuse_sharded, verify_agree
 from granet.distributions import DISTRIBUTIONS
 from granet.initial import INIT, check_calibration
 from granet.masks import apply_masks, pack_bits, top_mask, unpack_bits
+from granet.oneshot import wanda_scores
 from granet.pruning import PRUNING
 from granet.readback import HostCopy
 from granet.schedules import MIN_REGROW_FRACTION, CosineDecay, CubicSparsity, UpdateCadence
@@ -72,6 +73,16 @@ class Sparsifier:
         unknown = sorted(set(options) - set(OPTION))
         if unknown:
             raise ValueError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTION)}")
+        pattern = options.get("pattern", algorithm.pattern if algorithm else None)
+        if pattern is not None:  # the pattern sets the sparsity and the layers' densities
+            if "distribution" in options:
+                raise ValueError(
+                    f"distribution={options['distribution']!r} does not apply with "
+                    f"pattern={pattern!r} (the pattern sets every layer's density); leave "
+                    "distribution out"
+                )
+            if algorithm is None and options.get("sparsity") is None:
+                options = {**options, "sparsity": patterns.parse(pattern).sparsity}
         given = replace(algorithm or Algorithm(), **options)
         if algorithm is None:  # every option not passed takes the method's default
             own = {k: v for k, v in cls.defaults.items() if options.get(k) is None}
@@ -146,8 +157,14 @@ class Sparsifier:
 
         if algorithm is not None and not isinstance(algorithm, Algorithm):
             raise ValueError(f"algorithm must be a granet.Algorithm; got {algorithm!r}")
-        if options.get("init", algorithm and algorithm.init) == "existing":
+        pattern = options.get("pattern", algorithm and algorithm.pattern)
+        if options.get("init", algorithm and algorithm.init) == "existing" and pattern is None:
             options = self._existing_sparsity(options, algorithm)
+        elif options.get("init", algorithm and algorithm.init) == "existing":
+            # a pattern fixes the sparsity; the weights are checked to hold it below
+            own = {"sparsity": patterns.parse(pattern).sparsity} if algorithm is None else {}
+            options = {**own, **options}
+            options["init_sparsity"] = options.get("sparsity", algorithm and algorithm.sparsity)
         alg = self.resolve(algorithm, **options)
         if alg.total_steps is None:
             raise ValueError("total_steps must be an integer >= 1; got None")
@@ -156,6 +173,20 @@ class Sparsifier:
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         if ddp and alg.communication == "compact":
             refuse_other_hook(alg.communication, model)  # before anything changes
+        # under an N:M pattern, how each tensor splits into groups (None: unstructured)
+        self._groups: list[patterns.Groups] | None = None
+        if alg.pattern is not None:
+            self._groups, loose = patterns.layer_groups(
+                self.names,
+                self.params,
+                patterns.parse(alg.pattern),
+                patterns.input_dim_first(self.model, self.names),
+            )
+            if loose:
+                self._warn(
+                    f"pattern {alg.pattern}: the input size of {', '.join(loose)} is not a "
+                    "multiple of its M; these stay unstructured at the pattern's density"
+                )
         start, end = alg.window()
         self.cadence = UpdateCadence(alg.update_every, alg.total_steps)
         self.sparsity_schedule = alg.sparsity_schedule or CubicSparsity(
@@ -180,16 +211,19 @@ class Sparsifier:
         self._target_cache: tuple[Any, ...] | None = None
         self._claim()
 
-        densities = DISTRIBUTIONS[alg.distribution](self.params, 1.0 - alg.init_sparsity)
-        counts = [min(round(d * p.numel()), p.numel()) for p, d in zip(self.params, densities)]
-        self._masks = INIT[alg.init](
-            self.params,
-            counts,
-            self._generator(torch.device("cpu")),
-            model=self.model,
-            names=self.names,
-            calibration=calibration,
-        )
+        if self._groups is None:
+            densities = DISTRIBUTIONS[alg.distribution](self.params, 1.0 - alg.init_sparsity)
+            counts = [min(round(d * p.numel()), p.numel()) for p, d in zip(self.params, densities)]
+            self._masks = INIT[alg.init](
+                self.params,
+                counts,
+                self._generator(torch.device("cpu")),
+                model=self.model,
+                names=self.names,
+                calibration=calibration,
+            )
+        else:
+            self._masks = self._pattern_masks(calibration)
         self._nnz = [int(m.count_nonzero()) for m in self._masks]  # per layer, as last read
         self._warn_empty(self._nnz, "start")
         if alg.scale_init:
@@ -222,6 +256,37 @@ class Sparsifier:
             if self._comm:
                 self._comm.dense = self._dense_grad_due()
         self._hook = optimizer.register_step_post_hook(self._on_step)
+
+    def _pattern_masks(self, calibration: Any = None) -> list[torch.Tensor]:
+        """Initial masks under the pattern: in every group its count at ``init_sparsity``,
+        at random, by magnitude or Wanda score, or the weights' own non-zeros (which must hold
+        the pattern)."""
+        alg, masks = self.algorithm, []
+        generator = self._generator(torch.device("cpu"))
+        wanda = None
+        if alg.init == "wanda":
+            wanda = wanda_scores(self.model, self.names, calibration)
+        for i, (name, p, g) in enumerate(zip(self.names, self.params, self._groups)):
+            w = p.detach()
+            if alg.init == "existing":
+                mask = w != 0
+                if patterns.violations(g, mask):
+                    raise ValueError(
+                        f"init='existing' with pattern={alg.pattern!r}: {name} has more than "
+                        f"{g.keep} non-zeros in {patterns.violations(g, mask)} of its groups "
+                        f"of {g.size}"
+                    )
+            elif alg.init in ("magnitude", "wanda"):
+                scores = w.abs() if wanda is None else wanda[i]
+                mask = patterns.initial_mask(g, scores, g.count(alg.init_sparsity))
+            else:
+                # ranks of a random permutation: uniform draws (torch.rand) from a generator
+                # seeded like the global RNG that initialised the weights would repeat the
+                # weights' own uniform draws, and keep each group's largest initial weights
+                scores = torch.randperm(p.numel(), generator=generator).view(p.shape)
+                mask = patterns.initial_mask(g, scores.to(p.device), g.count(alg.init_sparsity))
+            masks.append(mask.contiguous())
+        return masks
 
     def _existing_sparsity(
         self, options: dict[str, Any], algorithm: Algorithm | None
@@ -387,7 +452,13 @@ class Sparsifier:
         # one that regrows in this same round restarts at zero with zero optimizer state
         target = self.sparsity_schedule(step)
         pruned_masks = None
-        if target > alg.init_sparsity:
+        if target > alg.init_sparsity and self._groups is not None:
+            new = [
+                patterns.prune(g, m, imp, g.count(target))
+                for g, m, imp in zip(self._groups, masks, importance)
+            ]
+            pruned_masks = new, torch.stack([m.count_nonzero() for m in new])
+        elif target > alg.init_sparsity:
             pruned_masks = PRUNING[alg.pruning](importance, self._nnz, target)
         if pruned_masks is not None:
             new, counts = pruned_masks
@@ -454,13 +525,22 @@ class Sparsifier:
     ) -> int | torch.Tensor:
         """In each layer, drop the ``ceil(fraction * count)`` lowest-importance active weights
         and regrow as many inactive positions with the highest growth score. Returns the number
-        dropped. A weight dropped and regrown at once never left: it keeps value and state."""
+        dropped. A weight dropped and regrown at once never left: it keeps value and state.
+        Under a pattern the weights move within their groups
+        (:func:`granet.patterns.drop_and_regrow`)."""
         if torch.is_tensor(counts):
             ks = (counts.double() * fraction).ceil().long()  # as math.ceil in double precision
             total = ks.sum()
         else:
             ks = [math.ceil(fraction * n) for n in counts]
             total = sum(ks)
+        if self._groups is not None:
+            dropped = []
+            for m, k, imp, g, groups in zip(masks, ks, importance, grow, self._groups):
+                new, n = patterns.drop_and_regrow(groups, m, k, imp, g)
+                m.copy_(new)
+                dropped.append(n)
+            return torch.stack(dropped).sum()
         for m, k, imp, g in zip(masks, ks, importance, grow):
             mask = m.view(-1)
             mask &= ~top_mask(torch.where(mask, -imp.reshape(-1), -math.inf), k)

@@ -18,8 +18,8 @@ import numpy as np
 import yaml
 
 import granet
-from granet import checks
-from granet.algorithm import OPTIONS, cli_options
+from granet import checks, patterns
+from granet.algorithm import OPTION, OPTIONS, cli_options
 from granet.experiment.datasets import DATASETS
 from granet.experiment.loggers import LOGGERS
 from granet.experiment.models import MODELS
@@ -97,6 +97,8 @@ class RunSettings:
     def sparsifier_options(self) -> dict[str, Any]:
         """The sparsifier's options as this run sets them (unset ones: the method's own)."""
         values = {k: getattr(self, k) for k in SPARSIFIER_KEYS}
+        if self.pattern is not None and values["distribution"] == OPTION["distribution"].default:
+            del values["distribution"]  # the pattern sets the layers' densities
         return {k: v for k, v in values.items() if v is not None}
 
 
@@ -237,12 +239,17 @@ def _typed_values(values: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(values) - set(KEYS))
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(KEYS)}")
+    if values.get("pattern") is not None:  # YAML reads an unquoted 2:4 as the number 124
+        patterns.parse(values["pattern"])
     return {k: _typed(k, v) for k, v in values.items()}
 
 
 def make_config(values: dict[str, Any]) -> Config:
     """A validated :class:`Config` from a mapping of settings (unknown keys are an error)."""
-    config = Config(**_typed_values(values))
+    typed = _typed_values(values)
+    if typed.get("pattern") is not None and typed.get("sparsity") is None:
+        typed["sparsity"] = patterns.parse(typed["pattern"]).sparsity
+    config = Config(**typed)
     if config.lr is None:
         config = replace(config, lr=DEFAULT_LR.get(config.optimizer))
     _check_ranges(config)

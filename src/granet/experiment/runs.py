@@ -70,8 +70,8 @@ PLACEMENT = ("device", "data_root", "workers", "log")
 HOW = tuple(o.name for o in OPTIONS if not o.affects_result)
 # Settings added after runs were first saved, with the value a run saved without one was
 # trained with (``compute`` came with dense kernels as the only ones, and as the default;
-# ``communication`` with DDP's own all-reduce).
-SETTINGS_ADDED: dict[str, Any] = {"compute": "dense", "communication": "dense"}
+# ``communication`` with DDP's own all-reduce, ``pattern`` unstructured).
+SETTINGS_ADDED: dict[str, Any] = {"compute": "dense", "communication": "dense", "pattern": None}
 _TMP_SUFFIX = ".tmp"
 
 

@@ -32,8 +32,8 @@ __all__ = ["bench_inference", "bench_model", "export_model", "export_run"]
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
     """Write the best model of the run in ``run_dir`` to ``out`` (see :func:`export_model`)."""
-    model, _ = _load(run_dir)
-    return export_model(model, out)
+    model, meta = _load(run_dir)  # meta: the run's settings, its N:M pattern among them
+    return export_model(model, out, pattern=meta.get("pattern"))
 
 
 def bench_inference(
@@ -45,14 +45,16 @@ def bench_inference(
     return bench_model(model, _input_shape(model, meta), batch_sizes)
 
 
-def export_model(model: nn.Module, out: str | os.PathLike) -> dict[str, Any]:
+def export_model(
+    model: nn.Module, out: str | os.PathLike, pattern: str | None = None
+) -> dict[str, Any]:
     """Save ``model`` with :func:`~granet.export.save_sparse`; sizes and sparsity of the file.
 
     Returns ``out``, ``bytes``, ``torch_save_bytes`` (``torch.save(model.state_dict())``),
     ``ratio`` (their quotient), ``weight_sparsity`` (zero fraction of the tensors with two or
     more dimensions), ``sparse_tensors`` (how many are stored sparse) and ``tensors``.
     """
-    save_sparse(model, out)
+    save_sparse(model, out, pattern=pattern)
     info = inspect_sparse(out)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)

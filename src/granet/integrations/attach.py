@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from granet import checks
+from granet import checks, patterns
 from granet.initial import check_calibration
 from granet.methods import METHODS
 from granet.selection import check_rules, select_parameters, unwrap, unwrap_optimizer
@@ -55,12 +55,8 @@ def attach(
     options = {"total_steps": total_steps, **options}
     if state is None:
         return cls(model, optimizer, **options)
-    params = [
-        p
-        for _, p in select_parameters(
-            unwrap(model), options.get("include"), options.get("exclude", ())
-        )
-    ]
+    chosen = select_parameters(unwrap(model), options.get("include"), options.get("exclude", ()))
+    params = [p for _, p in chosen]
     opt_state = unwrap_optimizer(optimizer).state
     tensors = [
         t
@@ -73,10 +69,15 @@ def attach(
     sparsifier = None
     try:
         algorithm = options.get("algorithm")
+        pattern = options.get("pattern", algorithm.pattern if algorithm else None)
         if options.get("init", algorithm.init if algorithm else None) == "existing":
             # the run started from the zeros of weights that are gone now: rebuild their count,
-            # so that the settings the state was saved with come out again
-            _set_sparsity(params, state["settings"]["init_sparsity"])
+            # so that the settings the state was saved with come out again (under a pattern,
+            # which sets them, weights that hold it)
+            if pattern is None:
+                _set_sparsity(params, state["settings"]["init_sparsity"])
+            else:
+                _set_pattern(unwrap(model), chosen, pattern)
         sparsifier = cls(model, optimizer, **options)
         sparsifier.load_state_dict(state)
         _check_zeros(sparsifier, [restored[id(p)] for p in sparsifier.params])
@@ -153,6 +154,16 @@ def _set_sparsity(params: Sequence[torch.Tensor], sparsity: float) -> None:
     with torch.no_grad():
         for p, n in zip(params, shares):
             p.zero_().view(-1)[:n] = 1
+
+
+def _set_pattern(model: nn.Module, chosen: list[tuple[str, torch.Tensor]], pattern: str) -> None:
+    """Overwrite the ``chosen`` tensors with ones and zeros that hold ``pattern``."""
+    names, params = [n for n, _ in chosen], [p for _, p in chosen]
+    nm = patterns.parse(pattern)
+    groups, _ = patterns.layer_groups(names, params, nm, patterns.input_dim_first(model, names))
+    with torch.no_grad():
+        for p, g in zip(params, groups):
+            p.copy_(patterns.initial_mask(g, torch.ones(p.shape), g.keep))
 
 
 class Scalars:
