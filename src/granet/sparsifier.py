@@ -125,9 +125,9 @@ class Sparsifier:
         chosen = select_parameters(self.model, include, exclude)
         example = next(iter(dict(self.model.named_parameters())), "?")
         unmatched = [
-            f"{what} pattern(s) {', '.join(map(repr, patterns))} match no parameter of the model"
+            f"{what} pattern(s) {', '.join(map(repr, names))} match no parameter of the model"
             for what, rules in (("include", include), ("exclude", exclude))
-            if (patterns := unmatched_patterns(self.model, rules))
+            if (names := unmatched_patterns(self.model, rules))
         ]
         if not chosen:
             raise ValueError(
