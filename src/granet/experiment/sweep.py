@@ -303,8 +303,9 @@ def run_processes(
                     cmd = command(job, resume, overwrite, out)  # may take a while (a prune)
                     if stop.asked:  # asked meanwhile: nothing new starts
                         break
-                    with open_append(out / f"{job.name}.log") as log:
-                        print(f"[sweep] started {job.name} (log: {log.name})", file=sys.stderr)
+                    log_path = out / f"{job.name}.log"
+                    with open_append(log_path) as log:
+                        print(f"[sweep] started {job.name} (log: {log_path})", file=sys.stderr)
                         proc = subprocess.Popen(
                             cmd,
                             stdout=log,
