@@ -370,6 +370,28 @@ def test_a_non_utf8_config_file_is_named(tmp_path, capsys, command):
 
 
 @pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--resume", ""],  # an unset variable: it trained a new default run
+        ["train", "--out", ""],
+        ["train", "--config", ""],
+        ["plasticity", "--out", ""],
+        ["plasticity", "--config", ""],
+        ["report", "run", "--out", ""],
+        ["export", "run", "--out", ""],
+    ],
+)
+def test_an_empty_path_is_refused_not_taken_for_no_flag(tmp_path, capsys, monkeypatch, argv):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    flag = argv[argv.index("") - 1]
+    assert f"argument {flag}: an empty path" in capsys.readouterr().err.splitlines()[-1]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
     ("argv", "usage", "hint"),
     [
         # a prefix of a flag is not that flag: --epoch -1 was --epochs -1

@@ -107,6 +107,7 @@ def test_runs_of_an_older_granet_without_a_marker(tmp_path):
             "config must be a mapping of settings; got [1, 2]",
         ),
         ({"out": 5, "methods": ["dense"]}, "out must be a folder's path; got 5"),
+        ({"out": "", "methods": ["dense"]}, "out must be a folder's path; got ''"),
         ({"base": 3, "methods": ["dense"]}, "base must be a config file's path; got 3"),
         ({"methods": []}, "methods is empty; the grid would have no run"),
         ({"methods": ["set"], "sparsities": []}, "sparsities is empty; the grid would have no run"),

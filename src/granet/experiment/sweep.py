@@ -103,7 +103,7 @@ def load_sweep(path: str | Path) -> Sweep:
         ("config", dict, "a mapping of settings"),
         ("out", str, "a folder's path"),
     ):
-        if spec.get(key) is not None and not isinstance(spec[key], kind):
+        if spec.get(key) is not None and (not isinstance(spec[key], kind) or spec[key] == ""):
             raise ValueError(f"sweep file {path}: {key} must be {what}; got {spec[key]!r}")
     base: dict[str, Any] = {}
     if spec.get("base") is not None:
