@@ -222,6 +222,31 @@ def test_a_checkpoint_with_a_negative_step_is_refused_naming_it(finished, tmp_pa
     assert "is negative" in line or "step must be an integer >= 0; got -3" in line
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s["sums"].update(density=s["sums"]["density"][:1]), "running sums"),
+        (lambda s: s["sums"].pop("seen"), "running sums"),
+        (lambda s: s.update(sums=[1, 2]), "running sums"),
+        (lambda s: s.update(best={"epoch": "x"}), "best-checkpoint record"),
+        (lambda s: s.update(best={"epoch": 0, "val_accuracy": 0.5}), "best-checkpoint record"),
+    ],
+)
+def test_a_checkpoint_with_malformed_sums_or_best_is_refused_naming_it(
+    finished, tmp_path, capsys, change, message
+):
+    # a RuntimeError (a sum of another shape) or KeyError at the epoch's end: exit 1
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    (run_dir / "report.json").unlink()  # not finished: --resume loads the checkpoint
+    last = checkpoint_path(run_dir, "last")
+    state = runs.load_checkpoint(last)
+    change(state)
+    runs.save_checkpoint(state, last)
+    line = fails(capsys, ["train", "--resume", str(run_dir)])
+    assert f"{last} does not hold a state of this run" in line and message in line
+
+
 def edit_json(path, change) -> None:
     record = json.loads(path.read_text())
     change(record)
@@ -367,6 +392,28 @@ def test_a_non_utf8_config_file_is_named(tmp_path, capsys, command):
     config.write_bytes(b"epochs: 1\n# caf\xe9\n")
     line = fails(capsys, [command, "--config", str(config), "--out", str(tmp_path / "o")], command)
     assert f"config file {config} is not UTF-8 text (byte 0xe9 at offset 15)" in line
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--resume", ""],  # an unset variable: it trained a new default run
+        ["train", "--out", ""],
+        ["train", "--config", ""],
+        ["plasticity", "--out", ""],
+        ["plasticity", "--config", ""],
+        ["report", "run", "--out", ""],
+        ["export", "run", "--out", ""],
+    ],
+)
+def test_an_empty_path_is_refused_not_taken_for_no_flag(tmp_path, capsys, monkeypatch, argv):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    flag = argv[argv.index("") - 1]
+    assert f"argument {flag}: an empty path" in capsys.readouterr().err.splitlines()[-1]
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(

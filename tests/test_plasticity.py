@@ -145,7 +145,9 @@ def test_plasticity_arithmetic_on_known_accuracies(tmp_path):
     study = Study(base_config(None, SMALL), prune_epochs=(1, 2), rates=(0.5,), variants=("prune",))
     out = tmp_path / "study"
     report = {"method": "dense", "model": "lenet5", "dataset": "synthetic", "seed": 0}
-    report |= {"sparsity": 0.0, "flops": {}, "epochs": 3}
+    report |= {"sparsity": 0.0, "target_sparsity": 0.0, "train_seconds": 1.0, "itop_rate": None}
+    report |= {"flops": {"inference_per_sample": {"ratio": 1.0}, "training_total": {"ratio": 1.0}}}
+    report |= {"epochs": 3}  # the fields read_report checks, as granet writes them
     (out / "base" / "checkpoints").mkdir(parents=True)
     (out / "base" / "report.json").write_text(json.dumps({**report, "test_accuracy": 0.80}))
     known = {1: (0.50, 0.20, 0.45), 2: (0.64, 0.40, 0.72)}  # t_pre, t_after_prune, t_continue

@@ -73,6 +73,20 @@ def test_failed_runs_end_the_sweep_in_one_line(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "grid" / "dense-seed0" / "report.json").is_file()
 
 
+def test_a_started_run_names_its_log_file(tmp_path, monkeypatch, capsys):
+    src = str(Path(__file__).parents[1] / "src")
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
+    )
+    path = sweep_file(tmp_path, methods=["dense"], seeds=[0], workers=2)
+    blocked = tmp_path / "grid" / "dense-seed0"  # refused at once: nothing trains
+    blocked.mkdir(parents=True)
+    (blocked / "notes.txt").write_text("mine")
+    assert main(["sweep", str(path)]) == 1
+    log = tmp_path / "grid" / "dense-seed0.log"
+    assert f"[sweep] started dense-seed0 (log: {log})" in capsys.readouterr().err
+
+
 def test_runs_of_an_older_granet_without_a_marker(tmp_path):
     sweep = load_sweep(sweep_file(tmp_path, methods=["dense"], seeds=[0, 1]))
     finished, unfinished = sweep.jobs
@@ -93,6 +107,7 @@ def test_runs_of_an_older_granet_without_a_marker(tmp_path):
             "config must be a mapping of settings; got [1, 2]",
         ),
         ({"out": 5, "methods": ["dense"]}, "out must be a folder's path; got 5"),
+        ({"out": "", "methods": ["dense"]}, "out must be a folder's path; got ''"),
         ({"base": 3, "methods": ["dense"]}, "base must be a config file's path; got 3"),
         ({"methods": []}, "methods is empty; the grid would have no run"),
         ({"methods": ["set"], "sparsities": []}, "sparsities is empty; the grid would have no run"),

@@ -39,6 +39,14 @@ from granet.experiment.models import MODELS
 _D = Config()
 
 
+def _path(text: str) -> str:
+    """A file or folder argument: an empty one (an unset shell variable, ``--out "$RUN"``) is
+    refused, not taken for the flag left out (a new run in the default folder)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder")
+    return text
+
+
 def _choices(values: Sequence[str]) -> str:
     return "{" + ",".join(values) + "}"
 
@@ -249,14 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train one run and print its report. Settings: defaults, then --config, "
         "then these flags.",
     )
-    train.add_argument("--config", metavar="FILE.yaml", help="settings file (flags win)")
+    train.add_argument(
+        "--config", type=_path, metavar="FILE.yaml", help="settings file (flags win)"
+    )
     train.add_argument(
         "--out",
+        type=_path,
         metavar="RUN_DIR",
         help="run folder (default: runs/<date>-<time>-<dataset>-<model>-...)",
     )
     train.add_argument(
         "--resume",
+        type=_path,
         metavar="RUN_DIR",
         help="continue an interrupted run with its own settings (only --device, --data-root, "
         "--workers and --log may change)",
@@ -300,14 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run folders, or folders of runs (a sweep's out folder)",
     )
     report.add_argument(
-        "--out", metavar="DIR", help="where the comparison goes (default: the runs' common parent)"
+        "--out",
+        type=_path,
+        metavar="DIR",
+        help="where the comparison goes (default: the runs' common parent)",
     )
 
     _plasticity_parser(sub, debug)
 
     export = sub.add_parser("export", parents=[debug], help="export a run's trained sparse model")
     export.add_argument("run_dir", metavar="RUN_DIR")
-    export.add_argument("--out", metavar="FILE", required=True, help="file to write")
+    export.add_argument("--out", type=_path, metavar="FILE", required=True, help="file to write")
 
     bench = sub.add_parser(
         "bench-inference", parents=[debug], help="time a run's model, dense vs sparse"
@@ -333,9 +348,12 @@ def _plasticity_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
         "resumes the study. The base run's settings: the defaults below, then --config, then "
         "the flags.",
     )
-    p.add_argument("--config", metavar="FILE.yaml", help="the base run's settings (flags win)")
+    p.add_argument(
+        "--config", type=_path, metavar="FILE.yaml", help="the base run's settings (flags win)"
+    )
     p.add_argument(
         "--out",
+        type=_path,
         metavar="DIR",
         help="study folder (default: runs/plasticity-<dataset>-<model>-<method>"
         "[-s<sparsity>]-seed<seed>)",

@@ -103,7 +103,7 @@ def load_sweep(path: str | Path) -> Sweep:
         ("config", dict, "a mapping of settings"),
         ("out", str, "a folder's path"),
     ):
-        if spec.get(key) is not None and not isinstance(spec[key], kind):
+        if spec.get(key) is not None and (not isinstance(spec[key], kind) or spec[key] == ""):
             raise ValueError(f"sweep file {path}: {key} must be {what}; got {spec[key]!r}")
     base: dict[str, Any] = {}
     if spec.get("base") is not None:
@@ -303,8 +303,9 @@ def run_processes(
                     cmd = command(job, resume, overwrite, out)  # may take a while (a prune)
                     if stop.asked:  # asked meanwhile: nothing new starts
                         break
-                    with open_append(out / f"{job.name}.log") as log:
-                        print(f"[sweep] started {job.name} (log: {log.name})", file=sys.stderr)
+                    log_path = out / f"{job.name}.log"
+                    with open_append(log_path) as log:
+                        print(f"[sweep] started {job.name} (log: {log_path})", file=sys.stderr)
                         proc = subprocess.Popen(
                             cmd,
                             stdout=log,

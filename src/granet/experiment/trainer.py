@@ -465,6 +465,10 @@ class Trainer:
             if min(epoch, batch, step) < 0:
                 raise ValueError(f"its position {dict(pos)} is negative")
             sums, best = state["sums"], state["best"]
+            if not _same_layout(sums, self.sums):
+                raise ValueError("its epoch's running sums are not this run's (keys, shapes)")
+            if best is not None and not _best_record(best):
+                raise ValueError(f"its best-checkpoint record {best!r} is malformed")
             seconds = float(state["train_seconds"])
             first_epoch = int(state.get("first_epoch", self.first_epoch))
             set_rng_state(state["rng"], self.device)
@@ -787,4 +791,33 @@ def _epoch_line(r: dict[str, Any], epochs: int) -> str:
         f"train {percent(r['train_accuracy'])}  val {percent(r['val_accuracy'])}  "
         f"sparsity {r['sparsity']:.4f}{itop}  lr {r['lr']:.3g}  {r['seconds']:.1f}s"
         + ("  *best" if r["best"] else "")
+    )
+
+
+def _same_layout(saved: Any, fresh: Mapping[str, Any]) -> bool:
+    """Whether ``saved`` has ``fresh``'s keys, each a tensor of the same shape and dtype or a
+    value of the same type: a checkpoint's running sums that this run can add to."""
+    if not isinstance(saved, dict) or set(saved) != set(fresh):
+        return False
+    for key, value in fresh.items():
+        if torch.is_tensor(value):
+            other = saved[key]
+            if not torch.is_tensor(other) or (other.shape, other.dtype) != (
+                value.shape,
+                value.dtype,
+            ):
+                return False
+        elif type(saved[key]) is not type(value):
+            return False
+    return True
+
+
+def _best_record(best: Any) -> bool:
+    """Whether ``best`` is what :meth:`Trainer.state_dict` saves of the best epoch."""
+    return (
+        isinstance(best, dict)
+        and set(best) == {"epoch", "val_accuracy"}
+        and type(best["epoch"]) is int
+        and best["epoch"] >= 1
+        and type(best["val_accuracy"]) in (int, float, type(None))  # None: no validation split
     )
