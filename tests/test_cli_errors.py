@@ -62,6 +62,8 @@ def fails(capsys, argv, command="train", status=2) -> str:
             ["--seed", str(2**64)],
             f"seed must be in [0, 4294967295] (NumPy's seed range); got {2**64}",
         ),
+        (["--workers", "100000"], "workers must be in [0, "),
+        (["--lr-milestones", "0.5", "0.5"], "lr_milestones must be increasing fractions"),
         # one step: the gradual phase cannot fit, and the line says why
         (["--batch-size", "100000"], "the run has only 1 optimizer step(s): prune_start (0.0)"),
     ],

@@ -8,6 +8,7 @@ same error naming the setting and the allowed values.
 from __future__ import annotations
 
 import math
+import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
@@ -36,6 +37,7 @@ DEFAULT_LR = {"sgd": 0.05, "adamw": 1e-3}
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 ADAMW_STEP_FACTOR = 1 / (1 - 0.9)
 SEED_RANGE = 2**32  # NumPy's global generator takes seeds in [0, 2**32 - 1]
+MAX_WORKERS_PER_CPU = 4
 # ``update_every: null`` means about this many topology updates per run (the paper's CIFAR
 # setup has 62 560 steps and updates every 1000: about 60).
 AUTO_UPDATES_PER_RUN = 60
@@ -200,13 +202,17 @@ def _check_ranges(c: Config) -> None:
     need(c.weight_decay >= 0, "weight_decay", ">= 0")
     _check_float32_step(c)
     need(
-        all(0 < m < 1 for m in c.lr_milestones) and c.lr_milestones == sorted(c.lr_milestones),
+        all(0 < m < 1 for m in c.lr_milestones)
+        and all(a < b for a, b in zip(c.lr_milestones, c.lr_milestones[1:])),
         "lr_milestones",
         "increasing fractions of training in (0, 1)",
     )
     need(0 <= c.warmup_epochs < c.epochs, "warmup_epochs", f"in [0, epochs={c.epochs})")
     need(0.0 <= c.label_smoothing < 1.0, "label_smoothing", "in [0, 1)")
-    need(c.workers >= 0, "workers", ">= 0")
+    # each data-loading worker is a process holding a copy of the data set: past a few per core
+    # they only exhaust memory (100,000 of them took the machine down)
+    most = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
+    need(0 <= c.workers <= most, "workers", f"in [0, {most}] ({MAX_WORKERS_PER_CPU} per CPU here)")
     need(0 <= c.seed < SEED_RANGE, "seed", f"in [0, {SEED_RANGE - 1}] (NumPy's seed range)")
     for name in c.log:
         checks.choice("log", name, LOGGERS)
