@@ -24,6 +24,7 @@ import torch
 from helpers import SignalAt
 
 from granet.cli import main
+from granet.experiment.checkpoints import load_checkpoint, save_checkpoint
 from granet.experiment.models import build_model
 from granet.experiment.plasticity import (
     COLUMNS,
@@ -37,8 +38,8 @@ from granet.experiment.plasticity import (
     plasticity_rows,
     run_study,
 )
+from granet.experiment.records import read_metrics
 from granet.experiment.report import csv_row
-from granet.experiment.runs import load_checkpoint, read_metrics, save_checkpoint
 from granet.experiment.signals import Interrupted
 from granet.experiment.trainer import Callbacks, StartFrom, Trainer, load_data
 

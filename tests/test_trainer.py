@@ -9,7 +9,7 @@ from helpers import assert_identical
 
 from granet.experiment.config import make_config
 from granet.experiment.datasets.synthetic import synthetic
-from granet.experiment.runs import RunFailed
+from granet.experiment.errors import RunFailed
 from granet.experiment.trainer import Callbacks, StartFrom, Trainer, check_schedule
 
 SETTINGS = {"dataset": "synthetic", "model": "lenet5", "epochs": 3, "batch_size": 300}

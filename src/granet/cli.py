@@ -423,13 +423,8 @@ _NOT_SETTINGS = ("command", "config", "out", "resume", "overwrite", "debug")
 def cmd_train(args: argparse.Namespace) -> int:
     from granet.experiment import parallel
     from granet.experiment.config import make_config, resolve_config
-    from granet.experiment.runs import (
-        CONFIG_FILE,
-        PLACEMENT,
-        REPORT_MD,
-        default_run_dir,
-        read_run_config,
-    )
+    from granet.experiment.folder import CONFIG_FILE, PLACEMENT, REPORT_MD, default_run_dir
+    from granet.experiment.records import read_run_config
     from granet.experiment.train import train
     from granet.experiment.trainer import resolve_device
 
@@ -505,6 +500,7 @@ def cmd_plasticity(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from granet.experiment.records import read_report
     from granet.experiment.report import (
         comparison_markdown,
         find_runs,
@@ -512,7 +508,6 @@ def cmd_report(args: argparse.Namespace) -> int:
         summarize,
         write_comparison,
     )
-    from granet.experiment.runs import read_report
 
     runs = find_runs(args.runs)
     markdown = [redraw(run) for run in runs]
@@ -651,7 +646,7 @@ def launch_env(name: str, default: int, least: int = 0) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``granet`` command line; returns the exit status."""
-    from granet.experiment.runs import RunFailed
+    from granet.experiment.errors import RunFailed
     from granet.experiment.signals import Interrupted, stop_with_parent
 
     stop_with_parent()  # a sweep's or study's training process stops with it

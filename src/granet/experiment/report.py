@@ -23,6 +23,8 @@ from torch import nn
 import granet
 from granet.experiment import flops as flop_count
 from granet.experiment.config import METHOD_CHOICES
+from granet.experiment.files import to_json, write_atomic
+from granet.experiment.folder import REPORT_JSON, REPORT_MD, read_marker
 from granet.experiment.models import build_model
 from granet.experiment.plots import (
     ITOP_PNG,
@@ -31,15 +33,7 @@ from granet.experiment.plots import (
     plot_accuracy_vs_sparsity,
     plot_run,
 )
-from granet.experiment.runs import (
-    REPORT_JSON,
-    REPORT_MD,
-    read_marker,
-    read_metrics,
-    read_report,
-    to_json,
-    write_atomic,
-)
+from granet.experiment.records import read_metrics, read_report
 from granet.selection import select_parameters
 
 if TYPE_CHECKING:

@@ -38,20 +38,18 @@ from granet.experiment.config import (
     read_config_file,
     save_config,
 )
-from granet.experiment.report import summarize, write_comparison
-from granet.experiment.runs import (
+from granet.experiment.errors import RunFailed
+from granet.experiment.files import FolderLock, open_append
+from granet.experiment.folder import (
     CONFIG_FILE,
     HOW,
     MARKER_FILE,
     PLACEMENT,
     REPORT_JSON,
-    FolderLock,
-    RunFailed,
     is_run_dir,
-    open_append,
-    read_report,
-    read_run_config,
 )
+from granet.experiment.records import read_report, read_run_config
+from granet.experiment.report import summarize, write_comparison
 from granet.experiment.signals import PARENT_ENV, Interrupted, stop_on_signals, stopped_as
 from granet.experiment.train import train
 from granet.experiment.trainer import check_schedule, load_data

@@ -42,27 +42,26 @@ from tqdm import tqdm
 
 import granet
 from granet.experiment import parallel
+from granet.experiment.checkpoints import (
+    CHECKPOINT_FORMAT,
+    checkpoint_path,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 from granet.experiment.config import Config
 from granet.experiment.datasets import DataBundle, load_dataset
+from granet.experiment.errors import RunFailed
 from granet.experiment.models import build_model
+from granet.experiment.records import append_metrics, read_metrics
 from granet.experiment.report import (
     layer_summary,
     percent,
     reached_target,
     run_report,
     write_report,
-)
-from granet.experiment.runs import (
-    CHECKPOINT_FORMAT,
-    RunFailed,
-    append_metrics,
-    checkpoint_path,
-    load_checkpoint,
-    read_metrics,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
 )
 from granet.experiment.signals import Interrupted, StopRequest, stop_on_signals
 from granet.readback import HostCopy
