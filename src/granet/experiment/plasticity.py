@@ -80,10 +80,10 @@ from granet.experiment.folder import (
 )
 from granet.experiment.models import build_model
 from granet.experiment.plots import plot_plasticity
+from granet.experiment.processes import Job, resume_command, resumed_config, run_processes
 from granet.experiment.records import read_report, read_run_config
 from granet.experiment.report import counted, csv_row, percent
 from granet.experiment.signals import Interrupted, stop_on_signals, stopped_as
-from granet.experiment.sweep import Job, resume_command, resumed_config, run_processes
 from granet.experiment.train import train
 from granet.experiment.trainer import (
     Callbacks,
