@@ -17,7 +17,7 @@ from helpers import one_line_error
 
 from granet import cli
 from granet.cli import main
-from granet.experiment import checkpoints, files, trainer
+from granet.experiment import blocks, checkpoints, files
 from granet.experiment.checkpoints import checkpoint_path
 
 TINY = ["--dataset", "synthetic", "--model", "lenet5", "--epochs", "1", "--batch-size", "300"]
@@ -189,7 +189,7 @@ def test_ctrl_c_during_start_up_leaves_no_run_folder(tmp_path, capsys, monkeypat
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "load_dataset", interrupted)
+    monkeypatch.setattr(blocks, "load_dataset", interrupted)
     assert main(["train", *TINY, "--out", str(tmp_path / "run")]) == 130
     assert "granet train: interrupted" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

@@ -422,11 +422,11 @@ _NOT_SETTINGS = ("command", "config", "out", "resume", "overwrite", "debug")
 
 def cmd_train(args: argparse.Namespace) -> int:
     from granet.experiment import parallel
+    from granet.experiment.blocks import resolve_device
     from granet.experiment.config import make_config, resolve_config
     from granet.experiment.folder import CONFIG_FILE, PLACEMENT, REPORT_MD, default_run_dir
     from granet.experiment.records import read_run_config
     from granet.experiment.train import train
-    from granet.experiment.trainer import resolve_device
 
     flags = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
     if args.resume:
@@ -478,8 +478,8 @@ _STUDY_RUN = ("workers", "overwrite", "keep_checkpoints")
 
 def cmd_plasticity(args: argparse.Namespace) -> int:
     """``granet plasticity``: build the study from the flags, run or resume it, print its table."""
+    from granet.experiment.blocks import resolve_device
     from granet.experiment.plasticity import MD_FILE, Study, base_config, default_out, run_study
-    from granet.experiment.trainer import resolve_device
 
     skip = {*_NOT_SETTINGS, *_STUDY_ARGS, *_STUDY_RUN}
     flags = {k: v for k, v in vars(args).items() if k not in skip}

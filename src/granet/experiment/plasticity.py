@@ -62,6 +62,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from granet import checks, oneshot
+from granet.experiment.blocks import (
+    check_schedule,
+    epoch_batches,
+    load_data,
+    log,
+    lr_factor,
+    make_optimizer,
+    resolve_device,
+)
 from granet.experiment.checkpoints import CHECKPOINT_DIR, checkpoint_path, load_checkpoint
 from granet.experiment.config import Config, make_config, read_config_file
 from granet.experiment.datasets import DataBundle
@@ -85,18 +94,7 @@ from granet.experiment.records import read_report, read_run_config
 from granet.experiment.report import counted, csv_row, percent
 from granet.experiment.signals import Interrupted, stop_on_signals, stopped_as
 from granet.experiment.train import train
-from granet.experiment.trainer import (
-    Callbacks,
-    StartFrom,
-    Trainer,
-    check_schedule,
-    epoch_batches,
-    load_data,
-    log,
-    lr_factor,
-    make_optimizer,
-    resolve_device,
-)
+from granet.experiment.trainer import Callbacks, StartFrom, Trainer
 from granet.masks import pack_bits, unpack_bits
 from granet.pruning import PRUNING
 

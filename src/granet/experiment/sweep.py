@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from granet.experiment.blocks import check_schedule, load_data
 from granet.experiment.config import METHOD_OWN, make_config, read_config_file
 from granet.experiment.files import FolderLock
 from granet.experiment.folder import (
@@ -41,7 +42,6 @@ from granet.experiment.records import read_report, read_run_config
 from granet.experiment.report import summarize, write_comparison
 from granet.experiment.signals import stopped_as
 from granet.experiment.train import train
-from granet.experiment.trainer import check_schedule, load_data
 
 SWEEP_KEYS = ("base", "config", "methods", "sparsities", "seeds", "out", "workers")
 SWEEP_LOCK = "sweep.lock"

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from granet.experiment import parallel
+from granet.experiment.blocks import log, resolve_device
 from granet.experiment.checkpoints import CHECKPOINT_DIR, checkpoint_path, load_checkpoint
 from granet.experiment.config import Config
 from granet.experiment.folder import (
@@ -41,7 +42,7 @@ from granet.experiment.folder import (
 from granet.experiment.loggers import RunLoggers
 from granet.experiment.records import read_metrics, read_report, read_run_config, truncate_metrics
 from granet.experiment.report import counted, hardware, percent
-from granet.experiment.trainer import Callbacks, StartFrom, Trainer, log, resolve_device
+from granet.experiment.trainer import Callbacks, StartFrom, Trainer
 
 
 @contextmanager
