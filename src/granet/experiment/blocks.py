@@ -178,6 +178,16 @@ def check_schedule(config: Config, train_size: int) -> None:
         ).remove()
 
 
+def reached_target(sp: granet.Sparsifier | None, target: float) -> bool:
+    """Whether the sparsifier stands at ``target`` (up to the per-layer rounding of counts):
+    until it does, an epoch is not eligible as the best one."""
+    if sp is None:
+        return True
+    masks = list(sp.masks.values())
+    slack = len(masks) / sum(m.numel() for m in masks)
+    return sp.sparsity() >= target - slack
+
+
 def load_data(config: Config, ranks: parallel.Ranks = parallel.SINGLE) -> DataBundle:
     """The run's data set (on several processes, loaded by one per cache at a time); with
     ``train_size``, at most that many examples of the training split, drawn with the seed."""

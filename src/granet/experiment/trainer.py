@@ -51,6 +51,7 @@ from granet.experiment.blocks import (
     log,
     lr_factor,
     make_optimizer,
+    reached_target,
     resolve_device,
 )
 from granet.experiment.checkpoints import (
@@ -68,9 +69,9 @@ from granet.experiment.errors import RunFailed
 from granet.experiment.models import build_model
 from granet.experiment.records import append_metrics, read_metrics
 from granet.experiment.report import (
+    RunRecord,
     layer_summary,
     percent,
-    reached_target,
     run_report,
     write_report,
 )
@@ -591,6 +592,30 @@ class Trainer:
         self.trained = self.model
 
     # ----------------------------------------------------------------------- the report
+    def record(self) -> RunRecord:
+        """The run as its report reads it: the model and sparsifier as they stand now."""
+        c, sp, data = self.config, self.sparsifier, self.data
+        stats = sp.stats() if sp is not None else None
+        return RunRecord(
+            run_dir=self.run_dir,
+            config=c,
+            data_shape=dict(self.data_shape),
+            data_source=data.source,
+            split_sizes={"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+            sparse_names=list(self.sparse_names),
+            layers=layer_summary(self.model, sp),
+            sparse=sp is not None,
+            sparsity=stats["sparsity"] if stats else 0.0,
+            itop_rate=stats["itop_rate"] if stats else None,
+            target_reached=reached_target(sp, c.sparsity),
+            parameters=sum(p.numel() for p in self.model.parameters()),
+            train_seconds=self.train_seconds,
+            steps=self.step,
+            steps_per_epoch=self.steps_per_epoch,
+            device=self.device,
+            processes=self.ranks.world,
+        )
+
     def finish(self) -> dict[str, Any]:
         """Test the best checkpoint once and write report.json, report.md and the plots
         (process 0 only; needs ``run_dir``)."""
@@ -606,7 +631,7 @@ class Trainer:
             raise ValueError(f"{path} does not hold a state of this run: {e}") from None
         test_loss, test_acc = self.evaluate("test")
         metrics = read_metrics(self.run_dir)
-        report = run_report(self, best, test_loss, test_acc, metrics)
+        report = run_report(self.record(), best, test_loss, test_acc, metrics)
         write_report(self.run_dir, report, metrics)
         return report
 
