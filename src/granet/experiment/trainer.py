@@ -23,7 +23,6 @@ topology round, at the end of every epoch) and can start a run from a given stat
 from __future__ import annotations
 
 import math
-import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -65,7 +64,7 @@ from granet.experiment.checkpoints import (
 )
 from granet.experiment.config import Config
 from granet.experiment.datasets import DataBundle
-from granet.experiment.errors import RunFailed
+from granet.experiment.guards import StepGuard, interrupted, non_finite_loss
 from granet.experiment.models import build_model
 from granet.experiment.records import append_metrics, read_metrics
 from granet.experiment.report import (
@@ -75,10 +74,7 @@ from granet.experiment.report import (
     run_report,
     write_report,
 )
-from granet.experiment.signals import Interrupted, StopRequest, stop_on_signals
-from granet.readback import HostCopy
-
-CHECK_EVERY = 10  # steps between the checks for a stop request (several processes) or a NaN loss
+from granet.experiment.signals import StopRequest, stop_on_signals
 
 
 # ------------------------------------------------------------------------------- extension
@@ -227,7 +223,7 @@ class Trainer:
             else None
         )
         self._next_round = self._upcoming_round()
-        self._finite_check: HostCopy | None = None
+        self._guard = StepGuard(self.device, self.ranks)
         self._reset_sums()
 
     def _sparsifier(self, steps: int, options: Mapping[str, Any]) -> granet.Sparsifier | None:
@@ -388,7 +384,7 @@ class Trainer:
         started = time.perf_counter()
         c, s = self.config, self._sums_across()
         if not math.isfinite(s["loss"].item()):
-            self._diverged()
+            raise non_finite_loss(self.run_dir, self.epoch, self.step, self.config.lr)
         last = self.epoch + 1 == c.epochs
         if self._val_loader is None:  # no validation split: the last epoch is the one tested
             val_loss = val_acc = None
@@ -448,8 +444,9 @@ class Trainer:
     def fit(self, epochs: int | None = None) -> None:
         """Train until ``epochs`` epochs are done (default: the config's, the whole schedule).
 
-        Raises :class:`Interrupted` on Ctrl-C / SIGTERM once the run's ``last.pt`` is written
-        (with no ``run_dir``: at once), and :class:`RunFailed` if the loss becomes non-finite.
+        Raises :class:`~granet.experiment.signals.Interrupted` on Ctrl-C / SIGTERM once the
+        run's ``last.pt`` is written (with no ``run_dir``: at once), and
+        :class:`~granet.experiment.errors.RunFailed` if the loss becomes non-finite.
         """
         c = self.config
         until = c.epochs if epochs is None else epochs
@@ -523,64 +520,16 @@ class Trainer:
                 cb.on_round(self)
 
     def _stop(self, stop: StopRequest, step: int | None = None) -> bool:
-        """Whether to stop here for a Ctrl-C / SIGTERM, after checking that the loss is finite.
-
-        With several processes a decision all share, taken between epochs and every
-        ``CHECK_EVERY`` steps: a signal reaches each process at its own moment, and they must all
-        stop after the same step. The loss is checked every ``CHECK_EVERY`` steps; on one GPU
-        through a copy read at the next check, so the host never waits for the device.
-        """
-        check = step is None or step % CHECK_EVERY == 0
-        if self.ranks.world == 1:
-            if check:
-                self._check_finite()
-            return stop.asked
-        if not check:
-            return False
-        asked = torch.tensor(float(stop.asked), dtype=torch.float64, device=self.device)
-        flags = torch.stack([asked, (~torch.isfinite(self.sums["loss"])).double()])
-        signal_seen, diverged = parallel.max_across(flags, self.ranks).tolist()
+        """Whether to stop here for a Ctrl-C / SIGTERM (:meth:`StepGuard.stop_here`); a
+        non-finite loss raises :class:`~granet.experiment.errors.RunFailed`."""
+        asked, diverged = self._guard.stop_here(stop, self.sums["loss"], step)
         if diverged:
-            self._diverged()
-        return bool(signal_seen)
-
-    def _check_finite(self) -> None:
-        latest = HostCopy([torch.isfinite(self.sums["loss"])])
-        if self.device.type == "cuda":  # read the previous check's copy, long arrived
-            pending, self._finite_check = self._finite_check, latest
-        else:
-            pending = latest
-        if pending is not None and not bool(pending.result()[0]):
-            self._diverged()
-
-    def _diverged(self) -> None:
-        where = self.run_dir if self.run_dir is not None else "the run"
-        kept = (
-            f"; {where}'s last checkpoint is from epoch {self.epoch}"
-            if self.run_dir is not None and self.epoch
-            else ""
-        )
-        raise RunFailed(
-            f"the training loss became non-finite (inf or nan) by step {self.step}, epoch "
-            f"{self.epoch + 1}: training stopped{kept}. Lower lr (now {self.config.lr:g}) or "
-            "check the data"
-        )
+            raise non_finite_loss(self.run_dir, self.epoch, self.step, self.config.lr)
+        return asked
 
     def _interrupt(self, stop: StopRequest) -> None:
         self._save_last()
-        signum = stop.signum or signal.SIGTERM  # a process the signal has not reached yet
-        where = self.run_dir
-        raise Interrupted(
-            signum,
-            f"stopped at step {self.step}"
-            + (
-                f"; checkpoint saved. Continue with: granet train --resume {where}"
-                if where is not None
-                else ""
-            ),
-            where,
-            self.step,
-        )
+        raise interrupted(stop, self.run_dir, self.step)
 
     def close(self) -> None:
         """Let go of the process group and the parameters: drop the DDP wrapper and detach the
