@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from granet.experiment.runs import load_checkpoint
+from granet.experiment.checkpoints import load_checkpoint
 from granet.experiment.trainer import Callbacks
 
 

@@ -15,8 +15,9 @@ import torch
 import yaml
 
 from granet.cli import main
+from granet.experiment.checkpoints import load_checkpoint
 from granet.experiment.models import MODELS
-from granet.experiment.runs import load_checkpoint, load_run_model, read_metrics
+from granet.experiment.records import load_run_model, read_metrics
 
 TINY = ["--dataset", "synthetic", "--model", "lenet5"]
 REPORT_KEYS = {"test_accuracy", "sparsity", "itop_rate", "train_seconds", "layers", "flops"}

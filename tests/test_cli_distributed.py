@@ -32,11 +32,13 @@ from helpers import SignalAt, assert_identical
 
 from granet.cli import main
 from granet.experiment import parallel
+from granet.experiment.blocks import check_shares, eval_loader
+from granet.experiment.checkpoints import checkpoint_path, load_checkpoint
 from granet.experiment.config import make_config
-from granet.experiment.runs import checkpoint_path, load_checkpoint, read_metrics, read_report
+from granet.experiment.records import read_metrics, read_report
 from granet.experiment.signals import Interrupted
 from granet.experiment.train import train
-from granet.experiment.trainer import Callbacks, Trainer, check_shares, eval_loader
+from granet.experiment.trainer import Callbacks, Trainer
 
 SETTINGS = {
     "dataset": "synthetic",

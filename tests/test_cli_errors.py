@@ -17,8 +17,8 @@ from helpers import one_line_error
 
 from granet import cli
 from granet.cli import main
-from granet.experiment import runs, trainer
-from granet.experiment.runs import checkpoint_path
+from granet.experiment import blocks, checkpoints, files
+from granet.experiment.checkpoints import checkpoint_path
 
 TINY = ["--dataset", "synthetic", "--model", "lenet5", "--epochs", "1", "--batch-size", "300"]
 
@@ -86,7 +86,7 @@ def test_an_unwritable_run_folder_names_the_file(tmp_path, capsys, monkeypatch):
     def refuse(src, dst):
         raise PermissionError(errno.EACCES, "Permission denied", str(src))
 
-    monkeypatch.setattr(runs.os, "replace", refuse)
+    monkeypatch.setattr(files.os, "replace", refuse)
     line = fails(capsys, ["train", *TINY, "--out", str(tmp_path / "run")])
     assert f"{tmp_path / 'run' / 'run.json'}: cannot write it: Permission denied" in line
     assert not (tmp_path / "run").exists()  # a new run that failed leaves nothing
@@ -143,7 +143,7 @@ def test_a_full_disk_while_saving_a_checkpoint(tmp_path, capsys, monkeypatch):
     # Injected below torch.save, as a full disk fails: the file's writes raise ENOSPC once some
     # bytes are in, which torch.save itself turns into a RuntimeError of its own.
     opened: dict[int, str] = {}
-    real_open_own = runs._open_own
+    real_open_own = files._open_own
 
     def open_own(path, *args):
         fd = real_open_own(path, *args)
@@ -168,8 +168,8 @@ def test_a_full_disk_while_saving_a_checkpoint(tmp_path, capsys, monkeypatch):
                 return io.BufferedWriter(FullDisk(file, "wb"))
         return open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(runs, "_open_own", open_own)
-    monkeypatch.setattr(runs, "open", fake_open, raising=False)
+    monkeypatch.setattr(files, "_open_own", open_own)
+    monkeypatch.setattr(files, "open", fake_open, raising=False)
     run_dir = tmp_path / "run"
     line = fails(capsys, ["train", *TINY, "--epochs", "2", "--out", str(run_dir)])
     assert f"{run_dir / 'checkpoints' / 'last.pt'}: cannot write it: No space left on device" in (
@@ -177,7 +177,8 @@ def test_a_full_disk_while_saving_a_checkpoint(tmp_path, capsys, monkeypatch):
     )
     assert not list(tmp_path.rglob("*.tmp"))
     monkeypatch.undo()
-    assert runs.load_checkpoint(checkpoint_path(run_dir))["position"]["epoch"] == 1  # it stands
+    # it stands
+    assert checkpoints.load_checkpoint(checkpoint_path(run_dir))["position"]["epoch"] == 1
 
 
 def test_a_non_finite_loss_stops_the_run(tmp_path, capsys):
@@ -190,7 +191,7 @@ def test_ctrl_c_during_start_up_leaves_no_run_folder(tmp_path, capsys, monkeypat
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "load_dataset", interrupted)
+    monkeypatch.setattr(blocks, "load_dataset", interrupted)
     assert main(["train", *TINY, "--out", str(tmp_path / "run")]) == 130
     assert "granet train: interrupted" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
@@ -216,9 +217,9 @@ def test_a_checkpoint_with_a_negative_step_is_refused_naming_it(finished, tmp_pa
     shutil.copytree(finished, run_dir)
     (run_dir / "report.json").unlink()  # not finished: --resume loads the checkpoint
     last = checkpoint_path(run_dir, "last")
-    state = runs.load_checkpoint(last)
+    state = checkpoints.load_checkpoint(last)
     state[part]["step"] = -3
-    runs.save_checkpoint(state, last)
+    checkpoints.save_checkpoint(state, last)
     line = fails(capsys, ["train", "--resume", str(run_dir)])
     assert f"{last} does not hold a state of this run" in line
     assert "is negative" in line or "step must be an integer >= 0; got -3" in line
@@ -242,9 +243,9 @@ def test_a_checkpoint_with_malformed_sums_or_best_is_refused_naming_it(
     shutil.copytree(finished, run_dir)
     (run_dir / "report.json").unlink()  # not finished: --resume loads the checkpoint
     last = checkpoint_path(run_dir, "last")
-    state = runs.load_checkpoint(last)
+    state = checkpoints.load_checkpoint(last)
     change(state)
-    runs.save_checkpoint(state, last)
+    checkpoints.save_checkpoint(state, last)
     line = fails(capsys, ["train", "--resume", str(run_dir)])
     assert f"{last} does not hold a state of this run" in line and message in line
 
@@ -338,7 +339,7 @@ def test_report_json_is_always_valid_json(finished):
     report = json.loads((finished / "report.json").read_text())
     report["test_loss"] = math.inf
     (finished.parent / "copy").mkdir(exist_ok=True)
-    runs.write_atomic(finished.parent / "copy" / "report.json", runs.to_json(report))
+    files.write_atomic(finished.parent / "copy" / "report.json", files.to_json(report))
     text = (finished.parent / "copy" / "report.json").read_text()
     assert "Infinity" not in text and json.loads(text)["test_loss"] is None
 

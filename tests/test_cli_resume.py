@@ -14,8 +14,9 @@ import torch
 from helpers import SignalAt, final_checkpoints
 
 from granet.cli import main
+from granet.experiment.checkpoints import load_checkpoint
 from granet.experiment.config import make_config
-from granet.experiment.runs import load_checkpoint, read_metrics
+from granet.experiment.records import read_metrics
 from granet.experiment.signals import Interrupted
 from granet.experiment.train import train
 
@@ -109,7 +110,8 @@ def test_a_run_of_a_granet_without_the_compute_setting_resumes_as_dense(tmp_path
 
     import yaml
 
-    from granet.experiment.runs import SETTINGS_ADDED, save_checkpoint, settings_of
+    from granet.experiment.checkpoints import save_checkpoint
+    from granet.experiment.folder import SETTINGS_ADDED, settings_of
 
     run_dir = tmp_path / "run"
     settings = {"dataset": "synthetic", "model": "mlp", "epochs": 2, "batch_size": 300}

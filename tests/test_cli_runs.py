@@ -17,15 +17,11 @@ import yaml
 from helpers import SignalAt, one_line_error
 
 from granet.cli import main
+from granet.experiment.checkpoints import checkpoint_path
 from granet.experiment.config import make_config
-from granet.experiment.runs import (
-    LOCK_FILE,
-    MARKER_FILE,
-    checkpoint_path,
-    open_run,
-    read_marker,
-    read_metrics,
-)
+from granet.experiment.files import LOCK_FILE
+from granet.experiment.folder import MARKER_FILE, open_run, read_marker
+from granet.experiment.records import read_metrics
 from granet.experiment.signals import Interrupted
 from granet.experiment.train import train
 

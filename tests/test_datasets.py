@@ -66,8 +66,8 @@ def test_random_crop_flip_takes_windows_of_the_padded_image():
 
 
 def test_train_size_draws_a_seeded_subset_of_the_training_split():
+    from granet.experiment.blocks import load_data
     from granet.experiment.config import make_config
-    from granet.experiment.trainer import load_data
 
     def train_rows(**settings):
         data = load_data(make_config({"dataset": "synthetic", **settings}))

@@ -11,7 +11,7 @@ from helpers import SmallNet, train
 
 import granet
 from granet.checksum import checked, state_digest, with_checksum
-from granet.experiment import runs
+from granet.experiment import checkpoints
 from granet.integrations.attach import Scalars, SparsifierHolder, attach, method_class
 
 KW = dict(sparsity=0.8, update_every=4)
@@ -167,7 +167,8 @@ def test_a_checksummed_state_round_trips_through_a_file(tmp_path):
     assert saved["sha256"] == state_digest(state)
     back = check(saved)
     assert state_digest(back) == state_digest(state)
-    assert runs.state_digest is state_digest  # the CLI's checkpoints are checked the same way
+    # the CLI's checkpoints are checked the same way
+    assert checkpoints.state_digest is state_digest
 
 
 def flip_a_mask_bit(state):

@@ -101,7 +101,7 @@ def test_unknown_loggers_are_refused(tmp_path):
 
 def test_granet_train_logs_every_epoch_and_round_and_resume_may_add_a_logger(tmp_path, capsys):
     from granet.cli import main
-    from granet.experiment.runs import read_metrics
+    from granet.experiment.records import read_metrics
 
     run = tmp_path / "run"
     common = ["--dataset", "synthetic", "--model", "mlp", "--batch-size", "300", "--device", "cpu"]

@@ -387,8 +387,8 @@ def test_a_config_with_a_pattern_takes_its_sparsity(tmp_path):
 
 
 def test_granet_train_with_a_pattern(tmp_path):
+    from granet.experiment.checkpoints import checkpoint_path, load_checkpoint
     from granet.experiment.config import make_config
-    from granet.experiment.runs import checkpoint_path, load_checkpoint
     from granet.experiment.train import train as train_run
 
     settings = {"dataset": "synthetic", "model": "lenet5", "epochs": 2, "batch_size": 300}

@@ -24,6 +24,8 @@ import torch
 from helpers import SignalAt
 
 from granet.cli import main
+from granet.experiment.blocks import load_data
+from granet.experiment.checkpoints import load_checkpoint, save_checkpoint
 from granet.experiment.models import build_model
 from granet.experiment.plasticity import (
     COLUMNS,
@@ -37,10 +39,10 @@ from granet.experiment.plasticity import (
     plasticity_rows,
     run_study,
 )
+from granet.experiment.records import read_metrics
 from granet.experiment.report import csv_row
-from granet.experiment.runs import load_checkpoint, read_metrics, save_checkpoint
 from granet.experiment.signals import Interrupted
-from granet.experiment.trainer import Callbacks, StartFrom, Trainer, load_data
+from granet.experiment.trainer import Callbacks, StartFrom, Trainer
 
 # issue 12's interface: these columns first, in this order
 REQUIRED = ("prune_epoch", "rate", "variant", "t_pre")

@@ -15,20 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from granet.experiment import runs
-from granet.experiment.runs import (
-    LOCK_FILE,
-    MARKER_FILE,
-    FolderLock,
-    load_checkpoint,
-    open_run,
-    read_metrics,
-    read_report,
-    save_checkpoint,
-    to_json,
-    truncate_metrics,
-    write_atomic,
-)
+from granet.experiment import checkpoints, errors, files, records
+from granet.experiment.checkpoints import load_checkpoint, save_checkpoint
+from granet.experiment.files import LOCK_FILE, FolderLock, to_json, write_atomic
+from granet.experiment.folder import MARKER_FILE, open_run, write_marker
+from granet.experiment.records import read_metrics, read_report, truncate_metrics
 
 
 def try_open(run_dir: Path, **kwargs) -> None:
@@ -46,7 +37,7 @@ def checkpoint(path: Path) -> Path:
 
 def test_a_checkpoint_reads_back_checked(tmp_path):
     state = load_checkpoint(checkpoint(tmp_path / "c.pt"))
-    assert state["format"] == runs.CHECKPOINT_FORMAT and state["step"] == 7
+    assert state["format"] == checkpoints.CHECKPOINT_FORMAT and state["step"] == 7
     assert torch.equal(state["weights"], torch.full((256,), PATTERN))
     assert "sha256" not in state
 
@@ -78,7 +69,7 @@ def test_writes_go_through_a_temporary_of_their_own_that_never_stays(tmp_path, m
         names.append(Path(src).name)
         real_replace(src, dst)
 
-    monkeypatch.setattr(runs.os, "replace", replace)
+    monkeypatch.setattr(files.os, "replace", replace)
     write_atomic(tmp_path / "a.txt", "one")
     write_atomic(tmp_path / "a.txt", "two")
     assert names[0] != names[1] and all(str(os.getpid()) in n for n in names)
@@ -126,7 +117,7 @@ def test_a_malformed_report_is_named(tmp_path, content, message):
 HOLD = """
 import sys, time
 from pathlib import Path
-from granet.experiment.runs import FolderLock
+from granet.experiment.files import FolderLock
 with FolderLock(Path(sys.argv[1]), "run folder"):
     print("locked", flush=True)
     sys.stdin.read()  # until the test closes it
@@ -239,7 +230,7 @@ def test_nothing_is_written_through_a_link(tmp_path):
     folder.mkdir()
     for name, target in [("a.json", outside), ("dangling.jsonl", tmp_path / "nowhere")]:
         (folder / name).symlink_to(target)
-        for write in (lambda p: write_atomic(p, "x"), lambda p: runs.open_append(p).close()):
+        for write in (lambda p: write_atomic(p, "x"), lambda p: files.open_append(p).close()):
             with pytest.raises(OSError, match="a symbolic link, which granet does not write"):
                 write(folder / name)
     assert outside.read_text() == "mine" and not (tmp_path / "nowhere").exists()
@@ -253,7 +244,7 @@ def test_nothing_is_written_through_a_link(tmp_path):
         assert info.value.filename == str(folder / "checkpoints")
     assert not any(elsewhere.iterdir())
     # a resumed run refuses a link among its files before it writes anything
-    runs.write_marker(folder, None)
+    write_marker(folder, None)
     with pytest.raises(OSError, match="a symbolic link, which granet does not write through"):
         try_open(folder, resume=True)
 
@@ -278,10 +269,10 @@ def test_a_locked_folder_deleted_and_made_again_is_not_written(tmp_path):
         (folder / "theirs.txt").write_text("theirs")
         for write in (
             lambda: write_atomic(folder / "a.txt", "two"),
-            lambda: runs.append_metrics(folder, {"epoch": 1}),
+            lambda: records.append_metrics(folder, {"epoch": 1}),
             lambda: checkpoint(folder / "checkpoints" / "last.pt"),
         ):
-            with pytest.raises(runs.FolderLost, match=f"run folder {folder} was deleted"):
+            with pytest.raises(errors.FolderLost, match=f"run folder {folder} was deleted"):
                 write()
         assert run.marker
     # and the failed new run's clean-up leaves the folder there now alone

@@ -1,4 +1,4 @@
-"""export_run / bench_inference on a run whose loader is stubbed (runs.py is the CLI's)."""
+"""export_run / bench_inference on a run whose loader is stubbed (records.py is the CLI's)."""
 
 from __future__ import annotations
 
@@ -15,19 +15,19 @@ from granet.export import load_sparse
 
 
 def fake_runs(monkeypatch, model: nn.Module, meta: dict) -> list:
-    """Make ``granet.experiment.runs.load_run_model`` return ``model, meta``; the calls made."""
+    """Make ``granet.experiment.records.load_run_model`` return ``model, meta``; the calls made."""
     try:
-        import granet.experiment.runs as runs
+        import granet.experiment.records as records
     except ModuleNotFoundError:
-        runs = types.ModuleType("granet.experiment.runs")
-        monkeypatch.setitem(sys.modules, "granet.experiment.runs", runs)
+        records = types.ModuleType("granet.experiment.records")
+        monkeypatch.setitem(sys.modules, "granet.experiment.records", records)
     calls = []
 
     def load_run_model(run_dir, which="best"):
         calls.append((str(run_dir), which))
         return model, meta
 
-    monkeypatch.setattr(runs, "load_run_model", load_run_model, raising=False)
+    monkeypatch.setattr(records, "load_run_model", load_run_model, raising=False)
     return calls
 
 

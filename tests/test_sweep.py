@@ -12,7 +12,7 @@ from helpers import one_line_error
 
 from granet.cli import main
 from granet.experiment.config import save_config
-from granet.experiment.runs import FolderLock
+from granet.experiment.files import FolderLock
 from granet.experiment.sweep import SWEEP_LOCK, _state, load_sweep, run_sweep
 
 TINY = {"dataset": "synthetic", "model": "lenet5", "epochs": 1, "batch_size": 300}

@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 from helpers import SignalAt, assert_identical
 
+from granet.experiment.checkpoints import checkpoint_path, load_checkpoint
 from granet.experiment.config import make_config
-from granet.experiment.runs import checkpoint_path, load_checkpoint, read_metrics
+from granet.experiment.records import read_metrics
 from granet.experiment.signals import Interrupted
 from granet.experiment.train import train
 from granet.experiment.trainer import Callbacks, StartFrom

@@ -7,10 +7,11 @@ import pytest
 import torch
 from helpers import assert_identical
 
+from granet.experiment.blocks import check_schedule
 from granet.experiment.config import make_config
 from granet.experiment.datasets.synthetic import synthetic
-from granet.experiment.runs import RunFailed
-from granet.experiment.trainer import Callbacks, StartFrom, Trainer, check_schedule
+from granet.experiment.errors import RunFailed
+from granet.experiment.trainer import Callbacks, StartFrom, Trainer
 
 SETTINGS = {"dataset": "synthetic", "model": "lenet5", "epochs": 3, "batch_size": 300}
 STEPS_PER_EPOCH = 3  # 900 / 300

@@ -442,16 +442,11 @@ _NOT_SETTINGS = ("command", "config", "out", "resume", "overwrite", "debug")
 
 def cmd_train(args: argparse.Namespace) -> int:
     from granet.experiment import parallel
+    from granet.experiment.blocks import resolve_device
     from granet.experiment.config import make_config, resolve_config
-    from granet.experiment.runs import (
-        CONFIG_FILE,
-        PLACEMENT,
-        REPORT_MD,
-        default_run_dir,
-        read_run_config,
-    )
+    from granet.experiment.folder import CONFIG_FILE, PLACEMENT, REPORT_MD, default_run_dir
+    from granet.experiment.records import read_run_config
     from granet.experiment.train import train
-    from granet.experiment.trainer import resolve_device
 
     flags = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
     if args.resume:
@@ -503,8 +498,8 @@ _STUDY_RUN = ("workers", "overwrite", "keep_checkpoints")
 
 def cmd_plasticity(args: argparse.Namespace) -> int:
     """``granet plasticity``: build the study from the flags, run or resume it, print its table."""
+    from granet.experiment.blocks import resolve_device
     from granet.experiment.plasticity import MD_FILE, Study, base_config, default_out, run_study
-    from granet.experiment.trainer import resolve_device
 
     skip = {*_NOT_SETTINGS, *_STUDY_ARGS, *_STUDY_RUN}
     flags = {k: v for k, v in vars(args).items() if k not in skip}
@@ -525,6 +520,7 @@ def cmd_plasticity(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from granet.experiment.records import read_report
     from granet.experiment.report import (
         comparison_markdown,
         find_runs,
@@ -532,7 +528,6 @@ def cmd_report(args: argparse.Namespace) -> int:
         summarize,
         write_comparison,
     )
-    from granet.experiment.runs import read_report
 
     runs = find_runs(args.runs)
     markdown = [redraw(run) for run in runs]
@@ -671,7 +666,7 @@ def launch_env(name: str, default: int, least: int = 0) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``granet`` command line; returns the exit status."""
-    from granet.experiment.runs import RunFailed
+    from granet.experiment.errors import RunFailed
     from granet.experiment.signals import Interrupted, stop_with_parent
 
     stop_with_parent()  # a sweep's or study's training process stops with it

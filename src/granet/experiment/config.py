@@ -303,6 +303,6 @@ def resolve_config(
 def save_config(config: Config, path: str | Path) -> None:
     """Write ``config`` as YAML that :func:`resolve_config` reads back to the same config
     (atomically, never through a symbolic link)."""
-    from granet.experiment.runs import write_atomic
+    from granet.experiment.files import write_atomic
 
     write_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from granet import checks
-from granet.experiment.runs import check_writable
+from granet.experiment.files import check_writable
 
 __all__ = ["LOGGERS", "Logger", "RunLoggers", "TensorBoardLogger", "epoch_scalars", "round_scalars"]
 

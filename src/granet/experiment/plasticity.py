@@ -52,7 +52,6 @@ import io
 import json
 import math
 import shutil
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,38 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-import granet
 from granet import checks, oneshot
-from granet.experiment.config import Config, make_config, read_config_file
-from granet.experiment.datasets import DataBundle
-from granet.experiment.models import build_model
-from granet.experiment.plots import plot_plasticity
-from granet.experiment.report import counted, csv_row, percent
-from granet.experiment.runs import (
-    CHECKPOINT_DIR,
-    MARKER_FILE,
-    REPORT_JSON,
-    FolderLock,
-    checkpoint_path,
-    clear_folder,
-    differing_settings,
-    load_checkpoint,
-    open_run,
-    read_report,
-    read_run_config,
-    run_name,
-    settings_of,
-    to_json,
-    without_how,
-    write_atomic,
-)
-from granet.experiment.signals import Interrupted, stop_on_signals, stopped_as
-from granet.experiment.sweep import Job, resume_command, resumed_config, run_processes
-from granet.experiment.train import train
-from granet.experiment.trainer import (
-    Callbacks,
-    StartFrom,
-    Trainer,
+from granet.experiment.blocks import (
     check_schedule,
     epoch_batches,
     load_data,
@@ -102,6 +71,30 @@ from granet.experiment.trainer import (
     make_optimizer,
     resolve_device,
 )
+from granet.experiment.checkpoints import CHECKPOINT_DIR, checkpoint_path, load_checkpoint
+from granet.experiment.config import Config, make_config, read_config_file
+from granet.experiment.datasets import DataBundle
+from granet.experiment.files import FolderLock, to_json, write_atomic
+from granet.experiment.folder import (
+    MARKER_FILE,
+    REPORT_JSON,
+    clear_folder,
+    differing_settings,
+    open_run,
+    read_marker_file,
+    run_name,
+    settings_of,
+    without_how,
+    write_marker_file,
+)
+from granet.experiment.models import build_model
+from granet.experiment.plots import plot_plasticity
+from granet.experiment.processes import Job, resume_command, resumed_config, run_processes
+from granet.experiment.records import read_report, read_run_config
+from granet.experiment.report import counted, csv_row, percent
+from granet.experiment.signals import Interrupted, stop_on_signals, stopped_as
+from granet.experiment.train import train
+from granet.experiment.trainer import Callbacks, StartFrom, Trainer
 from granet.masks import pack_bits, unpack_bits
 from granet.pruning import PRUNING
 
@@ -360,13 +353,8 @@ def _open_study(study: Study, out: Path, overwrite: bool) -> None:
     emptied); the caller holds the lock."""
     _refuse_foreign(out)
     marker = out / STUDY_FILE
-    if marker.is_file():
-        try:
-            recorded = json.loads(marker.read_text())
-        except ValueError as e:
-            raise ValueError(f"cannot read {marker}: {e}") from None
-        if not isinstance(recorded, dict) or recorded.get("kind") != STUDY_KIND:
-            raise ValueError(f"{marker} is not a granet plasticity study's")
+    recorded = read_marker_file(marker, STUDY_KIND, "a granet plasticity study's")
+    if recorded is not None:
         if overwrite:
             clear_folder(out, keep=(STUDY_LOCK,))
         else:
@@ -383,13 +371,7 @@ def _open_study(study: Study, out: Path, overwrite: bool) -> None:
                 )
             if settings == study.settings():
                 return
-    record = {
-        "kind": STUDY_KIND,
-        "granet": granet.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "settings": study.settings(),
-    }
-    write_atomic(marker, json.dumps(record, indent=2) + "\n")
+    write_marker_file(marker, STUDY_KIND, settings=study.settings())
 
 
 # ------------------------------------------------------------------------------- base run

@@ -9,7 +9,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from granet.experiment.runs import write_atomic
+from granet.experiment.files import write_atomic
 
 TRAINING_PNG = "training.png"
 LAYER_DENSITY_PNG = "layer_density.png"

@@ -1,8 +1,9 @@
 """Reports: one run's report (its numbers as a dict, report.json, report.md, plots), and
 comparison tables over many runs.
 
-Everything but :func:`run_report` is redrawn from files in the run folders (report.json,
-metrics.jsonl), so ``granet report`` can regenerate it long after the runs ended.
+Everything but :func:`run_report` (built from a :class:`RunRecord`, plain values of the trained
+run) is redrawn from files in the run folders (report.json, metrics.jsonl), so ``granet report``
+can regenerate it long after the runs ended.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ import platform
 import statistics
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 import granet
 from granet.experiment import flops as flop_count
-from granet.experiment.config import METHOD_CHOICES
+from granet.experiment.config import METHOD_CHOICES, Config
+from granet.experiment.files import to_json, write_atomic
+from granet.experiment.folder import REPORT_JSON, REPORT_MD, read_marker
 from granet.experiment.models import build_model
 from granet.experiment.plots import (
     ITOP_PNG,
@@ -31,19 +35,8 @@ from granet.experiment.plots import (
     plot_accuracy_vs_sparsity,
     plot_run,
 )
-from granet.experiment.runs import (
-    REPORT_JSON,
-    REPORT_MD,
-    read_marker,
-    read_metrics,
-    read_report,
-    to_json,
-    write_atomic,
-)
+from granet.experiment.records import read_metrics, read_report
 from granet.selection import select_parameters
-
-if TYPE_CHECKING:
-    from granet.experiment.trainer import Trainer
 
 TEST_CHECKPOINT_RULE = (
     "best validation accuracy among the epochs at the final sparsity (the last epoch always "
@@ -88,15 +81,6 @@ def layer_summary(model: nn.Module, sp: granet.Sparsifier | None) -> dict[str, d
     }
 
 
-def reached_target(sp: granet.Sparsifier | None, target: float) -> bool:
-    """Whether the sparsifier stands at ``target`` (up to the per-layer rounding of counts)."""
-    if sp is None:
-        return True
-    masks = list(sp.masks.values())
-    slack = len(masks) / sum(m.numel() for m in masks)
-    return sp.sparsity() >= target - slack
-
-
 def hardware(device: torch.device, processes: int = 1) -> str:
     """The machine in words: the GPU's name, or the CPU's cores and architecture."""
     if device.type == "cuda":
@@ -106,28 +90,49 @@ def hardware(device: torch.device, processes: int = 1) -> str:
     return name if processes == 1 else f"{processes} processes x {name}"
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """A trained run as its report reads it, in plain values: what the trainer holds once the
+    tested checkpoint's weights and masks are loaded."""
+
+    run_dir: Path
+    config: Config  # resolved
+    data_shape: Mapping[str, int]  # num_classes, in_channels, image_size
+    data_source: str
+    split_sizes: Mapping[str, int]  # train, val, test
+    sparse_names: Sequence[str]
+    layers: Mapping[str, Mapping[str, Any]]  # layer_summary of the tested model
+    sparse: bool  # trained by a sparsifier (not the dense baseline)
+    sparsity: float
+    itop_rate: float | None
+    target_reached: bool
+    parameters: int
+    train_seconds: float
+    steps: int
+    steps_per_epoch: int
+    device: torch.device
+    processes: int
+
+
 def run_report(
-    trainer: Trainer,
+    run: RunRecord,
     best: Mapping[str, Any],
     test_loss: float,
     test_acc: float,
     metrics: Sequence[Mapping[str, Any]],
 ) -> dict[str, Any]:
     """The numbers of a finished run (report.json): ``best`` is the tested checkpoint, whose
-    weights and masks ``trainer`` now holds."""
-    c, sp, data = trainer.config, trainer.sparsifier, trainer.data
-    stats = sp.stats() if sp is not None else None
-    layers = layer_summary(trainer.model, sp)
+    weights and masks ``run`` describes."""
+    c, layers, shape = run.config, run.layers, run.data_shape
     counts = flop_count.count_flops(
-        lambda: build_model(c.model, **trainer.data_shape),
-        (data.in_channels, data.image_size, data.image_size),
-        trainer.sparse_names,
+        lambda: build_model(c.model, **shape),
+        (shape["in_channels"], shape["image_size"], shape["image_size"]),
+        list(run.sparse_names),
     )
-    total_params = sum(p.numel() for p in trainer.model.parameters())
     pruned = sum(v["numel"] - v["nnz"] for v in layers.values())
-    marker = read_marker(trainer.run_dir) or {}
+    marker = read_marker(run.run_dir) or {}
     return {
-        "run_dir": str(trainer.run_dir),
+        "run_dir": str(run.run_dir),
         "run_id": marker.get("run_id"),
         "method": c.method,
         "model": c.model,
@@ -142,15 +147,15 @@ def run_report(
             "rule": TEST_CHECKPOINT_RULE,
         },
         "last_epoch_val_accuracy": metrics[-1]["val_accuracy"],
-        "sparsity": stats["sparsity"] if stats else 0.0,
-        "target_sparsity": 0.0 if sp is None else c.sparsity,
-        "target_reached": reached_target(sp, c.sparsity),
-        "itop_rate": stats["itop_rate"] if stats else None,
-        "train_seconds": trainer.train_seconds,
+        "sparsity": run.sparsity,
+        "target_sparsity": c.sparsity if run.sparse else 0.0,
+        "target_reached": run.target_reached,
+        "itop_rate": run.itop_rate,
+        "train_seconds": run.train_seconds,
         "epochs": c.epochs,
-        "steps": trainer.step,
-        "steps_per_epoch": trainer.steps_per_epoch,
-        "parameters": {"total": total_params, "nonzero": total_params - pruned},
+        "steps": run.steps,
+        "steps_per_epoch": run.steps_per_epoch,
+        "parameters": {"total": run.parameters, "nonzero": run.parameters - pruned},
         "layers": layers,
         "flops": {
             "inference_per_sample": flop_count.inference_flops(
@@ -163,15 +168,13 @@ def run_report(
         },
         "data": {
             "dataset": c.dataset,
-            "source": data.source,
-            "train": len(data.train),
-            "val": len(data.val),
-            "test": len(data.test),
+            "source": run.data_source,
+            **run.split_sizes,
         },
         "environment": {
-            "device": str(trainer.device),
-            "hardware": hardware(trainer.device, trainer.ranks.world),
-            "processes": trainer.ranks.world,
+            "device": str(run.device),
+            "hardware": hardware(run.device, run.processes),
+            "processes": run.processes,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "granet": granet.__version__,

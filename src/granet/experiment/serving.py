@@ -2,7 +2,7 @@
 
 ``granet export RUN_DIR --out FILE`` calls :func:`export_run`, ``granet bench-inference RUN_DIR``
 calls :func:`bench_inference`; both load the run's best model with
-``granet.experiment.runs.load_run_model``.
+``granet.experiment.records.load_run_model``.
 
 A dense run (no zero in any weight) is still exported, with a warning: its file holds every
 tensor as it is and is about as large as ``torch.save``'s. Exporting a dense baseline next to
@@ -123,7 +123,9 @@ def bench_model(
 
 
 def _load(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    from granet.experiment.runs import checkpoint_path, is_run_dir, load_run_model
+    from granet.experiment.checkpoints import checkpoint_path
+    from granet.experiment.folder import is_run_dir
+    from granet.experiment.records import load_run_model
 
     best = checkpoint_path(run_dir, "best")
     if is_run_dir(run_dir) and not best.is_file():

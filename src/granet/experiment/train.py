@@ -1,7 +1,7 @@
 """Train one run into its run folder: the life-cycle that ``granet train`` and every run of
 ``granet sweep`` go through.
 
-1. Open the folder (:func:`~granet.experiment.runs.open_run`): create it, or reopen it to
+1. Open the folder (:func:`~granet.experiment.folder.open_run`): create it, or reopen it to
    resume, and lock it for the whole run; a second writer is refused.
 2. Build the :class:`~granet.experiment.trainer.Trainer` (data, model, sparsifier: a schedule
    that cannot reach the target is refused here, before any training).
@@ -27,26 +27,22 @@ from typing import Any
 import torch
 
 from granet.experiment import parallel
+from granet.experiment.blocks import log, resolve_device
+from granet.experiment.checkpoints import CHECKPOINT_DIR, checkpoint_path, load_checkpoint
 from granet.experiment.config import Config
-from granet.experiment.loggers import RunLoggers
-from granet.experiment.report import counted, hardware, percent
-from granet.experiment.runs import (
-    CHECKPOINT_DIR,
+from granet.experiment.folder import (
     CONFIG_FILE,
     HOW,
     METRICS_FILE,
     REPORT_JSON,
     RunFolder,
-    checkpoint_path,
     differing_settings,
-    load_checkpoint,
     open_run,
-    read_metrics,
-    read_report,
-    read_run_config,
-    truncate_metrics,
 )
-from granet.experiment.trainer import Callbacks, StartFrom, Trainer, log, resolve_device
+from granet.experiment.loggers import RunLoggers
+from granet.experiment.records import read_metrics, read_report, read_run_config, truncate_metrics
+from granet.experiment.report import counted, hardware, percent
+from granet.experiment.trainer import Callbacks, StartFrom, Trainer
 
 
 @contextmanager
@@ -113,7 +109,7 @@ def _finished(folder: RunFolder, config: Config) -> bool:
 
 
 def _own_how(config: Config, run_dir: Path) -> Config:
-    """``config`` with the run's own :data:`~granet.experiment.runs.HOW` settings: a resumed
+    """``config`` with the run's own :data:`~granet.experiment.folder.HOW` settings: a resumed
     run computes its steps as it began (another ``compute`` would change the float rounding,
     and a resumed run is bit-identical to an uninterrupted one)."""
     if not (run_dir / CONFIG_FILE).is_file():

@@ -23,230 +23,58 @@ topology round, at the end of every epoch) and can start a run from a given stat
 from __future__ import annotations
 
 import math
-import signal
 import sys
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import granet
 from granet.experiment import parallel
-from granet.experiment.config import Config
-from granet.experiment.datasets import DataBundle, load_dataset
-from granet.experiment.models import build_model
-from granet.experiment.report import (
-    layer_summary,
-    percent,
+from granet.experiment.blocks import (
+    AMP_DTYPES,
+    batch_loader,
+    check_shares,
+    epoch_batches,
+    epoch_generator,
+    eval_loader,
+    evaluate,
+    load_data,
+    log,
+    lr_factor,
+    make_optimizer,
     reached_target,
-    run_report,
-    write_report,
+    resolve_device,
 )
-from granet.experiment.runs import (
+from granet.experiment.checkpoints import (
     CHECKPOINT_FORMAT,
-    RunFailed,
-    append_metrics,
     checkpoint_path,
     load_checkpoint,
-    read_metrics,
     rng_state,
     save_checkpoint,
     seed_everything,
     set_rng_state,
 )
-from granet.experiment.signals import Interrupted, StopRequest, stop_on_signals
-from granet.readback import HostCopy
-
-AMP_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CHECK_EVERY = 10  # steps between the checks for a stop request (several processes) or a NaN loss
-DEVICE_TYPES = ("cpu", "cuda", "mps")
-
-
-# ---------------------------------------------------------------------------- building blocks
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU; otherwise ``cpu``, ``cuda``, ``cuda:N``
-    (a GPU this machine has) or ``mps``. Under torchrun with several processes, each process's
-    GPU is ``cuda:LOCAL_RANK``. Anything else is a ``ValueError`` naming the setting."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        device = None
-    if device is None or device.type not in DEVICE_TYPES:
-        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps; got {name!r}")
-    if device.type == "cpu" and device.index not in (None, 0):
-        raise ValueError(f"device {name!r}: the CPU has no device {device.index}; use cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r} asked for, but MPS is not available here")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise ValueError(
-                f"device {name!r} asked for, but this machine has {count} CUDA device(s): "
-                f"cuda:0 to cuda:{count - 1}"
-            )
-    ranks = parallel.current()
-    if device.type == "cuda" and ranks.world > 1:
-        if device.index is not None:
-            raise ValueError(
-                f"under torchrun each process uses cuda:LOCAL_RANK; use --device cuda or auto, "
-                f"not {name!r}"
-            )
-        device = torch.device("cuda", ranks.local)
-    return device
-
-
-def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum (the paper's), or AdamW."""
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(),
-            lr=config.lr,
-            momentum=config.momentum,
-            nesterov=config.momentum > 0,
-            weight_decay=config.weight_decay,
-        )
-    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-
-def lr_factor(step: int, total_steps: int, steps_per_epoch: int, config: Config) -> float:
-    """Multiplier of the base LR for optimizer step ``step`` (0-based).
-
-    Linear warmup over ``warmup_epochs``, then either x0.1 at each of ``lr_milestones``
-    (fractions of training; the paper's 1/2 and 3/4 by default) or a cosine decay to zero.
-    """
-    warmup = round(config.warmup_epochs * steps_per_epoch)
-    if step < warmup:
-        return (step + 1) / warmup
-    if config.schedule == "cosine":
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 0.1 ** sum(step >= round(m * total_steps) for m in config.lr_milestones)
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The generator that shuffles epoch ``epoch``: a function of ``(seed, epoch)`` only."""
-    (state,) = np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state))
-
-
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The sample indices of every batch of epoch ``epoch``, in order."""
-    order = torch.randperm(n, generator=epoch_generator(seed, epoch)).tolist()
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
-def _loader(dataset: Dataset, batch_sampler: Any, config: Config, device: torch.device, gen):
-    # ``generator`` keeps the loader from drawing its worker base seed from the global RNG.
-    return DataLoader(
-        dataset,
-        batch_sampler=batch_sampler,
-        num_workers=config.workers,
-        pin_memory=device.type == "cuda",
-        generator=gen,
-    )
-
-
-def eval_loader(
-    dataset: Dataset, config: Config, device: torch.device, ranks: parallel.Ranks = parallel.SINGLE
-) -> DataLoader:
-    """In order, in batches of ``batch_size``; with several processes, each evaluates its share."""
-    mine, size = range(ranks.rank, len(dataset), ranks.world), config.batch_size
-    batches = [list(mine[i : i + size]) for i in range(0, len(mine), size)]
-    return _loader(dataset, batches, config, device, torch.Generator().manual_seed(0))
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    amp: str = "none",
-    ranks: parallel.Ranks = parallel.SINGLE,
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` over ``loader`` (over every process's
-    loader when ``ranks`` has several)."""
-    model.eval()
-    # loss sum, correct, seen: float64 counts are exact far beyond any data set's size
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != "none"):
-            out = model(x)
-        sums[0] += F.cross_entropy(out.float(), y, reduction="sum")
-        sums[1] += (out.argmax(1) == y).sum()
-        sums[2] += len(y)
-    loss, correct, seen = parallel.sum_across(sums, ranks).tolist()
-    return loss / seen, correct / seen
-
-
-def check_shares(examples: int, batch_size: int, processes: int) -> None:
-    """Every process must get at least one example of every global batch."""
-    last = examples % batch_size or batch_size
-    if min(batch_size, last) < processes:
-        raise ValueError(
-            f"batch_size {batch_size} (the global batch) leaves a batch of "
-            f"{min(batch_size, last)} example(s) for {processes} processes: every process needs "
-            "at least one; change batch_size (or val_size)"
-        )
-
-
-def check_schedule(config: Config, train_size: int) -> None:
-    """Refuse a config whose sparsity schedule cannot reach its target on a training set of
-    ``train_size`` examples, without building its model: the library's own check, run by a
-    sparsifier on a stand-in layer (the check depends on the schedule only)."""
-    if config.method == "dense":
-        return
-    total = config.epochs * math.ceil(train_size / config.batch_size)
-    c = config.resolved(total)
-    stand_in = nn.Linear(32, 32)
-    optimizer = torch.optim.SGD(stand_in.parameters(), lr=0.1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # about the stand-in's layer, not the run's
-        granet.sparsify(
-            stand_in, optimizer, c.method, total_steps=total, **c.sparsifier_options()
-        ).remove()
-
-
-def load_data(config: Config, ranks: parallel.Ranks = parallel.SINGLE) -> DataBundle:
-    """The run's data set (on several processes, loaded by one per cache at a time); with
-    ``train_size``, at most that many examples of the training split, drawn with the seed."""
-    data = parallel.staged(
-        lambda: load_dataset(
-            config.dataset,
-            config.data_root,
-            val_size=config.val_size,
-            seed=config.seed,
-            augment=config.augment,
-        ),
-        ranks,
-    )
-    if config.train_size is not None and config.train_size < len(data.train):
-        order = torch.randperm(
-            len(data.train), generator=torch.Generator().manual_seed(config.seed)
-        )
-        data.train = Subset(data.train, order[: config.train_size].sort().values.tolist())
-        data.source += f"; training on {config.train_size} of its {len(order)} training examples"
-    return data
-
-
-def log(message: str) -> None:
-    """A log line on stderr, from process 0 only (above a progress bar, if one is shown)."""
-    if parallel.current().main:
-        tqdm.write(message, file=sys.stderr)
+from granet.experiment.config import Config
+from granet.experiment.datasets import DataBundle
+from granet.experiment.guards import StepGuard, interrupted, non_finite_loss
+from granet.experiment.models import build_model
+from granet.experiment.records import append_metrics, read_metrics
+from granet.experiment.report import (
+    RunRecord,
+    layer_summary,
+    percent,
+    run_report,
+    write_report,
+)
+from granet.experiment.signals import StopRequest, stop_on_signals
 
 
 # ------------------------------------------------------------------------------- extension
@@ -395,7 +223,7 @@ class Trainer:
             else None
         )
         self._next_round = self._upcoming_round()
-        self._finite_check: HostCopy | None = None
+        self._guard = StepGuard(self.device, self.ranks)
         self._reset_sums()
 
     def _sparsifier(self, steps: int, options: Mapping[str, Any]) -> granet.Sparsifier | None:
@@ -560,7 +388,7 @@ class Trainer:
         started = time.perf_counter()
         c, s = self.config, self._sums_across()
         if not math.isfinite(s["loss"].item()):
-            self._diverged()
+            raise non_finite_loss(self.run_dir, self.epoch, self.step, self.config.lr)
         last = self.epoch + 1 == c.epochs
         if self._val_loader is None:  # no validation split: the last epoch is the one tested
             val_loss = val_acc = None
@@ -620,8 +448,9 @@ class Trainer:
     def fit(self, epochs: int | None = None) -> None:
         """Train until ``epochs`` epochs are done (default: the config's, the whole schedule).
 
-        Raises :class:`Interrupted` on Ctrl-C / SIGTERM once the run's ``last.pt`` is written
-        (with no ``run_dir``: at once), and :class:`RunFailed` if the loss becomes non-finite.
+        Raises :class:`~granet.experiment.signals.Interrupted` on Ctrl-C / SIGTERM once the
+        run's ``last.pt`` is written (with no ``run_dir``: at once), and
+        :class:`~granet.experiment.errors.RunFailed` if the loss becomes non-finite.
         """
         c = self.config
         until = c.epochs if epochs is None else epochs
@@ -644,7 +473,7 @@ class Trainer:
         c = self.config
         batches = epoch_batches(len(self.data.train), c.batch_size, c.seed, self.epoch)
         batches = batches[self.batch :]
-        loader = _loader(
+        loader = batch_loader(
             self.data.train,
             parallel.shard(batches, self.ranks),
             c,
@@ -695,64 +524,16 @@ class Trainer:
                 cb.on_round(self)
 
     def _stop(self, stop: StopRequest, step: int | None = None) -> bool:
-        """Whether to stop here for a Ctrl-C / SIGTERM, after checking that the loss is finite.
-
-        With several processes a decision all share, taken between epochs and every
-        ``CHECK_EVERY`` steps: a signal reaches each process at its own moment, and they must all
-        stop after the same step. The loss is checked every ``CHECK_EVERY`` steps; on one GPU
-        through a copy read at the next check, so the host never waits for the device.
-        """
-        check = step is None or step % CHECK_EVERY == 0
-        if self.ranks.world == 1:
-            if check:
-                self._check_finite()
-            return stop.asked
-        if not check:
-            return False
-        asked = torch.tensor(float(stop.asked), dtype=torch.float64, device=self.device)
-        flags = torch.stack([asked, (~torch.isfinite(self.sums["loss"])).double()])
-        signal_seen, diverged = parallel.max_across(flags, self.ranks).tolist()
+        """Whether to stop here for a Ctrl-C / SIGTERM (:meth:`StepGuard.stop_here`); a
+        non-finite loss raises :class:`~granet.experiment.errors.RunFailed`."""
+        asked, diverged = self._guard.stop_here(stop, self.sums["loss"], step)
         if diverged:
-            self._diverged()
-        return bool(signal_seen)
-
-    def _check_finite(self) -> None:
-        latest = HostCopy([torch.isfinite(self.sums["loss"])])
-        if self.device.type == "cuda":  # read the previous check's copy, long arrived
-            pending, self._finite_check = self._finite_check, latest
-        else:
-            pending = latest
-        if pending is not None and not bool(pending.result()[0]):
-            self._diverged()
-
-    def _diverged(self) -> None:
-        where = self.run_dir if self.run_dir is not None else "the run"
-        kept = (
-            f"; {where}'s last checkpoint is from epoch {self.epoch}"
-            if self.run_dir is not None and self.epoch
-            else ""
-        )
-        raise RunFailed(
-            f"the training loss became non-finite (inf or nan) by step {self.step}, epoch "
-            f"{self.epoch + 1}: training stopped{kept}. Lower lr (now {self.config.lr:g}) or "
-            "check the data"
-        )
+            raise non_finite_loss(self.run_dir, self.epoch, self.step, self.config.lr)
+        return asked
 
     def _interrupt(self, stop: StopRequest) -> None:
         self._save_last()
-        signum = stop.signum or signal.SIGTERM  # a process the signal has not reached yet
-        where = self.run_dir
-        raise Interrupted(
-            signum,
-            f"stopped at step {self.step}"
-            + (
-                f"; checkpoint saved. Continue with: granet train --resume {where}"
-                if where is not None
-                else ""
-            ),
-            where,
-            self.step,
-        )
+        raise interrupted(stop, self.run_dir, self.step)
 
     def close(self) -> None:
         """Let go of the process group and the parameters: drop the DDP wrapper and detach the
@@ -764,6 +545,30 @@ class Trainer:
         self.trained = self.model
 
     # ----------------------------------------------------------------------- the report
+    def record(self) -> RunRecord:
+        """The run as its report reads it: the model and sparsifier as they stand now."""
+        c, sp, data = self.config, self.sparsifier, self.data
+        stats = sp.stats() if sp is not None else None
+        return RunRecord(
+            run_dir=self.run_dir,
+            config=c,
+            data_shape=dict(self.data_shape),
+            data_source=data.source,
+            split_sizes={"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+            sparse_names=list(self.sparse_names),
+            layers=layer_summary(self.model, sp),
+            sparse=sp is not None,
+            sparsity=stats["sparsity"] if stats else 0.0,
+            itop_rate=stats["itop_rate"] if stats else None,
+            target_reached=reached_target(sp, c.sparsity),
+            parameters=sum(p.numel() for p in self.model.parameters()),
+            train_seconds=self.train_seconds,
+            steps=self.step,
+            steps_per_epoch=self.steps_per_epoch,
+            device=self.device,
+            processes=self.ranks.world,
+        )
+
     def finish(self) -> dict[str, Any]:
         """Test the best checkpoint once and write report.json, report.md and the plots
         (process 0 only; needs ``run_dir``)."""
@@ -779,7 +584,7 @@ class Trainer:
             raise ValueError(f"{path} does not hold a state of this run: {e}") from None
         test_loss, test_acc = self.evaluate("test")
         metrics = read_metrics(self.run_dir)
-        report = run_report(self, best, test_loss, test_acc, metrics)
+        report = run_report(self.record(), best, test_loss, test_acc, metrics)
         write_report(self.run_dir, report, metrics)
         return report
 
