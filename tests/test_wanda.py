@@ -196,3 +196,24 @@ def test_row_pruning_removes_the_rate_of_each_rows_remaining_weights():
         assert not (mask & ~first.masks[name]).any(), name  # nothing comes back
         kept = first.masks[name].sum(1)
         assert torch.equal(mask.sum(1), kept - (kept.double() * 0.5).round().long()), name
+
+
+def test_wanda_under_a_pattern_keeps_the_n_best_scores_of_every_group():
+    """One-shot and init='wanda' with pattern='2:4': in every group of 4 consecutive inputs the
+    2 largest |W_ij| * ||X_j||, computed here by hand in float64."""
+    xs = [torch.randn(5, 12) * torch.linspace(0.1, 3, 12) for _ in range(3)]
+    model = mlp()
+    first = model[0].weight.detach().clone()
+    score = first.double().abs() * torch.cat(xs).double().norm(dim=0)
+    groups = score.view(first.shape[0], -1, 4)
+    expected = torch.zeros_like(groups, dtype=torch.bool).scatter_(
+        2, groups.topk(2, dim=2).indices, True
+    )
+    expected = expected.view(first.shape)
+    pruned = prune(model, 0.5, score="wanda", calibration=xs, pattern="2:4")
+    assert torch.equal(pruned.masks["0.weight"], expected)
+
+    fresh = mlp()
+    opt = torch.optim.SGD(fresh.parameters(), lr=0.1)
+    sp = granet.Static(fresh, opt, pattern="2:4", init="wanda", calibration=xs, total_steps=10)
+    assert torch.equal(sp.masks["0.weight"], expected)
