@@ -35,6 +35,7 @@ from granet.experiment.config import (
 from granet.experiment.datasets import DATASETS
 from granet.experiment.loggers import LOGGERS
 from granet.experiment.models import MODELS
+from granet.experiment.tables import markdown_table
 
 _D = Config()
 
@@ -204,7 +205,7 @@ def option_flag(option: Option) -> tuple[str, dict[str, Any]]:
 
 def options_table() -> str:
     """The markdown table of the sparse-training flags, as ``docs/cli.md`` shows it."""
-    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    rows = []
     for key in SPARSIFIER_KEYS:
         if key == "seed":
             continue
@@ -212,8 +213,8 @@ def options_table() -> str:
         flag, _ = option_flag(option)
         flags = f"`{flag}` / `--no-{flag[2:]}`" if option.kind is bool else f"`{flag}`"
         choices = f" (`{'`, `'.join(option.choices)}`)" if option.choices else ""
-        rows.append(f"| {flags} | {_default_text(option)} | {option.help}{choices} |")
-    return "\n".join(rows)
+        rows.append([flags, _default_text(option), f"{option.help}{choices}"])
+    return "\n".join(markdown_table(["flag", "default", "meaning"], rows))
 
 
 def _sparsifier_flags() -> list[tuple[str, dict[str, Any]]]:
@@ -576,10 +577,7 @@ def cmd_bench_inference(args: argparse.Namespace) -> int:
         return 0
     if rows:
         keys = list(rows[0])
-        print("| " + " | ".join(keys) + " |")
-        print("|" + "---|" * len(keys))
-        for row in rows:
-            print("| " + " | ".join(_fmt(row.get(k)) for k in keys) + " |")
+        print("\n".join(markdown_table(keys, [[_fmt(row.get(k)) for k in keys] for row in rows])))
     return 0
 
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from granet.inference import _quiet_csr
+from granet.csr import CSR_DTYPES, MIN_NUMEL, index_dtype, quiet_csr
 
 COMPUTE: dict[str, str] = {
     "dense": "dense kernels on masked weights",
@@ -51,9 +51,8 @@ COMPUTE: dict[str, str] = {
     "after every topology round",
 }
 AUTO_MAX_DENSITY = 0.1
-AUTO_MIN_NUMEL = 2**18
+AUTO_MIN_NUMEL = MIN_NUMEL
 PROBES = 16  # entries that check a kept copy of a tensor's active entries
-CSR_DTYPES = (torch.float32, torch.float64)
 
 # module -> its _Layer (weakly: the engine owns it), for the installed forward; a copy of the
 # module, or one whose sparsifier is gone, finds none and runs dense
@@ -66,7 +65,7 @@ class _Positions:
     def __init__(self, mask: torch.Tensor) -> None:
         rows_n, cols_n = mask.shape
         flat = mask.reshape(-1).nonzero().squeeze(1)  # row-major: the order of W's CSR values
-        index = torch.int32 if flat.numel() < 2**31 else torch.int64  # MKL is faster on int32
+        index = index_dtype(flat.numel())
         rows = flat // cols_n
         cols = flat - rows * cols_n
         # W.T's CSR order (by column of W, then row): a stable sort of W's values by column
@@ -83,7 +82,7 @@ class _Positions:
         self.crow_t = _crow(cols, cols_n, index)
         self.col_t = rows[order].to(index)
         self._patterns: dict[torch.dtype, torch.Tensor] = {}
-        with _quiet_csr():  # torch warns once per process that CSR tensors are in beta
+        with quiet_csr():  # torch warns once per process that CSR tensors are in beta
             self.pattern(torch.float32)
 
     def csr(self, values: torch.Tensor) -> torch.Tensor:

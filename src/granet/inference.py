@@ -60,19 +60,19 @@ the decision per layer without converting anything.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from granet.csr import CSR_DTYPES, MIN_NUMEL, index_dtype, quiet_csr
 from granet.patterns import holds
 
 __all__ = [
@@ -86,13 +86,12 @@ __all__ = [
 ]
 
 RULE_MAX_DENSITY = 0.05
-RULE_MIN_NUMEL = 2**18
+RULE_MIN_NUMEL = MIN_NUMEL
 RULE = (
     f"a CPU nn.Linear with at least 2**{RULE_MIN_NUMEL.bit_length() - 1} weights at a density "
     f"of at most {RULE_MAX_DENSITY:.0%} runs on CSR"
 )
 PROBE_REPEATS = 7
-_CSR_DTYPES = (torch.float32, torch.float64)
 SEMI_STRUCTURED = "semi-structured"  # nm_plan's value for a layer that runs the 2:4 kernel
 
 
@@ -101,10 +100,9 @@ class _CSRLayer(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        with _quiet_csr():
+        with quiet_csr():
             csr = weight.detach().to_sparse_csr()
-        # int32 indices (when they fit) save MKL a conversion: 1.4x faster at 98% sparsity
-        index = torch.int32 if csr.values().numel() < 2**31 else torch.int64
+        index = index_dtype(csr.values().numel())
         self.register_buffer("weight_crow", csr.crow_indices().to(index))
         self.register_buffer("weight_col", csr.col_indices().to(index))
         self.register_buffer("weight_values", csr.values())
@@ -119,7 +117,7 @@ class _CSRLayer(nn.Module):
     def _matmul(self, cols: torch.Tensor) -> torch.Tensor:
         """``W @ cols (+ bias)`` for ``cols`` of shape ``(in, n)``: shape ``(out, n)``."""
         if self._csr is None:  # built once: constructing it costs ~10 us per call
-            with _quiet_csr():
+            with quiet_csr():
                 self._csr = torch.sparse_csr_tensor(
                     self.weight_crow,
                     self.weight_col,
@@ -352,21 +350,13 @@ def interleaved_times(
     return times
 
 
-@contextlib.contextmanager
-def _quiet_csr() -> Iterator[None]:
-    """Silence torch's "CSR support is in beta" warning: the CSR kernels used here are tested."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        yield
-
-
 def _sparse_class(module: nn.Module) -> type[_CSRLayer] | None:
     """The CSR replacement of a layer that could use one (exact types: subclasses such as
     attention's out_proj are read by their owners, not called)."""
     weight = getattr(module, "weight", None)
     if (
         not isinstance(weight, torch.Tensor)
-        or weight.dtype not in _CSR_DTYPES
+        or weight.dtype not in CSR_DTYPES
         or bool((weight != 0).all())
     ):
         return None

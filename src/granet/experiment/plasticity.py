@@ -93,6 +93,7 @@ from granet.experiment.processes import Job, resume_command, resumed_config, run
 from granet.experiment.records import read_report, read_run_config
 from granet.experiment.report import counted, csv_row, percent
 from granet.experiment.signals import Interrupted, stop_on_signals, stopped_as
+from granet.experiment.tables import markdown_table
 from granet.experiment.train import train
 from granet.experiment.trainer import Callbacks, StartFrom, Trainer
 from granet.masks import pack_bits, unpack_bits
@@ -654,21 +655,22 @@ def plasticity_markdown(study: Study, rows: Sequence[Mapping[str, Any]]) -> str:
     ]
     for variant in study.variants:
         lines += ["", f"## {variant}: {VARIANTS[variant].summary}", ""]
-        header = "| epoch | lr | t_pre |" + "".join(f" rate {r:g} |" for r in study.rates)
-        lines += [header, "|" + "---|" * (3 + len(study.rates))]
+        header = ["epoch", "lr", "t_pre", *(f"rate {r:g}" for r in study.rates)]
+        table = []
         for epoch in study.prune_epochs:
             mine = {
                 r["rate"]: r for r in rows if r["variant"] == variant and r["prune_epoch"] == epoch
             }
             first = next(iter(mine.values()))
-            cells = "".join(
-                f" {mine[r]['plasticity']:.3f} ({100 * mine[r]['t_after_prune']:.1f} -> "
-                f"{100 * mine[r]['t_continue']:.1f}; {100 * mine[r]['final_gap']:+.1f}) |"
+            cells = [
+                f"{mine[r]['plasticity']:.3f} ({100 * mine[r]['t_after_prune']:.1f} -> "
+                f"{100 * mine[r]['t_continue']:.1f}; {100 * mine[r]['final_gap']:+.1f})"
                 for r in study.rates
+            ]
+            table.append(
+                [str(epoch), f"{first['lr_at_prune']:.3g}", percent(first["t_pre"]), *cells]
             )
-            lines.append(
-                f"| {epoch} | {first['lr_at_prune']:.3g} | {percent(first['t_pre'])} |{cells}"
-            )
+        lines += markdown_table(header, table)
     return "\n".join(lines) + "\n"
 
 

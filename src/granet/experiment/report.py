@@ -36,6 +36,7 @@ from granet.experiment.plots import (
     plot_run,
 )
 from granet.experiment.records import read_metrics, read_report
+from granet.experiment.tables import markdown_table
 from granet.selection import select_parameters
 
 TEST_CHECKPOINT_RULE = (
@@ -217,20 +218,39 @@ def render_markdown(report: Mapping[str, Any], metrics: Sequence[Mapping[str, An
     lines = [
         f"# granet run: {r['method']} · {r['model']} · {r['dataset']} · seed {r['seed']}",
         "",
-        "| | |",
-        "|---|---|",
-        f"| test accuracy | **{percent(r['test_accuracy'])}** (checkpoint `best`: epoch "
-        f"{ck['epoch']} of {r['epochs']}, validation accuracy {percent(ck['val_accuracy'])}) |",
-        f"| sparsity | {percent(r['sparsity'])} of the sparse layers' weights ({target}) |",
-        f"| non-zero parameters | {r['parameters']['nonzero']:,} of {r['parameters']['total']:,} |",
-        f"| ITOP rate | {itop} |",
-        f"| training time | {r['train_seconds']:.1f} s, {r['steps']} steps on {env['device']} "
-        f"({env['hardware']}), torch {env['torch']} |",
-        f"| inference FLOPs per sample | {_si(inf['dense'])} dense, {_si(inf['sparse'])} sparse "
-        f"({inf['ratio']:.3f}x) |",
-        f"| training FLOPs, whole run | {_si(tr['dense'])} dense, {_si(tr['sparse'])} sparse "
-        f"({tr['ratio']:.3f}x) |",
-        f"| data | {d['source']}; {d['train']} train, {d['val']} validation, {d['test']} test |",
+        *markdown_table(
+            ["", ""],
+            [
+                [
+                    "test accuracy",
+                    f"**{percent(r['test_accuracy'])}** (checkpoint `best`: epoch {ck['epoch']} "
+                    f"of {r['epochs']}, validation accuracy {percent(ck['val_accuracy'])})",
+                ],
+                ["sparsity", f"{percent(r['sparsity'])} of the sparse layers' weights ({target})"],
+                [
+                    "non-zero parameters",
+                    f"{r['parameters']['nonzero']:,} of {r['parameters']['total']:,}",
+                ],
+                ["ITOP rate", itop],
+                [
+                    "training time",
+                    f"{r['train_seconds']:.1f} s, {r['steps']} steps on {env['device']} "
+                    f"({env['hardware']}), torch {env['torch']}",
+                ],
+                [
+                    "inference FLOPs per sample",
+                    f"{_si(inf['dense'])} dense, {_si(inf['sparse'])} sparse ({inf['ratio']:.3f}x)",
+                ],
+                [
+                    "training FLOPs, whole run",
+                    f"{_si(tr['dense'])} dense, {_si(tr['sparse'])} sparse ({tr['ratio']:.3f}x)",
+                ],
+                [
+                    "data",
+                    f"{d['source']}; {d['train']} train, {d['val']} validation, {d['test']} test",
+                ],
+            ],
+        ),
         "",
         f"Test accuracy: {ck['rule']}.",
         f"FLOPs: {fl['counted']}",
@@ -240,26 +260,38 @@ def render_markdown(report: Mapping[str, Any], metrics: Sequence[Mapping[str, An
     ]
     if r["itop_rate"] is not None:
         lines.append(f"![ITOP rate]({ITOP_PNG})")
-    lines += ["", "## Layers", "", "| layer | shape | density | non-zeros |", "|---|---|--:|--:|"]
-    for name, v in r["layers"].items():
-        shape = "x".join(map(str, v["shape"]))
-        lines.append(f"| `{name}` | {shape} | {v['density']:.4f} | {v['nnz']:,} / {v['numel']:,} |")
-    lines += [
-        "",
-        "## Epochs",
-        "",
-        "| epoch | train loss | train acc | val acc | sparsity | ITOP | regrow | lr | seconds |",
-        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    layers = [
+        [
+            f"`{name}`",
+            "x".join(map(str, v["shape"])),
+            f"{v['density']:.4f}",
+            f"{v['nnz']:,} / {v['numel']:,}",
+        ]
+        for name, v in r["layers"].items()
     ]
+    lines += ["", "## Layers", ""]
+    lines += markdown_table(["layer", "shape", "density", "non-zeros"], layers, align="llrr")
+    epochs = []
     for m in metrics:
         itop = "—" if m["itop_rate"] is None else f"{m['itop_rate']:.3f}"
         regrow = "—" if m["regrow_fraction"] is None else f"{m['regrow_fraction']:.3f}"
         star = " *" if m.get("best") else ""
-        lines.append(
-            f"| {m['epoch']}{star} | {m['train_loss']:.4f} | {percent(m['train_accuracy'])} | "
-            f"{percent(m['val_accuracy'])} | {percent(m['sparsity'])} | {itop} | {regrow} | "
-            f"{m['lr']:.3g} | {m['seconds']:.1f} |"
+        epochs.append(
+            [
+                f"{m['epoch']}{star}",
+                f"{m['train_loss']:.4f}",
+                percent(m["train_accuracy"]),
+                percent(m["val_accuracy"]),
+                percent(m["sparsity"]),
+                itop,
+                regrow,
+                f"{m['lr']:.3g}",
+                f"{m['seconds']:.1f}",
+            ]
         )
+    header = ["epoch", "train loss", "train acc", "val acc", "sparsity", "ITOP", "regrow", "lr"]
+    lines += ["", "## Epochs", ""]
+    lines += markdown_table([*header, "seconds"], epochs, align="r" * (len(header) + 1))
     lines += ["", "`*`: a new best checkpoint (eligible epochs only).", ""]
     return "\n".join(lines)
 
@@ -410,17 +442,12 @@ def comparison_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         levels = sorted({r["sparsity"] for r in group if r["method"] != "dense"})
         dense = next((r for r in group if r["method"] == "dense"), None)
         header = [f"{100 * s:g}%" for s in levels] or ["dense"]
-        out += [
-            f"### {dataset} · {model}: test accuracy (%), mean ± std over seeds",
-            "",
-            "| method | " + " | ".join(header) + " |",
-            "|---|" + "--:|" * len(header),
-        ]
-        if dense is not None:
-            out.append("| dense | " + " | ".join([_cell(dense)] * len(header)) + " |")
+        table = [] if dense is None else [["dense", *[_cell(dense)] * len(header)]]
         for method in dict.fromkeys(r["method"] for r in group if r["method"] != "dense"):
             cells = {r["sparsity"]: _cell(r) for r in group if r["method"] == method}
-            out.append(f"| {method} | " + " | ".join(cells.get(s, "—") for s in levels) + " |")
+            table.append([method, *(cells.get(s, "—") for s in levels)])
+        out += [f"### {dataset} · {model}: test accuracy (%), mean ± std over seeds", ""]
+        out += markdown_table(["method", *header], table, align="l" + "r" * len(header))
         seeds = sorted({n for r in group for n in r["seeds"].split()}, key=int)
         out += [
             "",
