@@ -1,10 +1,14 @@
 """Shared test helpers: a small model, batches, a training loop, checkpoint comparison, a
-trainer hook that sends a signal."""
+trainer hook that sends a signal, the CLI run in this process or as a child process."""
 
+import contextlib
 import copy
+import io
 import os
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,8 +16,40 @@ from typing import Any
 import torch
 from torch import nn
 
+from granet.cli import main
 from granet.experiment.checkpoints import load_checkpoint
 from granet.experiment.trainer import Callbacks
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def src_env(**extra: str) -> dict[str, str]:
+    """This process's environment plus ``extra``, with this checkout's ``src`` first on
+    PYTHONPATH, so that a child process imports the granet under test."""
+    env = {**os.environ, **extra}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """``granet *argv`` in this process: its exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def granet_process(*argv: str, **popen: Any) -> subprocess.Popen:
+    """``python -m granet *argv`` as a child process on one thread, its output piped as text;
+    ``popen`` overrides those Popen arguments."""
+    settings = {
+        "stdout": subprocess.PIPE,
+        "stderr": subprocess.PIPE,
+        "text": True,
+        "env": src_env(OMP_NUM_THREADS="1"),
+        **popen,
+    }
+    return subprocess.Popen([sys.executable, "-m", "granet", *argv], **settings)
 
 
 class SmallNet(nn.Module):
