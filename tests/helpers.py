@@ -242,3 +242,30 @@ def sum_magnitude(model: nn.Module, x: torch.Tensor, backward: bool = True) -> t
     magnitude = max(magnitude, float(out.abs().max()))
     passes = 2 if backward else 1
     return passes * max(depth, 1) * (longest - 1) + 1, magnitude
+
+
+VOCAB = 64  # the tiny transformers' vocabulary
+
+
+def tiny_llama() -> nn.Module:
+    """A two-layer Llama-style causal LM (grouped-query attention) from a config, seeded: CPU, no
+    downloads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def tiny_gpt2() -> nn.Module:
+    """A two-layer GPT-2 causal LM (its Conv1D layers store weights transposed) from a config,
+    seeded: CPU, no downloads."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=32)
+    )
