@@ -1,10 +1,14 @@
 """Shared test helpers: a small model, batches, a training loop, checkpoint comparison, a
-trainer hook that sends a signal."""
+trainer hook that sends a signal, the CLI run in this process or as a child process."""
 
+import contextlib
 import copy
+import io
 import os
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,8 +16,40 @@ from typing import Any
 import torch
 from torch import nn
 
+from granet.cli import main
 from granet.experiment.checkpoints import load_checkpoint
 from granet.experiment.trainer import Callbacks
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def src_env(**extra: str) -> dict[str, str]:
+    """This process's environment plus ``extra``, with this checkout's ``src`` first on
+    PYTHONPATH, so that a child process imports the granet under test."""
+    env = {**os.environ, **extra}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """``granet *argv`` in this process: its exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def granet_process(*argv: str, **popen: Any) -> subprocess.Popen:
+    """``python -m granet *argv`` as a child process on one thread, its output piped as text;
+    ``popen`` overrides those Popen arguments."""
+    settings = {
+        "stdout": subprocess.PIPE,
+        "stderr": subprocess.PIPE,
+        "text": True,
+        "env": src_env(OMP_NUM_THREADS="1"),
+        **popen,
+    }
+    return subprocess.Popen([sys.executable, "-m", "granet", *argv], **settings)
 
 
 class SmallNet(nn.Module):
@@ -206,3 +242,30 @@ def sum_magnitude(model: nn.Module, x: torch.Tensor, backward: bool = True) -> t
     magnitude = max(magnitude, float(out.abs().max()))
     passes = 2 if backward else 1
     return passes * max(depth, 1) * (longest - 1) + 1, magnitude
+
+
+VOCAB = 64  # the tiny transformers' vocabulary
+
+
+def tiny_llama() -> nn.Module:
+    """A two-layer Llama-style causal LM (grouped-query attention) from a config, seeded: CPU, no
+    downloads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def tiny_gpt2() -> nn.Module:
+    """A two-layer GPT-2 causal LM (its Conv1D layers store weights transposed) from a config,
+    seeded: CPU, no downloads."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=32)
+    )

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from helpers import src_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quick_benchmark_prints_a_table():
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "inference.py"), "--quick", "--threads", "1"],
         capture_output=True,
         text=True,
-        env=env,
+        env=src_env(),
         timeout=300,
         check=True,
     )

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import src_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quick_suite_writes_its_results(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path)]
     subprocess.run(
         [*cmd, "overhead", "epochs", "update", "memory", "compute", "compute-layers"]
         + ["compute-conv", "compute-run"],
-        env=env,
+        env=src_env(OMP_NUM_THREADS="1"),
         check=True,
         timeout=600,
     )

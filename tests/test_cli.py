@@ -5,14 +5,13 @@ Runs use the synthetic data set and LeNet-5 for one or two epochs of 8 steps.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 
 import pytest
 import torch
 import yaml
+from helpers import run_cli
 
 from granet.cli import main
 from granet.experiment.checkpoints import load_checkpoint
@@ -22,13 +21,6 @@ from granet.experiment.records import load_run_model, read_metrics
 TINY = ["--dataset", "synthetic", "--model", "lenet5"]
 REPORT_KEYS = {"test_accuracy", "sparsity", "itop_rate", "train_seconds", "layers", "flops"}
 PNGS = ("training.png", "layer_density.png", "itop_rate.png")
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import SignalAt, assert_identical
+from helpers import SignalAt, assert_identical, src_env
 
 from granet.cli import main
 from granet.experiment import parallel
@@ -185,15 +185,12 @@ def test_torchrun_resumes_a_one_process_run_on_two(runs, tmp_path):
         {k: at_13[k] for k in STATE_KEYS},
     )
 
-    src = str(Path(__file__).parents[1] / "src")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     done = subprocess.run(
         [*torchrun, "--nproc_per_node", "2", "-m", "granet", "train", "--resume", str(run_dir)],
         capture_output=True,
         text=True,
-        env=env,
+        env=src_env(OMP_NUM_THREADS="1"),
         timeout=240,
     )
     assert done.returncode == 0, done.stderr

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import SignalAt, final_checkpoints
+from helpers import SignalAt, final_checkpoints, granet_process
 
 from granet.cli import main
 from granet.experiment.checkpoints import load_checkpoint
@@ -77,16 +74,7 @@ def test_sigterm_mid_epoch_then_resume_matches(reference, tmp_path):
 def test_sigterm_to_the_granet_process_then_resume_matches(reference, tmp_path):
     """A real ``granet train`` process is sent SIGTERM once its first epoch is logged."""
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    src = str(Path(__file__).parents[1] / "src")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "granet", "train", *FLAGS, "--out", str(run_dir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    proc = granet_process("train", *FLAGS, "--out", str(run_dir))
     deadline = time.monotonic() + 120
     while not read_metrics(run_dir) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -7,14 +7,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import SignalAt, one_line_error
+from helpers import SignalAt, granet_process, one_line_error
 
 from granet.cli import main
 from granet.experiment.checkpoints import checkpoint_path
@@ -28,20 +26,6 @@ from granet.experiment.train import train
 SETTINGS = {"dataset": "synthetic", "model": "lenet5", "epochs": 2, "batch_size": 300}
 TINY = ["--dataset", "synthetic", "--model", "lenet5", "--batch-size", "300"]
 STEPS_PER_EPOCH = 3  # 900 training examples / 300
-
-
-def granet(*argv: str, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    src = str(Path(__file__).parents[1] / "src")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
-    return subprocess.Popen(
-        [sys.executable, "-m", "granet", *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        **kwargs,
-    )
 
 
 def stopped_run(run_dir: Path, at: int = STEPS_PER_EPOCH + 1) -> Path:
@@ -97,7 +81,7 @@ def wait_for_lock(run_dir: Path, pid: int) -> None:
 
 def test_one_writer_per_run_folder(tmp_path):
     run_dir = stopped_run(tmp_path / "run")
-    writer = granet("train", "--resume", str(run_dir))
+    writer = granet_process("train", "--resume", str(run_dir))
     try:
         wait_for_lock(run_dir, writer.pid)
         os.kill(writer.pid, signal.SIGSTOP)  # the writer holds the lock, for as long as needed
@@ -105,7 +89,7 @@ def test_one_writer_per_run_folder(tmp_path):
             ["train", "--resume", str(run_dir)],
             ["train", *TINY, "--out", str(run_dir), "--overwrite"],
         ):
-            second = granet(*argv)
+            second = granet_process(*argv)
             _, err = second.communicate(timeout=120)
             assert second.returncode == 2
             line = one_line_error(err)
@@ -238,7 +222,7 @@ def test_resume_refuses_a_dangling_metrics_link(tmp_path, capsys):
 # ---------------------------------------------------- one live writer, even across deletion
 def test_a_run_whose_folder_is_deleted_and_made_again_stops(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    first = granet("train", *TINY, "--epochs", "50", "--out", str(run_dir))
+    first = granet_process("train", *TINY, "--epochs", "50", "--out", str(run_dir))
     try:
         wait_for_lock(run_dir, first.pid)
         os.kill(first.pid, signal.SIGSTOP)

@@ -13,15 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import granet_process, src_env
 
 from granet.cli import main
 
 
 def test_a_sweep_runs_in_two_processes(tmp_path, monkeypatch, capsys):
-    src = str(Path(__file__).parents[1] / "src")
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
-    )
+    monkeypatch.setenv("PYTHONPATH", src_env()["PYTHONPATH"])
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(
         yaml.safe_dump(
@@ -84,11 +82,6 @@ def _training(grid: Path, names: list[str]) -> bool:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
 def test_the_training_processes_stop_when_the_sweep_is_killed(tmp_path):
-    src = str(Path(__file__).parents[1] / "src")
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
-    }
     grid = tmp_path / "grid"
     sweep = tmp_path / "sweep.yaml"
     config = {"dataset": "synthetic", "model": "lenet5", "train_size": 200, "batch_size": 100}
@@ -104,8 +97,9 @@ def test_the_training_processes_stop_when_the_sweep_is_killed(tmp_path):
         )
     )
     names = ["dense-seed0", "dense-seed1"]
-    cmd = [sys.executable, "-m", "granet", "sweep", str(sweep)]
-    parent = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    parent = granet_process(
+        "sweep", str(sweep), env=src_env(), stdout=None, stderr=subprocess.DEVNULL
+    )
     try:
         _wait_for(lambda: _training(grid, names), "both runs to train")
         children = _holders(grid, names)
@@ -123,7 +117,7 @@ def test_the_training_processes_stop_when_the_sweep_is_killed(tmp_path):
     logs = [(grid / f"{name}.log").read_text() for name in names]
     assert all("SIGTERM" in log for log in logs), "\n=====\n".join(logs)
     # a rerun, at once, resumes both runs (before, it found them held by the orphans)
-    rerun = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    rerun = granet_process("sweep", str(sweep), env=src_env(), stdout=None)
     try:
         _wait_for(
             lambda: all(p and p not in children and _alive(p) for p in _holders(grid, names)),

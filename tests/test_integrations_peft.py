@@ -5,34 +5,24 @@ import copy
 
 import pytest
 import torch
+from helpers import VOCAB, tiny_gpt2, tiny_llama
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from granet.integrations.peft import keep_sparse, merge_and_unload  # noqa: E402
 from granet.oneshot import prune  # noqa: E402
 
-VOCAB = 64
-
 
 def llama() -> tuple[torch.nn.Module, LoraConfig]:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-    )  # fmt: skip
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    return LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, target_modules=targets)
+    return tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=targets)
 
 
 def gpt2() -> tuple[torch.nn.Module, LoraConfig]:
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(
-        GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=32)
-    )
+    model = tiny_gpt2()
     lora = LoraConfig(
         r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True
     )

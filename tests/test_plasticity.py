@@ -7,23 +7,18 @@ the done-when command of issue 12 runs once, as given (the 784-1000-1000-1000-10
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import SignalAt
+from helpers import SignalAt, granet_process, run_cli
 
-from granet.cli import main
 from granet.experiment.blocks import load_data
 from granet.experiment.checkpoints import load_checkpoint, save_checkpoint
 from granet.experiment.models import build_model
@@ -59,13 +54,6 @@ SMALL = {
 def small_study(**changes) -> Study:
     settings = {"prune_epochs": (1, 2), "rates": (0.5,), "variants": tuple(VARIANTS), **changes}
     return Study(base_config(None, SMALL), **settings)
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -260,16 +248,7 @@ def test_a_killed_study_with_two_workers_resumes_to_the_same_numbers(reference, 
     argv = ["plasticity", "--dataset", "synthetic", "--model", "lenet5", "--epochs", "3"]
     argv += ["--train-size", "128", "--batch-size", "32", "--prune-epochs", "1", "2"]
     argv += ["--rates", "0.5", "--variants", *VARIANTS, "--out", str(out), "--workers", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    src = str(Path(__file__).parents[1] / "src")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "granet", *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    proc = granet_process(*argv)
     deadline = time.monotonic() + 300
     while not list(out.glob("cells/*.log")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -7,15 +7,14 @@ import re
 
 import pytest
 import torch
+from helpers import VOCAB, tiny_gpt2, tiny_llama
 from torch import nn
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import (  # noqa: E402
-    GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
     Trainer,
     TrainingArguments,
@@ -24,24 +23,7 @@ from transformers import (  # noqa: E402
 from granet.integrations.hf import GraNetCallback  # noqa: E402
 from granet.oneshot import prune  # noqa: E402
 
-VOCAB = 64
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
-
-
-def gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(
-        GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=32)
-    )
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -71,7 +53,7 @@ def zeros(model: nn.Module) -> dict[str, int]:
 
 
 def test_gradual_fine_tuning_of_a_pretrained_llama_reaches_the_sparsity_exactly(tmp_path):
-    llama().save_pretrained(tmp_path / "pretrained")  # stands for a downloaded checkpoint
+    tiny_llama().save_pretrained(tmp_path / "pretrained")  # stands for a downloaded checkpoint
     model = LlamaForCausalLM.from_pretrained(tmp_path / "pretrained")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     callback = GraNetCallback(
@@ -90,7 +72,7 @@ def test_gradual_fine_tuning_of_a_pretrained_llama_reaches_the_sparsity_exactly(
 
 
 def test_keep_sparse_fine_tuning_survives_checkpoints_resume_and_save_pretrained(tmp_path):
-    model = llama()
+    model = tiny_llama()
     calibration = [{"input_ids": Tokens(8, seed=3).ids[i : i + 4]} for i in (0, 4)]
     masks = prune(model, 0.5, score="wanda", calibration=calibration).masks
     model.save_pretrained(tmp_path / "pruned")
@@ -111,7 +93,7 @@ def test_keep_sparse_fine_tuning_survives_checkpoints_resume_and_save_pretrained
 
 
 def test_a_checkpoint_whose_zeros_do_not_match_its_masks_is_refused(tmp_path):
-    model = gpt2()
+    model = tiny_gpt2()
     prune(model, 0.5)
     trainer(tmp_path, model, [GraNetCallback("static", init="existing")]).train()
     weights = tmp_path / "checkpoint-4" / "model.safetensors"
@@ -119,7 +101,7 @@ def test_a_checkpoint_whose_zeros_do_not_match_its_masks_is_refused(tmp_path):
     name = "transformer.h.1.mlp.c_fc.weight"
     state[name][state[name] == 0] = 0.5  # someone edited the weights, not the masks
     save_file(state, weights, metadata={"format": "pt"})
-    t = trainer(tmp_path, gpt2(), [GraNetCallback("static", init="existing")])
+    t = trainer(tmp_path, tiny_gpt2(), [GraNetCallback("static", init="existing")])
     where = re.escape(str(tmp_path / "checkpoint-4" / "granet_sparsifier.pt"))
     with pytest.raises(ValueError, match=rf"^{where}: resume: the checkpoint's {name} has \d+"):
         t.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
@@ -154,7 +136,7 @@ def fit(root, module, callback, ckpt_path=None, steps=8):
 
 
 def test_gradual_fine_tuning_in_lightning_reaches_the_sparsity_exactly(tmp_path):
-    gpt2().save_pretrained(tmp_path / "pretrained")
+    tiny_gpt2().save_pretrained(tmp_path / "pretrained")
     module = CausalLM(GPT2LMHeadModel.from_pretrained(tmp_path / "pretrained"))
     before = zeros(module)
     callback = LightningGraNet("gmp", sparsity=0.6, update_every=2)
@@ -171,7 +153,7 @@ def test_gradual_fine_tuning_in_lightning_reaches_the_sparsity_exactly(tmp_path)
 
 
 def test_lightning_refuses_a_checkpoint_whose_zeros_do_not_match_its_masks(tmp_path):
-    model = gpt2()
+    model = tiny_gpt2()
     prune(model, 0.5)
     trainer = fit(tmp_path, CausalLM(model), LightningGraNet("static", init="existing"))
     path = tmp_path / "edited.ckpt"
@@ -182,4 +164,4 @@ def test_lightning_refuses_a_checkpoint_whose_zeros_do_not_match_its_masks(tmp_p
     torch.save(checkpoint, path)
     where = re.escape(str(path))
     with pytest.raises(ValueError, match=rf"^{where}: resume: the checkpoint's {name} has \d+"):
-        fit(tmp_path, CausalLM(gpt2()), LightningGraNet("static", init="existing"), path)
+        fit(tmp_path, CausalLM(tiny_gpt2()), LightningGraNet("static", init="existing"), path)

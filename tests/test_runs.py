@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import src_env
 
 from granet.experiment import checkpoints, errors, files, records
 from granet.experiment.checkpoints import load_checkpoint, save_checkpoint
@@ -129,13 +130,12 @@ def holder(tmp_path):
     """Another process holding ``tmp_path/run``'s lock until the test ends."""
     folder = tmp_path / "run"
     folder.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     proc = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(folder)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        env=env,
+        env=src_env(),
     )
     assert proc.stdout.readline() == "locked\n"
     yield folder, proc

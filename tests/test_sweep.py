@@ -3,12 +3,11 @@ sweep per folder, failed runs reported in one line."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import one_line_error
+from helpers import one_line_error, src_env
 
 from granet.cli import main
 from granet.experiment.config import save_config
@@ -57,10 +56,7 @@ def test_one_sweep_at_a_time_per_folder(tmp_path):
 
 
 def test_failed_runs_end_the_sweep_in_one_line(tmp_path, monkeypatch, capsys):
-    src = str(Path(__file__).parents[1] / "src")
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
-    )
+    monkeypatch.setenv("PYTHONPATH", src_env()["PYTHONPATH"])
     path = sweep_file(tmp_path, methods=["dense"], seeds=[0, 1], workers=2)
     blocked = tmp_path / "grid" / "dense-seed1"  # a folder granet did not make: refused
     blocked.mkdir(parents=True)
@@ -74,10 +70,7 @@ def test_failed_runs_end_the_sweep_in_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_a_started_run_names_its_log_file(tmp_path, monkeypatch, capsys):
-    src = str(Path(__file__).parents[1] / "src")
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
-    )
+    monkeypatch.setenv("PYTHONPATH", src_env()["PYTHONPATH"])
     path = sweep_file(tmp_path, methods=["dense"], seeds=[0], workers=2)
     blocked = tmp_path / "grid" / "dense-seed0"  # refused at once: nothing trains
     blocked.mkdir(parents=True)

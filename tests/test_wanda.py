@@ -3,37 +3,14 @@ sparsifier, on plain layers and on a Llama-style and a GPT-2 model built from ti
 
 import pytest
 import torch
+from helpers import VOCAB, tiny_gpt2, tiny_llama
 from torch import nn
 
 import granet
 from granet.oneshot import prune
 
 pytest.importorskip("transformers")
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
-
-VOCAB = 64
-
-
-def llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(config)
-
-
-def gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(
-        GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=32)
-    )
 
 
 def token_batches(n: int = 3, seed: int = 1) -> list[dict[str, torch.Tensor]]:
@@ -76,7 +53,7 @@ def test_a_conv1d_is_pruned_per_output_like_the_linear_of_its_transpose():
     assert (a.sum(0) == 5).all()  # every output unit (a column of a Conv1D) keeps half
 
 
-@pytest.mark.parametrize("make", [llama, gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 def test_every_output_row_of_a_transformer_keeps_exactly_half(make):
     model = make()
     pruned = prune(model, 0.5, score="wanda", calibration=token_batches())
@@ -92,17 +69,17 @@ def test_every_output_row_of_a_transformer_keeps_exactly_half(make):
 
 
 def test_wanda_differs_from_magnitude_where_inputs_differ_in_scale():
-    a, b = llama(), llama()
+    a, b = tiny_llama(), tiny_llama()
     wanda = prune(a, 0.5, score="wanda", calibration=token_batches()).masks
     magnitude = prune(b, 0.5, pruning="row").masks
     assert any(not torch.equal(wanda[n], magnitude[n]) for n in wanda)
 
 
 def test_init_wanda_starts_any_sparsifier_at_wandas_masks():
-    reference = llama()
+    reference = tiny_llama()
     expected = prune(reference, 0.5, score="wanda", calibration=token_batches()).masks
     for method in ("rigl", "static", "set"):
-        model = llama()
+        model = tiny_llama()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         sp = granet.METHODS[method](
             model,
@@ -158,7 +135,7 @@ def test_bad_calibration_is_refused_in_one_line_naming_it():
         prune(model, 0.5, score="sparsegpt")
     assert all(int(m.weight.count_nonzero()) == m.weight.numel() for m in (model[0], model[2]))
     with pytest.raises(ValueError, match=r"does not fit the model"):
-        prune(llama(), 0.5, score="wanda", calibration=[{"input_ids": torch.randn(2, 8)}])
+        prune(tiny_llama(), 0.5, score="wanda", calibration=[{"input_ids": torch.randn(2, 8)}])
     conv = nn.Sequential(nn.Conv2d(1, 2, 3))
     with pytest.raises(ValueError, match=r"reads the inputs of nn.Linear and Conv1D.*0.weight"):
         prune(conv, 0.5, score="wanda", calibration=[torch.randn(1, 1, 5, 5)])
