@@ -269,3 +269,27 @@ def tiny_gpt2() -> nn.Module:
     return GPT2LMHeadModel(
         GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=32)
     )
+
+
+def snapshot(net: nn.Module, sp: Any) -> dict[str, Any]:
+    """Copies of a sparsifier's masks and step and of the model's state, to compare runs."""
+    return {
+        "masks": {n: m.clone() for n, m in sp.masks.items()},
+        "weights": {n: p.detach().clone() for n, p in net.state_dict().items()},
+        "step": sp.step,
+    }
+
+
+class Tokens(torch.utils.data.Dataset):
+    """``n`` random token sequences of ``length`` (from a generator seeded with ``seed``), each
+    its own label: a causal LM's data set (the model shifts the labels)."""
+
+    def __init__(self, n: int = 32, length: int = 16, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, VOCAB, (n, length), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}

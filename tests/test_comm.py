@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import batch
+from helpers import batch, snapshot
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -75,14 +75,6 @@ def run(model, opt, start, stop, rank, world, micro=1, scaler=None, inf_at=()):
             scaler.update()
         else:
             opt.step()
-
-
-def snapshot(net, sp):
-    return {
-        "masks": {n: m.clone() for n, m in sp.masks.items()},
-        "weights": {n: p.detach().clone() for n, p in net.state_dict().items()},
-        "step": sp.step,
-    }
 
 
 class Counter:

@@ -9,6 +9,7 @@ import warnings
 from datetime import timedelta
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import torch.distributed as dist
@@ -72,9 +73,7 @@ def run(model, opt, start, stop, rank=0, world=1, dtype=torch.float32):
 
 def snapshot(net, sp):
     return {
-        "masks": {n: m.clone() for n, m in sp.masks.items()},
-        "weights": {n: p.detach().clone() for n, p in net.state_dict().items()},
-        "step": sp.step,
+        **helpers.snapshot(net, sp),
         "itop": sp.itop_rate(),
         "start_density": 1.0 - sp.algorithm.init_sparsity,
     }

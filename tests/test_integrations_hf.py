@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import Tokens
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -45,19 +46,6 @@ def gpt2() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-class Tokens(torch.utils.data.Dataset):
-    """Random token sequences, each its own label (the model shifts them)."""
-
-    def __init__(self, n: int = 64, length: int = 16) -> None:
-        self.ids = torch.randint(0, 64, (n, length), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def trainer(out, model, callbacks, **args) -> Trainer:
     settings = dict(
         max_steps=STEPS,
@@ -71,7 +59,7 @@ def trainer(out, model, callbacks, **args) -> Trainer:
         seed=0,
     )
     arguments = TrainingArguments(str(out), **{**settings, **args})
-    return Trainer(model=model, args=arguments, train_dataset=Tokens(), callbacks=callbacks)
+    return Trainer(model=model, args=arguments, train_dataset=Tokens(64), callbacks=callbacks)
 
 
 def callback() -> GraNetCallback:

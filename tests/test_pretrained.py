@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from helpers import VOCAB, tiny_gpt2, tiny_llama
+from helpers import Tokens, tiny_gpt2, tiny_llama
 from torch import nn
 
 pytest.importorskip("transformers")
@@ -24,19 +24,6 @@ from granet.integrations.hf import GraNetCallback  # noqa: E402
 from granet.oneshot import prune  # noqa: E402
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class Tokens(torch.utils.data.Dataset):
-    """Random token sequences, each its own label."""
-
-    def __init__(self, n: int = 32, seed: int = 0) -> None:
-        self.ids = torch.randint(0, VOCAB, (n, 16), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def trainer(out, model, callbacks, **args) -> Trainer:

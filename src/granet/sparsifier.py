@@ -372,10 +372,11 @@ class Sparsifier:
             self.update_topology()
         else:
             self._apply(skip=updated)
+        due = self._dense_grad_due()
         if self._compute:
-            self._compute.dense_grad = self._dense_grad_due()
+            self._compute.dense_grad = due
         if self._comm:
-            self._comm.dense = self._dense_grad_due()
+            self._comm.dense = due
 
     def _dense_grad_due(self) -> bool:
         """Whether the next step needs the full dense gradient of every sparse tensor: a
