@@ -237,6 +237,69 @@ def test_every_sparsifier_option_is_a_flag_a_setting_and_a_docs_row():
     assert table and table.group(1) == options_table(), "regenerate: granet.cli.options_table()"
 
 
+def test_every_run_setting_is_a_flag_with_its_declared_default_and_a_docs_row():
+    import re
+    from pathlib import Path
+
+    from granet.cli import build_parser, settings_table
+    from granet.cli.flags import setting_default
+    from granet.experiment.config import SETTINGS
+    from granet.experiment.plasticity import BASE_DEFAULTS
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    helps = {
+        command: {s: a.help for a in commands[command]._actions for s in a.option_strings}
+        for command in ("train", "plasticity")
+    }
+    for setting in SETTINGS:
+        assert "default" not in setting.help, setting.name  # derived, never written by hand
+        flag = "--" + setting.name.replace("_", "-")
+        assert helps["train"][flag].endswith(f"(default: {setting_default(setting)})"), flag
+        if setting.name != "workers":  # the study's --workers: continuations at a time
+            shown = setting_default(
+                setting, BASE_DEFAULTS.get(setting.name), setting.name in BASE_DEFAULTS
+            )
+            assert helps["plasticity"][flag].endswith(f"(default: {shown})"), flag
+    train, study = helps["train"], helps["plasticity"]
+    assert train["--epochs"].endswith("(default: 10)")
+    assert train["--lr"].endswith("(default: 0.05 for sgd, 0.001 for adamw)")
+    assert train["--lr-milestones"].endswith("(default: 0.5 0.75)")
+    assert train["--augment"].endswith("(default: off)")
+    assert train["--train-size"].endswith("(default: all)")
+    assert study["--method"].endswith("(default: dense)")
+    assert study["--model"].endswith("(default: lenet5)")
+    assert study["--val-size"].endswith("(default: 0)")
+    assert study["--train-size"].endswith("(default: 6000)")
+    doc = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    table = re.search(r"<!-- settings:begin -->\n(.*?)\n<!-- settings:end -->", doc, re.S)
+    assert table and table.group(1) == settings_table(), "regenerate: granet.cli.settings_table()"
+
+
+def test_each_run_setting_is_checked_by_its_declaration():
+    from granet.experiment.config import SETTINGS, make_config
+
+    for setting in SETTINGS:
+        if setting.choices:  # a name not among them is refused, the choices listed
+            bad = ["nope"] if setting.many else "nope"
+            with pytest.raises(ValueError, match=f"{setting.name} must be one of") as e:
+                make_config({setting.name: bad})
+            assert all(choice in str(e.value) for choice in setting.choices)
+    for name, value, rule in [
+        ("val_size", 1.0, r"in \[0, 1\)"),
+        ("train_size", 0, r">= 1 \(or null: all\)"),
+        ("epochs", 0, ">= 1"),
+        ("batch_size", 0, ">= 1"),
+        ("lr", -1.0, "> 0"),
+        ("momentum", 1.0, r"in \[0, 1\)"),
+        ("weight_decay", -1.0, ">= 0"),
+        ("warmup_epochs", 10.0, r"in \[0, epochs=10\)"),
+        ("label_smoothing", 1.0, r"in \[0, 1\)"),
+        ("workers", -1, r"in \[0, \d+\] \(4 per CPU here\)"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{name} must be {rule}; got {value!r}$"):
+            make_config({name: value})
+
+
 def test_sparsifier_flags_reach_the_run(tmp_path):
     code, _, err = run_cli(
         "train",

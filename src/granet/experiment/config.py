@@ -8,14 +8,12 @@ same error naming the setting and the allowed values.
 from __future__ import annotations
 
 import math
-import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 import granet
@@ -24,6 +22,19 @@ from granet.algorithm import OPTION, OPTIONS, cli_options
 from granet.experiment.datasets import DATASETS
 from granet.experiment.loggers import LOGGERS
 from granet.experiment.models import MODELS
+from granet.experiment.settings import (
+    MAX_WORKERS_PER_CPU,
+    SEED_RANGE,
+    Setting,
+    at_least_1,
+    below_epochs,
+    declarations,
+    first_step_fits,
+    fraction_below_1,
+    rule,
+    setting,
+    worker_count,
+)
 
 METHOD_CHOICES = (*granet.METHODS, "dense")
 # the settings whose default is each method's own
@@ -32,12 +43,6 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
 AMP_CHOICES = ("none", "bf16", "fp16")
 DEFAULT_LR = {"sgd": 0.05, "adamw": 1e-3}
-# The optimizers step float32 weights with scalars made of lr and weight_decay, and a scalar a
-# float32 cannot hold fails the first step; AdamW's first step size is lr / (1 - beta1) = 10 lr.
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-ADAMW_STEP_FACTOR = 1 / (1 - 0.9)
-SEED_RANGE = 2**32  # NumPy's global generator takes seeds in [0, 2**32 - 1]
-MAX_WORKERS_PER_CPU = 4
 # ``update_every: null`` means about this many topology updates per run (the paper's CIFAR
 # setup has 62 560 steps and updates every 1000: about 60).
 AUTO_UPDATES_PER_RUN = 60
@@ -45,36 +50,107 @@ AUTO_UPDATES_PER_RUN = 60
 
 @dataclass(frozen=True)
 class RunSettings:
-    """The settings of a run that are not the sparsifier's options."""
+    """The settings of a run that are not the sparsifier's options, each declared once: its
+    default, help text, choices and check; ``granet train``'s flags, their ``--help``, the
+    settings table of docs/cli.md and :func:`make_config`'s checks derive from it."""
 
     # what to train
-    method: str = "granet"
-    model: str = "mlp"
-    dataset: str = "fashion-mnist"
-    data_root: str | None = None
-    val_size: float = 0.1
-    train_size: int | None = None  # at most this many training examples; None: all
-    augment: bool = False
+    method: str = setting(
+        "granet", "sparse-training method, or dense (no sparsifier)", choices=METHOD_CHOICES
+    )
+    model: str = setting("mlp", "architecture (resnet50: the CIFAR stem)", choices=tuple(MODELS))
+    dataset: str = setting(
+        "fashion-mnist", "data set (imagenet needs torchvision)", choices=tuple(DATASETS)
+    )
+    data_root: str | None = setting(
+        None,
+        "looked at first for the data, and where a download goes (then $GRANET_DATA, the user "
+        "cache, /usr/share/datasets)",
+        metavar="DIR",
+    )
+    val_size: float = setting(
+        0.1,
+        "fraction of the training set held out for validation; 0: none, train on the whole "
+        "training set and test the last epoch (the papers' protocol)",
+        fraction_below_1,
+    )
+    train_size: int | None = setting(
+        None,
+        "train on at most N examples of the training split (after the validation hold-out), "
+        "drawn with the seed: quick runs and studies on a CPU",
+        rule(">= 1 (or null: all)", lambda v: v is None or v >= 1),
+        null="all",
+        metavar="N",
+    )
+    augment: bool = setting(
+        False,
+        "random crops and horizontal flips of the training images (ImageNet: random resized crops)",
+    )
     # optimisation
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float | None = None  # None: 0.05 for sgd, 1e-3 for adamw
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "step"
-    lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
+    epochs: int = setting(10, "training epochs", at_least_1)
+    batch_size: int = setting(
+        128, "the global batch: under torchrun, split among the processes", at_least_1
+    )
+    optimizer: str = setting("sgd", "sgd (Nesterov momentum) or adamw", choices=OPTIMIZERS)
+    lr: float | None = setting(
+        None,
+        "base learning rate",
+        rule("> 0", lambda v: v is not None and v > 0),
+        null=", ".join(f"{lr:g} for {name}" for name, lr in DEFAULT_LR.items()),
+    )
+    momentum: float = setting(0.9, "SGD momentum", fraction_below_1)
+    weight_decay: float = setting(
+        5e-4, "weight decay of the optimizer (decoupled in adamw)", first_step_fits
+    )
+    schedule: str = setting(
+        "step",
+        "LR schedule: step (x0.1 at each of --lr-milestones) or cosine (cosine decay to 0)",
+        choices=SCHEDULES,
+    )
+    lr_milestones: list[float] = setting(
+        [0.5, 0.75],
+        "the step schedule's milestones as fractions of training (the paper's epochs 80 and 120 "
+        "of 160)",
+        rule(
+            "increasing fractions of training in (0, 1)",
+            lambda ms: all(0 < m < 1 for m in ms) and all(a < b for a, b in zip(ms, ms[1:])),
+        ),
+        metavar="FRACTION",
+    )
+    warmup_epochs: float = setting(0.0, "linear warmup to the base learning rate", below_epochs)
+    label_smoothing: float = setting(0.0, "of the cross-entropy loss", fraction_below_1)
     # which tensors stay dense
-    exclude: list[str] = field(default_factory=list)
+    exclude: list[str] = setting(
+        [],
+        "parameter-name patterns kept dense, e.g. 'fc4.weight' or 'conv1.*'; one that matches "
+        "no parameter of the model is named in a warning",
+        metavar="PATTERN",
+        nargs="*",
+    )
     # where and how (the seed also seeds the sparsifier)
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "none"
-    workers: int = 0
-    # where the run's scalars also go, beside metrics.jsonl (keys of loggers.LOGGERS)
-    log: list[str] = field(default_factory=list)
+    seed: int = setting(
+        0,
+        "seeds the model's initialisation, the masks, the validation split and the data order",
+        rule(f"in [0, {SEED_RANGE - 1}] (NumPy's seed range)", lambda v: 0 <= v < SEED_RANGE),
+    )
+    device: str = setting("auto", "auto (CUDA when available), cpu, cuda, cuda:N")
+    amp: str = setting(
+        "none",
+        "mixed precision via torch.autocast: bf16, or fp16 with a gradient scaler on CUDA",
+        choices=AMP_CHOICES,
+    )
+    workers: int = setting(
+        0, f"data-loading processes (at most {MAX_WORKERS_PER_CPU} per CPU)", worker_count
+    )
+    log: list[str] = setting(
+        [],
+        "also log every epoch's metrics record and every topology round's statistics (sparsity, "
+        "target, ITOP rate, pruned/dropped/regrown counts, per-layer density), on the axis of "
+        "optimizer steps: tensorboard (RUN_DIR/tensorboard, needs granet[tensorboard]); "
+        "metrics.jsonl stays the source of truth, and a resumed run's logger drops what an "
+        "interrupted process logged past its checkpoint",
+        choices=tuple(LOGGERS),
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +178,10 @@ class RunSettings:
         if self.pattern is not None and values["distribution"] == OPTION["distribution"].default:
             del values["distribution"]  # the pattern sets the layers' densities
         return {k: v for k, v in values.items() if v is not None}
+
+
+SETTINGS: tuple[Setting, ...] = declarations(RunSettings)
+SETTING: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
 
 # Sparsifier options whose experiment default differs from the library's, with the reason shown
@@ -179,66 +259,14 @@ def _scalar(name: str, value: Any, kind: type) -> Any:
 
 
 def _check_ranges(c: Config) -> None:
-    def need(ok: bool, name: str, rule: str) -> None:
-        if not ok:
-            raise ValueError(f"{name} must be {rule}; got {getattr(c, name)!r}")
-
-    for name, registry in (
-        ("method", METHOD_CHOICES),
-        ("model", MODELS),
-        ("dataset", DATASETS),
-        ("optimizer", OPTIMIZERS),
-        ("schedule", SCHEDULES),
-        ("amp", AMP_CHOICES),
-    ):
-        checks.choice(name, getattr(c, name), dict.fromkeys(registry))
-    granet.Algorithm(**c.sparsifier_options())  # the library's own checks of its options
-    need(0.0 <= c.val_size < 1.0, "val_size", "in [0, 1)")
-    need(c.train_size is None or c.train_size >= 1, "train_size", ">= 1 (or null: all)")
-    need(c.epochs >= 1, "epochs", ">= 1")
-    need(c.batch_size >= 1, "batch_size", ">= 1")
-    need(c.lr is not None and c.lr > 0, "lr", "> 0")
-    need(0.0 <= c.momentum < 1.0, "momentum", "in [0, 1)")
-    need(c.weight_decay >= 0, "weight_decay", ">= 0")
-    _check_float32_step(c)
-    need(
-        all(0 < m < 1 for m in c.lr_milestones)
-        and all(a < b for a, b in zip(c.lr_milestones, c.lr_milestones[1:])),
-        "lr_milestones",
-        "increasing fractions of training in (0, 1)",
-    )
-    need(0 <= c.warmup_epochs < c.epochs, "warmup_epochs", f"in [0, epochs={c.epochs})")
-    need(0.0 <= c.label_smoothing < 1.0, "label_smoothing", "in [0, 1)")
-    # each data-loading worker is a process holding a copy of the data set: past a few per core
-    # they only exhaust memory (100,000 of them took the machine down)
-    most = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
-    need(0 <= c.workers <= most, "workers", f"in [0, {most}] ({MAX_WORKERS_PER_CPU} per CPU here)")
-    need(0 <= c.seed < SEED_RANGE, "seed", f"in [0, {SEED_RANGE - 1}] (NumPy's seed range)")
-    for name in c.log:
-        checks.choice("log", name, LOGGERS)
-
-
-def _check_float32_step(c: Config) -> None:
-    """Refuse an lr or weight_decay that would make the optimizer's first step fail: its
-    scalars must fit a float32 (at most :data:`FLOAT32_MAX`)."""
-    top = f"{FLOAT32_MAX:.4g}"
-    if c.lr > FLOAT32_MAX:
-        raise ValueError(f"lr must be at most {top} (a float32 must hold it); got {c.lr!r}")
-    if c.weight_decay > FLOAT32_MAX:
-        raise ValueError(
-            f"weight_decay must be at most {top} (a float32 must hold it); got {c.weight_decay!r}"
-        )
-    if c.optimizer == "adamw":
-        if c.lr * ADAMW_STEP_FACTOR > FLOAT32_MAX:
-            raise ValueError(
-                f"lr must be at most {FLOAT32_MAX / ADAMW_STEP_FACTOR:.4g} with adamw (its first "
-                f"step size, lr / (1 - beta1) = 10 x lr, must fit a float32); got {c.lr!r}"
-            )
-        if c.lr * c.weight_decay > FLOAT32_MAX:
-            raise ValueError(
-                f"lr x weight_decay must be at most {top} with adamw (a float32 must hold it); "
-                f"got {c.lr!r} x {c.weight_decay!r}"
-            )
+    """Each run setting's declared choices and check, then the library's checks of its options."""
+    for declared in SETTINGS:
+        value = getattr(c, declared.name)
+        if declared.choices is not None:
+            for item in value if declared.many else (value,):
+                checks.choice(declared.name, item, dict.fromkeys(declared.choices))
+        declared.check(declared.name, value, c)
+    granet.Algorithm(**c.sparsifier_options())
 
 
 def _typed_values(values: dict[str, Any]) -> dict[str, Any]:
