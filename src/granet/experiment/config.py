@@ -1,6 +1,8 @@
 """Run configuration: built-in defaults, overridden by a YAML file, overridden by flags.
 
-One dataclass holds every setting of a training run; :func:`resolve_config` merges the three
+One dataclass holds every setting of a training run: the sparsifier's options, derived from
+``granet.Algorithm``, and the run's own (:class:`RunSettings`), each declared once with its help
+text, choices and check (``experiment/settings.py``). :func:`resolve_config` merges the three
 sources and validates the result in one place, so a bad value from a file or from a flag gets the
 same error naming the setting and the allowed values.
 """
@@ -181,7 +183,6 @@ class RunSettings:
 
 
 SETTINGS: tuple[Setting, ...] = declarations(RunSettings)
-SETTING: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
 
 # Sparsifier options whose experiment default differs from the library's, with the reason shown

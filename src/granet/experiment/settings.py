@@ -36,7 +36,7 @@ class Setting:
     default: Any
     help: str
     kind: type  # float, int, str or bool: what a config file or a flag gives (of each item: many)
-    check: Check
+    check: Check  # run after the value's type and its choices are checked
     many: bool = False  # a list of ``kind``
     choices: tuple[str, ...] | None = None
     null: str = "none"  # what ``None`` means, as ``--help`` and docs/cli.md show a None default
