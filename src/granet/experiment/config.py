@@ -260,14 +260,16 @@ def _scalar(name: str, value: Any, kind: type) -> Any:
 
 
 def _check_ranges(c: Config) -> None:
-    """Each run setting's declared choices and check, then the library's checks of its options."""
+    """The run settings' declared choices, the library's checks of its options, then each run
+    setting's declared check (in the order of the fields: a check may read those before it)."""
     for declared in SETTINGS:
-        value = getattr(c, declared.name)
         if declared.choices is not None:
+            value = getattr(c, declared.name)
             for item in value if declared.many else (value,):
                 checks.choice(declared.name, item, dict.fromkeys(declared.choices))
-        declared.check(declared.name, value, c)
     granet.Algorithm(**c.sparsifier_options())
+    for declared in SETTINGS:
+        declared.check(declared.name, getattr(c, declared.name), c)
 
 
 def _typed_values(values: dict[str, Any]) -> dict[str, Any]:
