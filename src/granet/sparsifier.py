@@ -174,9 +174,9 @@ class Sparsifier:
         alg = self.resolve(algorithm, **options)
         if alg.total_steps is None:
             raise ValueError("total_steps must be an integer >= 1; got None")
-        check_calibration(alg.init, calibration)
         if sharded:
             self._check_sharded(alg)
+        check_calibration(alg.init, calibration)
         self.algorithm = alg
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         if ddp and alg.communication == "compact":
@@ -208,6 +208,9 @@ class Sparsifier:
         self._observers = [
             s.observe for s in (self.importance, self.growth) if hasattr(s, "observe")
         ]
+        for s in (self.importance, self.growth):
+            if hasattr(s, "start"):
+                s.start(self.params)
         gradual = alg.init_sparsity < alg.sparsity or alg.sparsity_schedule is not None
         self.dynamic = gradual or alg.regrow_fraction > 0 or alg.regrow_schedule is not None
         self._first_round = start if alg.init_sparsity < alg.sparsity else 0
