@@ -47,36 +47,45 @@ class Momentum:
     """SNFS's growth: |exponential moving average of the dense gradient|.
 
     The optimizer's own momentum is zero at inactive positions (masks hold the optimizer state
-    too), so this score keeps its own average of the gradients, updated after every step.
+    too), so this score keeps its own average of the gradients, updated after every step. Its
+    buffers exist from :meth:`start` on (zeros, shaped and placed like the weights), so that a
+    state template taken before the first step (``torch.distributed.checkpoint``) has them.
     """
 
     def __init__(self, beta: float = 0.9) -> None:
         self.beta = beta
         self.buffers: list[torch.Tensor] | None = None
+        self.seen = False  # whether a gradient has been averaged in
+
+    def start(self, params: Sequence[torch.Tensor]) -> None:
+        if self.buffers is None:
+            self.buffers = [torch.zeros_like(p) for p in params]
 
     def observe(self, params: Sequence[torch.Tensor]) -> None:
         grads = [p.grad for p in params]
         if any(g is None for g in grads):
             return
         if self.buffers is None or any(b.dtype != g.dtype for b, g in zip(self.buffers, grads)):
-            # first step, or the model changed precision mid-run (``model.half()``)
+            # not started, or the model changed precision mid-run (``model.half()``)
             old = self.buffers or [None] * len(grads)
             self.buffers = [
                 torch.zeros_like(g) if b is None else b.to(g.dtype) for b, g in zip(old, grads)
             ]
         torch._foreach_lerp_(self.buffers, grads, 1.0 - self.beta)
+        self.seen = True
 
     def __call__(
         self, weight: torch.Tensor, grad: torch.Tensor | None, *, index: int, **context: Any
     ) -> torch.Tensor | None:
-        return None if self.buffers is None else self.buffers[index].abs()
+        return self.buffers[index].abs() if self.seen else None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"beta": self.beta, "buffers": self.buffers}
+        return {"beta": self.beta, "buffers": self.buffers, "seen": self.seen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.beta = state["beta"]
         self.buffers = state["buffers"]
+        self.seen = state.get("seen", self.buffers is not None)  # states before "seen"
 
 
 def optimizer_momentum(optimizer: torch.optim.Optimizer, default: float = 0.9) -> float:

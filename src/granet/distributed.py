@@ -7,8 +7,10 @@ own generators, seeded with ``seed`` on every rank, and gradient or momentum gro
 gradients in an optimizer-step hook, after DDP's all-reduce. :func:`verify_agreement` checks the
 outcome with one small all-reduce, so a divergence stops the run at the round that caused it.
 
-Sharded data parallelism (FSDP, DeepSpeed ZeRO) gives each rank only a slice of every weight; the
-masks would have to be sharded alike, which is not implemented, so those wrappers are refused.
+FSDP2 (``fully_shard``) gives each rank only some rows of every weight; the sparsifier then keeps
+the masks of those rows and runs its rounds across the shards (:mod:`granet.shards`), and only
+ranks holding the same shard (HSDP replicas) are checked for agreement. FSDP1's flat parameters
+and DeepSpeed's partitions hide the weights' shapes, so those wrappers are refused.
 """
 
 from __future__ import annotations
@@ -93,44 +95,37 @@ def _from_deepspeed(obj: object) -> bool:
     return any(cls.__module__.startswith("deepspeed.runtime") for cls in type(obj).__mro__)
 
 
-# Sharding types by (module, class) across torch versions (2.4 kept FSDP2 and DTensor private).
-_FSDP = (
-    ("torch.distributed.fsdp", "FullyShardedDataParallel"),
-    ("torch.distributed.fsdp", "FSDPModule"),
-    ("torch.distributed._composable.fsdp", "FSDPModule"),
+# FSDP1 by (module, class); its import costs over a second, so only an imported one is looked for
+_FSDP1 = (("torch.distributed.fsdp", "FullyShardedDataParallel"),)
+_USE = (
+    "use torch DistributedDataParallel, or FSDP2: torch.distributed.fsdp.fully_shard on the "
+    "model's blocks and the model, then the optimizer, then the sparsifier (see "
+    "docs/distributed.md)"
 )
-_DTENSOR = (("torch.distributed.tensor", "DTensor"), ("torch.distributed._tensor", "DTensor"))
 
 
 def _loaded(names: tuple[tuple[str, str], ...]) -> tuple[type, ...]:
     """The classes among ``names`` whose modules are already imported: a model cannot hold an
-    instance of a class never imported, and importing FSDP only to look costs over a second."""
+    instance of a class never imported."""
     found = (getattr(sys.modules.get(module), attr, None) for module, attr in names)
     return tuple(t for t in found if isinstance(t, type))
 
 
 def refuse_sharded(model: nn.Module, optimizer: object) -> None:
-    """Raise ValueError if the model or optimizer shards weights across ranks (FSDP, DeepSpeed)."""
+    """Raise ValueError if weights or optimizer state are sharded in a way granet cannot read:
+    FSDP1 (``FullyShardedDataParallel``) or DeepSpeed. FSDP2 (``fully_shard``) is supported."""
     if _from_deepspeed(model) or _from_deepspeed(optimizer):
         raise ValueError(
             "granet does not support DeepSpeed engines or ZeRO optimizers (they shard weights "
-            "and optimizer state across ranks); use torch DistributedDataParallel "
-            "(see docs/distributed.md)"
+            f"and optimizer state across ranks); {_USE}"
         )
     if any(hasattr(p, "ds_id") for p in model.parameters()):
         raise ValueError(
-            "granet does not support parameters partitioned by DeepSpeed ZeRO-3; "
-            "use torch DistributedDataParallel (see docs/distributed.md)"
+            f"granet does not support parameters partitioned by DeepSpeed ZeRO-3; {_USE}"
         )
-    fsdp, dtensor = _loaded(_FSDP), _loaded(_DTENSOR)
-    sharded = [
-        f"module {n!r}" if n else "the model itself"
-        for n, m in model.named_modules()
-        if isinstance(m, fsdp)
-    ]
-    sharded += [f"parameter {n!r}" for n, p in model.named_parameters() if isinstance(p, dtensor)]
-    if sharded:
+    fsdp1 = _loaded(_FSDP1)
+    wrapped = [n or "the model itself" for n, m in model.named_modules() if isinstance(m, fsdp1)]
+    if wrapped:
         raise ValueError(
-            f"granet does not support FSDP / fully_shard or other sharded (DTensor) parameters "
-            f"(found at {sharded[0]}); use torch DistributedDataParallel (see docs/distributed.md)"
+            f"granet does not support FSDP1 (FullyShardedDataParallel, at {wrapped[0]!r}); {_USE}"
         )

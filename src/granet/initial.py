@@ -2,8 +2,9 @@
 
 Each function takes the sparse tensors, their active counts (from the layer-wise distribution)
 and the sparsifier's CPU generator, and returns one bool mask per tensor on its device. Keyword
-context: the ``model``, the tensors' ``names`` and the sparsifier's ``calibration`` batches
-(read only by ``wanda``).
+context: the ``model``, the tensors' ``names``, the sparsifier's ``calibration`` batches (read
+only by ``wanda``) and the ``space`` where the tensors lie (:mod:`granet.shards`: under FSDP2 a
+mask is this rank's part, and equals that part of the mask one process would draw).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from granet.masks import random_mask, top_mask
+from granet.masks import random_mask
 from granet.oneshot import as_rows, output_major, row_mask, wanda_scores
+from granet.shards import Whole
 
 Init = Callable[..., list[torch.Tensor]]
 
@@ -24,30 +26,43 @@ def random_init(
     params: Sequence[torch.Tensor],
     counts: Sequence[int],
     generator: torch.Generator,
+    *,
+    space: Whole | None = None,
     **context: Any,
 ) -> list[torch.Tensor]:
-    """Uniformly random positions at each layer's count (the papers' ERK draw)."""
-    return [random_mask(p.shape, n, generator).to(p.device) for p, n in zip(params, counts)]
+    """Uniformly random positions at each layer's count (the papers' ERK draw). Each rank of a
+    sharded model draws every layer whole, so that all draw alike, and keeps its part."""
+    space = space or Whole(params)
+    return [
+        space.part(random_mask(p.shape, n, generator), i).to(space.local(p).device).contiguous()
+        for i, (p, n) in enumerate(zip(params, counts))
+    ]
 
 
 def magnitude_init(
     params: Sequence[torch.Tensor],
     counts: Sequence[int],
     generator: torch.Generator,
+    *,
+    space: Whole | None = None,
     **context: Any,
 ) -> list[torch.Tensor]:
     """The largest-magnitude weights of each layer: a trained model keeps what matters most."""
-    return [top_mask(p.detach().abs().float(), n).view(p.shape) for p, n in zip(params, counts)]
+    space = space or Whole(params)
+    return space.top([space.local(p).detach().abs().float() for p in params], counts)
 
 
 def existing_init(
     params: Sequence[torch.Tensor],
     counts: Sequence[int],
     generator: torch.Generator,
+    *,
+    space: Whole | None = None,
     **context: Any,
 ) -> list[torch.Tensor]:
     """The weights' own non-zeros: an already-pruned checkpoint keeps its exact pattern."""
-    return [p.detach() != 0 for p in params]
+    space = space or Whole(params)
+    return [space.local(p).detach() != 0 for p in params]
 
 
 def wanda_init(

@@ -40,6 +40,40 @@ def unpack_bits(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return bits.view(-1)[:numel].view(torch.bool).view(tuple(shape))
 
 
+def _rows(shape: Sequence[int]) -> tuple[int, int]:
+    return (shape[0], math.prod(shape[1:])) if len(shape) else (1, 1)
+
+
+def pack_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tensor row by row (along its first dimension) into uint8 ``[rows,
+    ceil(row_size / 8)]``: a slice of rows packs to the same slice of the packed rows, so packed
+    masks shard and reshard like their weights (FSDP2's ``Shard(0)``)."""
+    rows, size = _rows(mask.shape)
+    flat = mask.reshape(rows, size)
+    if flat.device.type == "cpu":
+        return torch.from_numpy(np.packbits(flat.numpy(), axis=1, bitorder="little"))
+    flat = flat.view(torch.uint8)
+    pad = (-size) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(rows, pad)], dim=1)
+    return (flat.view(rows, -1, 8) << _SHIFTS.to(flat.device)).sum(dim=2, dtype=torch.uint8)
+
+
+def unpack_rows(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`pack_rows`: a contiguous bool tensor of ``shape``."""
+    rows, size = _rows(shape)
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != (rows, (size + 7) // 8):
+        raise ValueError(
+            f"row-packed mask is {packed.dtype} of shape {tuple(packed.shape)}, expected uint8 "
+            f"of shape ({rows}, {(size + 7) // 8}) for shape {tuple(shape)}"
+        )
+    if packed.device.type == "cpu":
+        bits = np.unpackbits(packed.numpy(), axis=1, count=size, bitorder="little")
+        return torch.from_numpy(bits).view(torch.bool).view(tuple(shape))
+    bits = (packed.unsqueeze(2) >> _SHIFTS.to(packed.device)) & 1
+    return bits.view(rows, -1)[:, :size].contiguous().view(torch.bool).view(tuple(shape))
+
+
 def random_mask(shape: torch.Size, nnz: int, generator: torch.Generator) -> torch.Tensor:
     """A CPU bool mask with exactly ``nnz`` True entries at uniformly random positions."""
     numel = shape.numel()
@@ -52,7 +86,8 @@ def random_mask(shape: torch.Size, nnz: int, generator: torch.Generator) -> torc
 
 
 def top_mask(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
-    """A flat bool mask selecting the ``k`` largest entries of ``scores`` (exact count).
+    """A flat bool mask selecting the ``k`` largest entries of ``scores`` (exact count); ties
+    at the k-th value go to the lowest indices, so the selection depends on the scores alone.
 
     ``k`` may be a 0-d tensor that only the device knows (a per-layer count after global
     pruning): the entries are then ranked by a stable sort, so the host never waits to read it.
@@ -63,17 +98,19 @@ def top_mask(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
         by_rank = torch.arange(flat.numel(), device=flat.device) < k
         return torch.empty_like(by_rank).scatter_(0, order, by_rank)
     n = flat.numel()
-    if flat.device.type == "cpu" and n > CPU_TOPK_LIMIT and 0 < k < n:
+    if k <= 0 or k >= n:
+        return torch.full((n,), k > 0, dtype=torch.bool, device=flat.device)
+    if flat.is_floating_point():  # NaN ranks above everything, as in topk, and NaNs tie
+        flat = flat.nan_to_num(math.inf, math.inf, -math.inf)
+    if flat.device.type == "cpu" and n > CPU_TOPK_LIMIT:
         # CPU topk grows faster than linearly beyond about 2^24 entries; a k-th value select
-        # stays linear. Ties at the threshold are filled in index order.
+        # stays linear
         threshold = torch.kthvalue(flat, n - k + 1).values
-        mask = flat > threshold
-        mask[(flat == threshold).nonzero().view(-1)[: k - int(mask.count_nonzero())]] = True
-        return mask
-    mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
-    if k > 0:
-        mask[torch.topk(flat, k, sorted=False).indices] = True
-    return mask
+    else:
+        threshold = torch.topk(flat, k, sorted=False).values.min()
+    mask = flat > threshold
+    ties = flat == threshold
+    return mask | (ties & (ties.cumsum(0) <= k - mask.sum()))
 
 
 def apply_masks(tensors: list[torch.Tensor], masks: list[torch.Tensor]) -> None:

@@ -28,7 +28,7 @@ from granet.criteria import GROWTH, IMPORTANCE
 from granet.distributed import data_parallel_group, refuse_sharded, verify_agreement
 from granet.distributions import DISTRIBUTIONS
 from granet.initial import INIT, check_calibration
-from granet.masks import apply_masks, pack_bits, top_mask, unpack_bits
+from granet.masks import apply_masks, pack_bits, pack_rows, unpack_bits, unpack_rows
 from granet.oneshot import wanda_scores
 from granet.pruning import PRUNING
 from granet.readback import HostCopy
@@ -41,6 +41,7 @@ from granet.selection import (
     unwrap,
     unwrap_optimizer,
 )
+from granet.shards import Shards, Whole, is_dtensor
 
 # id(parameter) -> (the parameter, the sparsifier holding it), both weakly
 _HELD: dict[int, tuple[weakref.ref, weakref.ref]] = {}
@@ -153,7 +154,12 @@ class Sparsifier:
             raise ValueError(f"the optimizer does not hold these sparse parameters: {orphans}")
         self.names = [name for name, _ in chosen]
         self.params = [p for _, p in chosen]
-        self._numel = sum(p.numel() for p in self.params)
+        self._numel = sum(p.numel() for p in self.params)  # a DTensor's is the whole tensor's
+        # where each rank's part of the tensors lies: whole here, or FSDP2 shards
+        sharded = any(is_dtensor(p) for p in self.params)
+        self._space = Shards(self.names, self.params) if sharded else Whole(self.params)
+        if sharded:
+            self._group = self._space.replicas  # only replicas of a shard must agree
 
         if algorithm is not None and not isinstance(algorithm, Algorithm):
             raise ValueError(f"algorithm must be a granet.Algorithm; got {algorithm!r}")
@@ -168,6 +174,8 @@ class Sparsifier:
         alg = self.resolve(algorithm, **options)
         if alg.total_steps is None:
             raise ValueError("total_steps must be an integer >= 1; got None")
+        if sharded:
+            self._check_sharded(alg)
         check_calibration(alg.init, calibration)
         self.algorithm = alg
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -200,6 +208,9 @@ class Sparsifier:
         self._observers = [
             s.observe for s in (self.importance, self.growth) if hasattr(s, "observe")
         ]
+        for s in (self.importance, self.growth):
+            if hasattr(s, "start"):
+                s.start(self.params)
         gradual = alg.init_sparsity < alg.sparsity or alg.sparsity_schedule is not None
         self.dynamic = gradual or alg.regrow_fraction > 0 or alg.regrow_schedule is not None
         self._first_round = start if alg.init_sparsity < alg.sparsity else 0
@@ -221,10 +232,11 @@ class Sparsifier:
                 model=self.model,
                 names=self.names,
                 calibration=calibration,
+                space=self._space,
             )
         else:
             self._masks = self._pattern_masks(calibration)
-        self._nnz = [int(m.count_nonzero()) for m in self._masks]  # per layer, as last read
+        self._nnz = self._counts(self._masks).tolist()  # per layer, as last read
         self._warn_empty(self._nnz, "start")
         if alg.scale_init:
             # Evci et al. (2022): the dense initialisation scaled for the sparse fan-in keeps
@@ -232,18 +244,18 @@ class Sparsifier:
             # signal too small to learn from.
             with torch.no_grad():
                 gains = [math.sqrt(p.numel() / max(n, 1)) for p, n in zip(self.params, self._nnz)]
-                torch._foreach_mul_(self.params, gains)
+                torch._foreach_mul_(self._locals(), gains)
         # Weights active at least once, one bit each over all sparse layers in order; in host
         # memory, so that on a GPU the device holds only the bool masks.
         self._ever_active = self._packed_masks().cpu()
         # Where reading device values back costs the host nothing, a round's results are taken
         # in at once; elsewhere at the next round or report (see ``_settle``).
-        self._reads_free = all(p.device.type == "cpu" for p in self.params)
+        self._reads_free = all(m.device.type == "cpu" for m in self._masks)
         self._pending: tuple[int, HostCopy] | None = None
         self._compute = None
         self._apply()
         self._verify()
-        if alg.compute != "dense":  # hooks and forwards installed once nothing can fail
+        if alg.compute != "dense" and not sharded:  # installed once nothing can fail
             self._compute = SparseCompute(
                 alg.compute, self.model, self.names, self.params, self._masks, optimizer, self._warn
             )
@@ -256,6 +268,30 @@ class Sparsifier:
             if self._comm:
                 self._comm.dense = self._dense_grad_due()
         self._hook = optimizer.register_step_post_hook(self._on_step)
+
+    def _check_sharded(self, alg: Algorithm) -> None:
+        """Refuse what sharded (FSDP2) weights do not support; say once that they compute
+        dense."""
+        if alg.pattern is not None:
+            raise ValueError(
+                f"pattern={alg.pattern!r} is not supported on weights sharded by fully_shard "
+                "(FSDP2); train the N:M pattern without FSDP2 (one process or DDP)"
+            )
+        if alg.init == "wanda":
+            raise ValueError(
+                "init='wanda' is not supported on weights sharded by fully_shard (FSDP2); "
+                "prune with granet.oneshot before sharding and start from init='existing'"
+            )
+        if alg.compute == "sparse":
+            self._warn("compute='sparse' runs layers sharded by fully_shard (FSDP2) dense")
+
+    def _locals(self) -> list[torch.Tensor]:
+        """This rank's part of every sparse tensor (the tensors themselves unless sharded)."""
+        return [self._space.local(p) for p in self.params]
+
+    def _counts(self, masks: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Active entries per sparse tensor, over all ranks' parts."""
+        return self._space.total(torch.stack([m.count_nonzero() for m in masks]))
 
     def _pattern_masks(self, calibration: Any = None) -> list[torch.Tensor]:
         """Initial masks under the pattern: in every group its count at ``init_sparsity``,
@@ -293,7 +329,7 @@ class Sparsifier:
     ) -> dict[str, Any]:
         """With ``init="existing"``, the model's own sparsity starts the run and, unless
         given, is also the final one."""
-        nnz = sum(int(p.count_nonzero()) for p in self.params)
+        nnz = int(self._counts([self._space.local(p) for p in self.params]).sum())
         existing = 1.0 - nnz / self._numel
         given = options.get("init_sparsity", algorithm and algorithm.init_sparsity)
         if given is not None and abs(given - existing) > 1.0 / self._numel:
@@ -366,6 +402,8 @@ class Sparsifier:
         if not stepped:
             return
         self.step += 1
+        if self.step == 1 or self.cadence.is_update(self.step):
+            self._check_current()
         for observe in self._observers:
             observe(self.params)
         if self.dynamic and self.step >= self._first_round and self.cadence.is_update(self.step):
@@ -377,6 +415,19 @@ class Sparsifier:
             self._compute.dense_grad = due
         if self._comm:
             self._comm.dense = due
+
+    def _check_current(self) -> None:
+        """Refuse to go on when the model's parameters are no longer the ones selected (the
+        model was sharded by fully_shard after the sparsifier was built): the masks would be
+        applied to tensors that no longer train."""
+        now = dict(self.model.named_parameters())
+        stale = [n for n, p in zip(self.names, self.params) if now.get(n) is not p]
+        if stale:
+            raise ValueError(
+                f"the model's parameter {stale[0]!r} was replaced after the sparsifier was built "
+                "(fully_shard applied later?); apply fully_shard first, then build the optimizer "
+                "and the sparsifier"
+            )
 
     def _dense_grad_due(self) -> bool:
         """Whether the next step needs the full dense gradient of every sparse tensor: a
@@ -395,10 +446,13 @@ class Sparsifier:
         than same-dtype ones, the multipliers are copies of the masks in the tensor's dtype;
         elsewhere the bool masks.
         """
-        state = self.optimizer.state
+        state, local = self.optimizer.state, self._space.local
         key = (
             tuple(
-                id(v) for p in self.params for v in state.get(p, {}).values() if torch.is_tensor(v)
+                id(local(v))
+                for p in self.params
+                for v in (p, *state.get(p, {}).values())
+                if torch.is_tensor(v)
             )
             + tuple(p.dtype for p in self.params)
             + tuple(sorted(skip))
@@ -411,6 +465,7 @@ class Sparsifier:
                     continue
                 shaped = [v for v in state.get(p, {}).values() if torch.is_tensor(v)]
                 for t in [p, *(v for v in shaped if v.shape == p.shape)]:
+                    t = local(t)
                     if t.device.type == "cpu":
                         m_t = copies.setdefault((i, t.dtype), m.to(t.dtype))
                     else:
@@ -418,7 +473,7 @@ class Sparsifier:
                     tensors.append(t)
                     multipliers.append(m_t)
             # the key's ids stay valid while the cache holds the tensors they name
-            held = [v for p in self.params for v in state.get(p, {}).values()]
+            held = [local(v) for p in self.params for v in (p, *state.get(p, {}).values())]
             self._target_cache = (key, (tensors, multipliers), held)
         return self._target_cache[1]
 
@@ -441,7 +496,13 @@ class Sparsifier:
         self._apply()
         self._settle()
         alg, step = self.algorithm, self.step
-        finite = torch.isfinite(torch.stack(torch._foreach_norm(self.params, math.inf)))
+        local = self._locals()
+        finite = torch.ones(len(local), dtype=torch.bool, device=self._masks[0].device)
+        held = [i for i, t in enumerate(local) if t.numel()]  # a rank's shard may be empty
+        if held:
+            norms = torch._foreach_norm([local[i] for i in held], math.inf)
+            finite[held] = torch.isfinite(torch.stack(norms)).to(finite.device)
+        finite = self._space.everywhere(finite)
         ok = finite.all()  # a round on non-finite weights leaves the masks as they were
         masks = [m.clone() for m in self._masks]
         importance = [
@@ -460,7 +521,7 @@ class Sparsifier:
             ]
             pruned_masks = new, torch.stack([m.count_nonzero() for m in new])
         elif target > alg.init_sparsity:
-            pruned_masks = PRUNING[alg.pruning](importance, self._nnz, target)
+            pruned_masks = PRUNING[alg.pruning](importance, self._nnz, target, self._space)
         if pruned_masks is not None:
             new, counts = pruned_masks
             for m, n in zip(masks, new):
@@ -490,20 +551,23 @@ class Sparsifier:
 
     def _scores(self, score: Any, masks: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         """``score`` for every sparse tensor, with the documented context."""
-        state = self.optimizer.state
-        return [
+        state, space = self.optimizer.state, self._space
+        scores = [
             score(
                 p.detach(),
                 None if p.grad is None else p.grad.detach(),
                 name=name,
                 index=i,
-                mask=m,
+                mask=space.view(m, i),
                 state=state.get(p, {}),
-                generator=self._generator(p.device),
+                generator=self._generator(m.device),
                 step=self.step,
             )
             for i, (name, p, m) in enumerate(zip(self.names, self.params, masks))
         ]
+        # a score is this rank's part, or the whole tensor's (random draws, the same on every
+        # rank) of which the part is taken
+        return [None if s is None else space.part(s, i) for i, s in enumerate(scores)]
 
     def _commit(self, masks: Sequence[torch.Tensor], ok: torch.Tensor) -> None:
         """Make ``masks`` the sparsifier's (unless ``ok`` is False) and apply them."""
@@ -542,10 +606,13 @@ class Sparsifier:
                 m.copy_(new)
                 dropped.append(n)
             return torch.stack(dropped).sum()
-        for m, k, imp, g in zip(masks, ks, importance, grow):
-            mask = m.view(-1)
-            mask &= ~top_mask(torch.where(mask, -imp.reshape(-1), -math.inf), k)
-            mask |= top_mask(torch.where(mask, -math.inf, g.reshape(-1).float()), k)
+        space = self._space
+        drop = space.top([torch.where(m, -imp, -math.inf) for m, imp in zip(masks, importance)], ks)
+        for m, d in zip(masks, drop):
+            m &= ~d
+        regrow = space.top([torch.where(m, -math.inf, g.float()) for m, g in zip(masks, grow)], ks)
+        for m, r in zip(masks, regrow):
+            m |= r
         return total
 
     def _settle(self) -> None:
@@ -580,7 +647,7 @@ class Sparsifier:
 
     def _verify(self) -> None:
         """Under torch.distributed, raise if the ranks' masks differ (see ``distributed.py``)."""
-        if self.verify_ranks:
+        if self.verify_ranks and not (self._space.sharded and self._group is None):
             verify_agreement(self.names, self._masks, self._group)
 
     def _packed_masks(self) -> torch.Tensor:
@@ -596,8 +663,9 @@ class Sparsifier:
     # ------------------------------------------------------------- reporting
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        """Parameter name -> bool mask (True = active)."""
-        return dict(zip(self.names, self._masks))
+        """Parameter name -> bool mask (True = active); under FSDP2 a DTensor placed as its
+        weight, of which this rank holds its shards' part."""
+        return {n: self._space.view(m, i) for i, (n, m) in enumerate(zip(self.names, self._masks))}
 
     @property
     def last_round(self) -> dict[str, int]:
@@ -613,10 +681,11 @@ class Sparsifier:
     def itop_rate(self) -> float:
         """Fraction of all sparse-layer weights that have been active at least once."""
         self._settle()
-        return int(self._ever_bits().count_nonzero()) / self._numel
+        ever = self._ever_bits().count_nonzero()
+        return int(self._space.total(ever)) / self._numel
 
     def _ever_bits(self) -> torch.Tensor:
-        return unpack_bits(self._ever_active, (self._numel,))
+        return unpack_bits(self._ever_active, (sum(m.numel() for m in self._masks),))
 
     def next_update(self) -> int | None:
         """The step of the next topology round, or None when none is left."""
@@ -657,13 +726,29 @@ class Sparsifier:
         """Everything needed to resume exactly, and what it belongs to (method, settings);
         masks are bit-packed (1 bit per weight). Loads with ``torch.load(weights_only=True)``."""
         self._settle()
-        ever = self._ever_bits().split([p.numel() for p in self.params])
+        ever = self._ever_bits().split([m.numel() for m in self._masks])
+        if self._space.sharded:  # each rank its shards' rows, which reshard as the weights do
+            packed = {
+                "masks": {
+                    n: self._space.view(pack_rows(m), i)
+                    for i, (n, m) in enumerate(zip(self.names, self._masks))
+                },
+                "ever_active": {
+                    n: self._space.view(pack_rows(e.view(m.shape)), i)
+                    for i, (n, e, m) in enumerate(zip(self.names, ever, self._masks))
+                },
+                "packing": "rows",
+            }
+        else:
+            packed = {
+                "masks": {n: pack_bits(m) for n, m in zip(self.names, self._masks)},
+                "ever_active": {n: pack_bits(e) for n, e in zip(self.names, ever)},
+            }
         return {
             "method": type(self).__name__,
             "settings": self.algorithm.record(),
             "step": self.step,
-            "masks": {n: pack_bits(m) for n, m in zip(self.names, self._masks)},
-            "ever_active": {n: pack_bits(e) for n, e in zip(self.names, ever)},
+            **packed,
             "shapes": {n: list(p.shape) for n, p in zip(self.names, self.params)},
             "generators": {d: g.get_state() for d, g in self._generators.items()},
             "scores": {
@@ -692,18 +777,19 @@ class Sparsifier:
         extra = sorted(set(state["masks"]) - set(self.names))
         if extra:
             raise ValueError(f"sparsifier state has masks for unknown tensors: {extra}")
+        rows = state.get("packing") == "rows"
         masks = [
-            unpack_bits(state["masks"][n].to(p.device), p.shape)
-            for n, p in zip(self.names, self.params)
+            self._unpack(state["masks"][n], i, rows).to(m.device)
+            for i, (n, m) in enumerate(zip(self.names, self._masks))
         ]
         ever = [
-            unpack_bits(state["ever_active"][n].cpu(), p.shape).reshape(-1)
-            for n, p in zip(self.names, self.params)
+            self._unpack(state["ever_active"][n], i, rows).cpu().reshape(-1)
+            for i, n in enumerate(self.names)
         ]
         # nothing below can fail on a well-formed state: only now does anything change
         self._masks = [m.clone() for m in masks]
         self._ever_active = pack_bits(torch.cat(ever))
-        self._nnz = [int(m.count_nonzero()) for m in self._masks]
+        self._nnz = self._counts(self._masks).tolist()
         self._pending = None
         self.step = int(state["step"])
         self._last_round = dict(state["last_round"])
@@ -723,6 +809,16 @@ class Sparsifier:
             self._comm.refresh(self._masks)
             self._comm.dense = self._dense_grad_due()
         self._apply()
+
+    def _unpack(self, packed: torch.Tensor, index: int, rows: bool) -> torch.Tensor:
+        """This rank's part of a saved mask: packed by rows (a sharded state, as DTensor or
+        whole) or as one bit string (a state saved whole)."""
+        space, shape = self._space, self.params[index].shape
+        if rows and is_dtensor(packed):  # loaded by torch.distributed.checkpoint
+            local = space.local(packed)
+            return unpack_rows(local.cpu(), (local.shape[0], *shape[1:]))
+        whole = unpack_rows(packed.cpu(), shape) if rows else unpack_bits(packed.cpu(), shape)
+        return space.part(whole, index).contiguous()
 
     def _check_belongs(self, state: dict[str, Any]) -> None:
         """Raise if ``state`` was saved by another method or with other settings (states that
