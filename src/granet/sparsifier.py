@@ -28,7 +28,15 @@ from granet.criteria import GROWTH, IMPORTANCE
 from granet.distributed import data_parallel_group, refuse_sharded, verify_agreement
 from granet.distributions import DISTRIBUTIONS
 from granet.initial import INIT, check_calibration
-from granet.masks import apply_masks, pack_bits, top_mask, unpack_bits
+from granet.masks import (
+    apply_masks,
+    density_of,
+    nonzeros,
+    pack_bits,
+    sparsity_of,
+    top_mask,
+    unpack_bits,
+)
 from granet.oneshot import wanda_scores
 from granet.pruning import PRUNING
 from granet.readback import HostCopy
@@ -293,8 +301,7 @@ class Sparsifier:
     ) -> dict[str, Any]:
         """With ``init="existing"``, the model's own sparsity starts the run and, unless
         given, is also the final one."""
-        nnz = sum(int(p.count_nonzero()) for p in self.params)
-        existing = 1.0 - nnz / self._numel
+        existing = sparsity_of(*nonzeros(self.params))
         given = options.get("init_sparsity", algorithm and algorithm.init_sparsity)
         if given is not None and abs(given - existing) > 1.0 / self._numel:
             raise ValueError(
@@ -608,7 +615,7 @@ class Sparsifier:
     def sparsity(self) -> float:
         """Current global sparsity of the sparse layers (fraction of masked-out weights)."""
         self._settle()
-        return 1.0 - sum(self._nnz) / self._numel
+        return sparsity_of(sum(self._nnz), self._numel)
 
     def itop_rate(self) -> float:
         """Fraction of all sparse-layer weights that have been active at least once."""
@@ -642,7 +649,7 @@ class Sparsifier:
             "last_round": self.last_round,
             "layers": {
                 name: {
-                    "density": n / p.numel(),
+                    "density": density_of(n, p.numel()),
                     "nnz": n,
                     "numel": p.numel(),
                     "shape": list(p.shape),
