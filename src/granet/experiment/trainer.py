@@ -272,7 +272,7 @@ class Trainer:
             raise non_finite_loss(self.run_dir, self.epoch, self.step, self.config.lr)
         val_loss, val_acc = (None, None) if self._val_loader is None else self.evaluate("val")
         at_target = reached_target(self.sparsifier, c.sparsity)
-        best = is_best(self.best, val_acc, at_target, last=self.epoch + 1 == c.epochs)
+        chosen = is_best(self.best, val_acc, at_target, last=self.epoch + 1 == c.epochs)
         steps = self.batch
         stats = self.sparsifier.stats() if self.sparsifier is not None else None
         seconds = s["seconds"] + time.perf_counter() - started
@@ -289,13 +289,13 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "seconds": seconds,
             "samples": s["seen"],
-            "best": best,
+            "best": chosen,
             "layer_density": dict(zip(self.sparse_names, (s["density"] / steps).tolist())),
         }
         writes = self.run_dir is not None and self.ranks.main
         if writes:
             append_metrics(self.run_dir, record)
-        if best:
+        if chosen:
             self.best = {"epoch": self.epoch + 1, "val_accuracy": val_acc}
             if writes:
                 save_best(self.run_dir, self.model, self.sparsifier, self.data_shape, self.best)
