@@ -28,36 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from granet.experiment import parallel
-from granet.experiment.blocks import (
-    AMP_DTYPES,
-    batch_loader,
-    check_shares,
-    epoch_batches,
-    epoch_generator,
-    eval_loader,
-    evaluate,
-    load_data,
-    log,
-    lr_factor,
-    make_optimizer,
-    make_sparsifier,
-    reached_target,
-    resolve_device,
-)
-from granet.experiment.checkpoints import (
-    CHECKPOINT_FORMAT,
-    StartFrom,
-    checkpoint_path,
-    is_best,
-    load_best,
-    read_position,
-    restore,
-    rng_state,
-    save_best,
-    save_checkpoint,
-    seed_everything,
-)
+from granet.experiment import blocks, checkpoints, parallel
+from granet.experiment.checkpoints import StartFrom
 from granet.experiment.config import Config
 from granet.experiment.datasets import DataBundle
 from granet.experiment.guards import StepGuard, interrupted, non_finite_loss
@@ -121,20 +93,22 @@ class Trainer:
     ) -> None:
         self.ranks = parallel.current()
         self.run_dir = None if run_dir is None else Path(run_dir)
-        self.device = resolve_device(config.device) if device is None else torch.device(device)
+        self.device = (
+            blocks.resolve_device(config.device) if device is None else torch.device(device)
+        )
         self.callbacks = list(callbacks)
         self.progress = progress and self.ranks.main
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        seed_everything(config.seed)
+        checkpoints.seed_everything(config.seed)
         if data is None:
-            data = load_data(config, self.ranks)
-            log(
+            data = blocks.load_data(config, self.ranks)
+            blocks.log(
                 f"data: {data.source}; {len(data.train)} train, {len(data.val)} validation, "
                 f"{len(data.test)} test"
             )
         self.data = data
-        check_shares(len(self.data.train), config.batch_size, self.ranks.world)
+        blocks.check_shares(len(self.data.train), config.batch_size, self.ranks.world)
         self.steps_per_epoch = math.ceil(len(self.data.train) / config.batch_size)
         self.total_steps = config.epochs * self.steps_per_epoch
         self.config = config.resolved(self.total_steps)
@@ -150,12 +124,12 @@ class Trainer:
         if self.ranks.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.trained = DistributedDataParallel(self.model, device_ids=ids)
-        self.optimizer = make_optimizer(self.model, self.config)
+        self.optimizer = blocks.make_optimizer(self.model, self.config)
         first = 0 if start is None else start.epoch * self.steps_per_epoch
         # a given sparsifier state goes on with its own schedule; a fresh one gets the rest
         fresh = start is None or start.sparsifier is None
         steps = self.total_steps - first if fresh else self.total_steps
-        self.sparsifier = make_sparsifier(
+        self.sparsifier = blocks.make_sparsifier(
             self.trained, self.optimizer, self.config, steps, sparsifier_options
         )
         if start is not None:
@@ -171,7 +145,7 @@ class Trainer:
         self.train_seconds = 0.0
         self.best: dict[str, Any] | None = None
         self._val_loader = (
-            eval_loader(self.data.val, self.config, self.device, self.ranks)
+            blocks.eval_loader(self.data.val, self.config, self.device, self.ranks)
             if len(self.data.val)
             else None
         )
@@ -188,7 +162,7 @@ class Trainer:
         process must call this at the same point (it sums the epoch's counts across them)."""
         sp = self.sparsifier
         return {
-            "format": CHECKPOINT_FORMAT,
+            "format": checkpoints.CHECKPOINT_FORMAT,
             "settings": self.config.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -199,19 +173,19 @@ class Trainer:
             "sums": self.sums.across(),
             "train_seconds": self.train_seconds,
             "best": self.best,
-            "rng": rng_state(self.device),
+            "rng": checkpoints.rng_state(self.device),
             "data_shape": self.data_shape,
             "data_source": self.data.source,
         }
 
     def load_state_dict(self, state: Mapping[str, Any], source: str | Path = "checkpoint") -> None:
         """Continue exactly where :meth:`state_dict` was taken; ``source`` names it in errors."""
-        at = read_position(state, self.sums.values, self.first_epoch, source)
-        restore(
+        at = checkpoints.read_position(state, self.sums.values, self.first_epoch, source)
+        checkpoints.restore(
             state, self.model, self.optimizer, self.sparsifier, self.scaler, self.device, source
         )
         if state.get("data_source") != self.data.source:
-            log(
+            blocks.log(
                 f"warning: this run was trained on {state.get('data_source')}; resuming it on "
                 f"{self.data.source}"
             )
@@ -225,18 +199,20 @@ class Trainer:
         """Write :meth:`state_dict` to ``path`` (process 0; every process must call this)."""
         state = self.state_dict()
         if self.ranks.main:
-            save_checkpoint(state, path)
+            checkpoints.save_checkpoint(state, path)
 
     # ---------------------------------------------------------------- one step, one epoch
     def train_step(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
         """One optimizer step on this process's share ``x, y`` of a global batch of
         ``batch_size`` examples; returns the share's mean loss."""
         c = self.config
-        lr = c.lr * lr_factor(self.step, self.total_steps, self.steps_per_epoch, c)
+        lr = c.lr * blocks.lr_factor(self.step, self.total_steps, self.steps_per_epoch, c)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=AMP_DTYPES[c.amp], enabled=c.amp != "none"):
+        with torch.autocast(
+            self.device.type, dtype=blocks.AMP_DTYPES[c.amp], enabled=c.amp != "none"
+        ):
             out = self.trained(x)
             loss = F.cross_entropy(
                 out.float(), y, label_smoothing=c.label_smoothing, reduction="sum"
@@ -258,11 +234,13 @@ class Trainer:
         if split == "val":
             if self._val_loader is None:
                 raise ValueError("this run has no validation split (val_size: 0)")
-            return evaluate(self.model, self._val_loader, self.device, self.config.amp, self.ranks)
+            return blocks.evaluate(
+                self.model, self._val_loader, self.device, self.config.amp, self.ranks
+            )
         if split != "test":
             raise ValueError(f"split must be 'val' or 'test'; got {split!r}")
-        loader = eval_loader(self.data.test, self.config, self.device)
-        return evaluate(self.model, loader, self.device, self.config.amp)
+        loader = blocks.eval_loader(self.data.test, self.config, self.device)
+        return blocks.evaluate(self.model, loader, self.device, self.config.amp)
 
     def end_epoch(self) -> dict[str, Any]:
         """Validate, log the epoch to metrics.jsonl, keep the best checkpoint, save the last."""
@@ -271,8 +249,8 @@ class Trainer:
         if not math.isfinite(s["loss"].item()):
             raise non_finite_loss(self.run_dir, self.epoch, self.step, self.config.lr)
         val_loss, val_acc = (None, None) if self._val_loader is None else self.evaluate("val")
-        at_target = reached_target(self.sparsifier, c.sparsity)
-        chosen = is_best(self.best, val_acc, at_target, last=self.epoch + 1 == c.epochs)
+        at_target = blocks.reached_target(self.sparsifier, c.sparsity)
+        chosen = checkpoints.is_best(self.best, val_acc, at_target, last=self.epoch + 1 == c.epochs)
         steps = self.batch
         stats = self.sparsifier.stats() if self.sparsifier is not None else None
         seconds = s["seconds"] + time.perf_counter() - started
@@ -298,7 +276,9 @@ class Trainer:
         if chosen:
             self.best = {"epoch": self.epoch + 1, "val_accuracy": val_acc}
             if writes:
-                save_best(self.run_dir, self.model, self.sparsifier, self.data_shape, self.best)
+                checkpoints.save_best(
+                    self.run_dir, self.model, self.sparsifier, self.data_shape, self.best
+                )
         self.train_seconds += time.perf_counter() - started
         self.epoch += 1
         self.batch = 0
@@ -310,7 +290,7 @@ class Trainer:
 
     def _save_last(self) -> None:
         if self.run_dir is not None:
-            self.save(checkpoint_path(self.run_dir, "last"))
+            self.save(checkpoints.checkpoint_path(self.run_dir, "last"))
 
     # ------------------------------------------------------------------------- the loop
     def fit(self, epochs: int | None = None) -> None:
@@ -331,7 +311,7 @@ class Trainer:
                 record = self._epoch(stop)
                 if record is None:
                     self._interrupt(stop)
-                log(epoch_line(record, c.epochs))
+                blocks.log(epoch_line(record, c.epochs))
             if self._stop(stop):
                 self._interrupt(stop)
 
@@ -339,14 +319,14 @@ class Trainer:
         """Train the rest of the current epoch and end it: its metrics record, or None when
         stopped for a signal."""
         c = self.config
-        batches = epoch_batches(len(self.data.train), c.batch_size, c.seed, self.epoch)
+        batches = blocks.epoch_batches(len(self.data.train), c.batch_size, c.seed, self.epoch)
         batches = batches[self.batch :]
-        loader = batch_loader(
+        loader = blocks.batch_loader(
             self.data.train,
             parallel.shard(batches, self.ranks),
             c,
             self.device,
-            epoch_generator(c.seed, self.epoch),
+            blocks.epoch_generator(c.seed, self.epoch),
         )
         self.model.train()
         bar = EpochBar(self.epoch + 1, c.epochs, self.steps_per_epoch, self.batch, self.progress)
@@ -411,7 +391,7 @@ class Trainer:
             sparse=sp is not None,
             sparsity=stats["sparsity"] if stats else 0.0,
             itop_rate=stats["itop_rate"] if stats else None,
-            target_reached=reached_target(sp, c.sparsity),
+            target_reached=blocks.reached_target(sp, c.sparsity),
             parameters=sum(p.numel() for p in self.model.parameters()),
             train_seconds=self.train_seconds,
             steps=self.step,
@@ -425,7 +405,7 @@ class Trainer:
         (process 0 only; needs ``run_dir``)."""
         if self.run_dir is None:
             raise ValueError("finish() writes the run's report: the trainer needs a run_dir")
-        best = load_best(self.run_dir, self.model, self.sparsifier)
+        best = checkpoints.load_best(self.run_dir, self.model, self.sparsifier)
         test_loss, test_acc = self.evaluate("test")
         metrics = read_metrics(self.run_dir)
         report = run_report(self.record(), best, test_loss, test_acc, metrics)
