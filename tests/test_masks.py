@@ -52,3 +52,36 @@ def test_apply_masks_zeroes_in_place_in_every_dtype():
     ma, mb = torch.tensor([[True, False, True], [False, True, True]]), torch.tensor([1, 0, 0, 1])
     apply_masks([a, b], [ma.float(), mb.to(torch.bfloat16)])
     assert torch.equal(a, ma.float()) and b.tolist() == [1, 0, 0, 1]
+
+
+def test_the_sparsity_count_of_counts_tensors_and_nothing():
+    weights = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    mask = torch.tensor([True, False, False, False])
+    assert masks.nonzeros([weights, torch.zeros(3), mask]) == (3, 11)
+    assert masks.density_of(3, 12) == 0.25 and masks.sparsity_of(3, 12) == 0.75
+    assert masks.density_of(0, 0) == 1.0 and masks.sparsity_of(0, 0) == 0.0  # nothing pruned
+    on_device = masks.density_of(mask.sum(), mask.numel())  # a count not read back stays a tensor
+    assert torch.is_tensor(on_device) and on_device.item() == 0.25
+
+
+def test_every_sparsity_granet_reports_is_the_one_count(tmp_path):
+    import granet
+    from granet import oneshot
+    from granet.experiment.serving import export_model
+    from granet.export import inspect_sparse
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 10))
+    sp = granet.sparsify(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), "static", sparsity=0.7, total_steps=10
+    )
+    counted = masks.sparsity_of(*masks.nonzeros(sp.masks.values()))
+    assert sp.sparsity() == counted == oneshot.sparsity(sp.masks.values())
+    for name, layer in sp.stats()["layers"].items():
+        assert layer["density"] == masks.density_of(int(sp.masks[name].sum()), layer["numel"])
+    exported = export_model(model, tmp_path / "model.safetensors")
+    weights = [p for p in model.parameters() if p.dim() > 1]
+    assert exported["weight_sparsity"] == masks.sparsity_of(*masks.nonzeros(weights))
+    stored = {t["name"]: t for t in inspect_sparse(tmp_path / "model.safetensors")["tensors"]}
+    for name, p in model.named_parameters():
+        assert stored[name]["sparsity"] == masks.sparsity_of(*masks.nonzeros([p]))

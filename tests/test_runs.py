@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -277,3 +278,48 @@ def test_a_locked_folder_deleted_and_made_again_is_not_written(tmp_path):
         assert run.marker
     # and the failed new run's clean-up leaves the folder there now alone
     assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE, "theirs.txt"]
+
+
+@pytest.mark.parametrize(
+    ("best", "val_accuracy", "at_target", "last", "chosen"),
+    [
+        (None, 0.5, True, False, True),  # the first epoch at the target
+        ({"epoch": 1, "val_accuracy": 0.6}, 0.5, True, False, False),  # a worse one
+        ({"epoch": 1, "val_accuracy": 0.6}, 0.6, True, False, False),  # a tie keeps the earlier
+        ({"epoch": 1, "val_accuracy": 0.6}, 0.7, True, False, True),  # a better one
+        (None, 0.9, False, False, False),  # denser than asked: not eligible, however good
+        ({"epoch": 1, "val_accuracy": 0.6}, 0.7, False, True, True),  # the last epoch always is
+        (None, None, True, False, False),  # no validation split: only the last epoch
+        ({"epoch": 1, "val_accuracy": None}, None, False, True, True),
+    ],
+)
+def test_the_best_epoch_is_the_best_validated_at_the_target(
+    best, val_accuracy, at_target, last, chosen
+):
+    assert checkpoints.is_best(best, val_accuracy, at_target, last) is chosen
+
+
+def test_best_is_written_and_loaded_back_into_a_model_and_its_sparsifier(tmp_path):
+    import granet
+
+    def sparse_mlp(seed: int):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)
+        )
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, granet.sparsify(model, optimizer, "static", sparsity=0.5, total_steps=10)
+
+    model, sp = sparse_mlp(0)
+    shape = {"num_classes": 4, "in_channels": 1, "image_size": 4}
+    checkpoints.save_best(tmp_path, model, sp, shape, {"epoch": 2, "val_accuracy": 0.5})
+    other, other_sp = sparse_mlp(1)
+    best = checkpoints.load_best(tmp_path, other, other_sp)
+    assert (best["epoch"], best["val_accuracy"], best["data_shape"]) == (2, 0.5, shape)
+    for a, b in zip(model.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)
+    assert all(torch.equal(sp.masks[n], other_sp.masks[n]) for n in sp.masks)
+    wrong = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    path = checkpoints.checkpoint_path(tmp_path, "best")
+    with pytest.raises(ValueError, match=re.escape(f"{path} does not hold a state of this run")):
+        checkpoints.load_best(tmp_path, wrong, None)

@@ -104,6 +104,33 @@ def test_a_mid_epoch_checkpoint_is_not_a_start(tmp_path):
         StartFrom.checkpoint(tmp_path / "mid.pt")
 
 
+def test_start_from_is_the_checkpoints_own():
+    from granet.experiment import checkpoints
+
+    assert StartFrom is checkpoints.StartFrom
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda s: s["position"].update(epoch=-1),
+        lambda s: s.update(best={"epoch": 0, "val_accuracy": 0.5}),
+        lambda s: s.update(format=2),
+    ],
+)
+def test_a_malformed_state_is_refused_before_anything_changes(damage):
+    trained = make()
+    trained.fit(epochs=1)
+    state = trained.state_dict()
+    damage(state)
+    fresh = make()
+    before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    with pytest.raises(ValueError, match="does not hold a state of this run|checkpoint format"):
+        fresh.load_state_dict(state)
+    assert_identical(fresh.model.state_dict(), before)
+    assert (fresh.epoch, fresh.step) == (0, 0)
+
+
 def test_evaluate_names_its_splits():
     config = make_config({**SETTINGS, "val_size": 0.0})
     trainer = Trainer(config, data=synthetic(val_size=0.0), device="cpu")

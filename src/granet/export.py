@@ -71,6 +71,7 @@ import torch
 from torch import nn
 
 from granet import patterns
+from granet.masks import sparsity_of
 
 __all__ = ["FORMAT_VERSION", "inspect_sparse", "load_sparse", "save_sparse"]
 
@@ -219,7 +220,7 @@ def inspect_sparse(path: str | os.PathLike) -> dict[str, Any]:
                 **entry,
                 "nnz": nnz,
                 "numel": numel,
-                "sparsity": 1 - nnz / numel if numel else 0.0,
+                "sparsity": sparsity_of(nnz, numel),
                 "bytes": stored,
             }
         )

@@ -1,9 +1,11 @@
-"""Boolean masks on parameters: applied in place with fused ops, saved one bit per weight."""
+"""Boolean masks on parameters: applied in place with fused ops, saved one bit per weight, and
+counted: :func:`density_of` and :func:`sparsity_of` are the one way granet turns a count of
+non-zeros into a fraction (the sparsifier, one-shot pruning, the sparse file, the runs)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -118,3 +120,22 @@ def apply_masks(tensors: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
     if tensors:
         with torch.no_grad():
             torch._foreach_mul_(tensors, masks)
+
+
+def nonzeros(tensors: Iterable[torch.Tensor]) -> tuple[int, int]:
+    """How many entries of ``tensors`` are non-zero (of bool masks: active), and how many
+    entries they have."""
+    tensors = list(tensors)
+    return sum(int(t.count_nonzero()) for t in tensors), sum(t.numel() for t in tensors)
+
+
+def density_of(nonzero: int | torch.Tensor, numel: int) -> float | torch.Tensor:
+    """The fraction of ``numel`` entries that are non-zero when ``nonzero`` are (1.0 for no
+    entries); ``nonzero`` may be a count still on the device, which stays there."""
+    return nonzero / numel if numel else 1.0
+
+
+def sparsity_of(nonzero: int, numel: int) -> float:
+    """The fraction of ``numel`` entries that are zero when ``nonzero`` are not (0.0 for no
+    entries): sparsity is ``1 - density``."""
+    return 1.0 - density_of(nonzero, numel)

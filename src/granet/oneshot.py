@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from granet import checks, patterns
-from granet.masks import apply_masks, top_mask
+from granet.masks import apply_masks, nonzeros, sparsity_of, top_mask
 from granet.pruning import PRUNING, global_pruning
 from granet.selection import Rule, select_parameters
 
@@ -142,8 +142,7 @@ class Pruned:
 
 def sparsity(masks: Iterable[torch.Tensor]) -> float:
     """Fraction of the entries of ``masks`` that are inactive (False)."""
-    masks = list(masks)
-    return 1.0 - sum(int(m.count_nonzero()) for m in masks) / sum(m.numel() for m in masks)
+    return sparsity_of(*nonzeros(masks))
 
 
 def _zero(

@@ -28,7 +28,15 @@ from granet.criteria import GROWTH, IMPORTANCE
 from granet.distributed import data_parallel_group, refuse_sharded, verify_agreement
 from granet.distributions import DISTRIBUTIONS
 from granet.initial import INIT, check_calibration
-from granet.masks import apply_masks, pack_bits, pack_rows, unpack_bits, unpack_rows
+from granet.masks import (
+    apply_masks,
+    density_of,
+    pack_bits,
+    pack_rows,
+    sparsity_of,
+    unpack_bits,
+    unpack_rows,
+)
 from granet.oneshot import wanda_scores
 from granet.pruning import PRUNING
 from granet.readback import HostCopy
@@ -330,7 +338,7 @@ class Sparsifier:
         """With ``init="existing"``, the model's own sparsity starts the run and, unless
         given, is also the final one."""
         nnz = int(self._counts([self._space.local(p) for p in self.params]).sum())
-        existing = 1.0 - nnz / self._numel
+        existing = sparsity_of(nnz, self._numel)
         given = options.get("init_sparsity", algorithm and algorithm.init_sparsity)
         if given is not None and abs(given - existing) > 1.0 / self._numel:
             raise ValueError(
@@ -676,7 +684,7 @@ class Sparsifier:
     def sparsity(self) -> float:
         """Current global sparsity of the sparse layers (fraction of masked-out weights)."""
         self._settle()
-        return 1.0 - sum(self._nnz) / self._numel
+        return sparsity_of(sum(self._nnz), self._numel)
 
     def itop_rate(self) -> float:
         """Fraction of all sparse-layer weights that have been active at least once."""
@@ -711,7 +719,7 @@ class Sparsifier:
             "last_round": self.last_round,
             "layers": {
                 name: {
-                    "density": n / p.numel(),
+                    "density": density_of(n, p.numel()),
                     "nnz": n,
                     "numel": p.numel(),
                     "shape": list(p.shape),

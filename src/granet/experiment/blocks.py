@@ -1,7 +1,7 @@
 """The building blocks of a run, each a function of its settings: the device, the optimizer, the
-learning-rate factor of a step, each epoch's batches, the data set, evaluation, and the check
-that a schedule reaches its target sparsity. The trainer, the sweep and the plasticity study
-build from them.
+sparsifier, the learning-rate factor of a step, each epoch's batches, the data set, evaluation,
+and the check that a schedule reaches its target sparsity. The trainer, the sweep and the
+plasticity study build from them.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -74,6 +75,27 @@ def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
             weight_decay=config.weight_decay,
         )
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def make_sparsifier(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: Config,
+    total_steps: int,
+    options: Mapping[str, Any] | None = None,
+) -> granet.Sparsifier | None:
+    """The config's sparsifier on ``model`` over ``total_steps`` steps (None for ``dense``);
+    ``options`` go on top of the config's (those a file cannot hold: a callable score)."""
+    if config.method == "dense":
+        return None
+    return granet.sparsify(
+        model,
+        optimizer,
+        config.method,
+        total_steps=total_steps,
+        exclude=tuple(config.exclude),
+        **{**config.sparsifier_options(), **(options or {})},
+    )
 
 
 def lr_factor(step: int, total_steps: int, steps_per_epoch: int, config: Config) -> float:

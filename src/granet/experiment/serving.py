@@ -26,6 +26,7 @@ from torch import nn
 
 from granet.export import inspect_sparse, save_sparse
 from granet.inference import interleaved_times, sparse_inference, sparse_layers
+from granet.masks import sparsity_of
 
 __all__ = ["bench_inference", "bench_model", "export_model", "export_run"]
 
@@ -73,7 +74,7 @@ def export_model(
         "bytes": info["bytes"],
         "torch_save_bytes": buffer.tell(),
         "ratio": info["bytes"] / buffer.tell(),
-        "weight_sparsity": 1 - sum(t["nnz"] for t in weights) / numel if numel else 0.0,
+        "weight_sparsity": sparsity_of(sum(t["nnz"] for t in weights), numel),
         "sparse_tensors": sparse,
         "tensors": len(tensors),
     }
