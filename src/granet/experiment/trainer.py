@@ -107,13 +107,21 @@ class StartFrom:
     ``scale_init`` rescale it); with one, the weights and masks are exactly those given.
     ``epoch`` is the number of epochs already trained: the run goes on from epoch
     ``epoch + 1`` at the learning rate of that point of the schedule; a fresh sparsifier then
-    schedules over the remaining steps only.
+    schedules over the remaining steps only. ``masks`` (instead of a sparsifier state) are the
+    masks to go on with, e.g. pruned or regrown one-shot by the caller: the sparsifier takes
+    them at the step of ``epoch`` (:meth:`granet.Sparsifier.set_masks`) and keeps the whole
+    run's schedule, as if it had trained from the start.
     """
 
     model: Mapping[str, torch.Tensor]
     optimizer: Mapping[str, Any] | None = None
     sparsifier: Mapping[str, Any] | None = None
     epoch: int = 0
+    masks: Mapping[str, torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.sparsifier is not None and self.masks is not None:
+            raise ValueError("StartFrom takes a sparsifier state or masks, not both")
 
     @classmethod
     def checkpoint(
@@ -196,13 +204,17 @@ class Trainer:
             self.trained = DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = make_optimizer(self.model, self.config)
         first = 0 if start is None else start.epoch * self.steps_per_epoch
-        # a given sparsifier state goes on with its own schedule; a fresh one gets the rest
-        fresh = start is None or start.sparsifier is None
+        # a given sparsifier state goes on with its own schedule, given masks with the whole
+        # run's; a fresh one gets the rest
+        fresh = start is None or (start.sparsifier is None and start.masks is None)
         steps = self.total_steps - first if fresh else self.total_steps
         self.sparsifier = self._sparsifier(steps, sparsifier_options or {})
         if start is not None:
-            if start.sparsifier is not None and self.sparsifier is not None:
-                self.sparsifier.load_state_dict(start.sparsifier)
+            if not fresh and self.sparsifier is not None:
+                if start.sparsifier is not None:
+                    self.sparsifier.load_state_dict(start.sparsifier)
+                else:
+                    self.sparsifier.set_masks(dict(start.masks), step=first)
                 # building the sparsifier applied its own first masks: the weights again
                 self.model.load_state_dict(start.model)
             if start.optimizer is not None:
