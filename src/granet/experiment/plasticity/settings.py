@@ -189,9 +189,9 @@ def default_out(config: Config, root: str | Path = "runs") -> Path:
 
 def continuation_config(study: Study, cell: Cell, sparsity: float, update_every: int) -> Config:
     """The settings of ``cell``'s continuation: the base run's, with the variant's method at the
-    pruned ``sparsity`` and the base run's topology cadence. Its masks come from the cell's
-    first checkpoint; ``init`` and ``distribution`` only say how the sparsifier draws the masks
-    that the checkpoint then replaces (for ``prune`` on a dense base with ``global`` pruning,
+    pruned ``sparsity`` and the base run's topology cadence. Its masks are the pruned ones
+    (``StartFrom(masks=...)``); ``init`` and ``distribution`` only say how the sparsifier draws
+    the masks that these then replace (for ``prune`` on a dense base with ``global`` pruning,
     the very same masks)."""
     base, variant = study.base, VARIANTS[cell.variant]
     regrow = base.regrow_fraction if variant.method == "rigl" else 0.0
