@@ -27,11 +27,11 @@ from granet.experiment.plasticity import (
     VARIANTS,
     Cell,
     Study,
-    _gradients,
     base_config,
     continuation_config,
     every_tenth,
     plasticity_rows,
+    regrowth_gradients,
     run_study,
 )
 from granet.experiment.records import read_metrics
@@ -379,9 +379,9 @@ def test_the_one_shot_regrowth_gradient_does_not_depend_on_the_global_rng():
     model = build_model("lenet5", num_classes=10, in_channels=1, image_size=data.image_size)
     names = [n for n, _ in model.named_parameters()]
     torch.manual_seed(1)
-    first = _gradients(model, config, data, 1, names)
+    first = regrowth_gradients(model, config, data, 1, names)
     torch.manual_seed(2)
-    second = _gradients(model, config, data, 1, names)
+    second = regrowth_gradients(model, config, data, 1, names)
     assert all(torch.equal(first[n], second[n]) for n in names)
 
 
@@ -404,7 +404,7 @@ def test_a_rerun_with_more_rates_and_variants_adds_their_cells_only(tmp_path):
 def test_a_study_made_with_another_compute_is_the_same_study(tmp_path, stored):
     """compute says how the base trains, not what: a study made when the default was dense is
     continued, not refused as one with other settings (its base resumes with its own value)."""
-    from granet.experiment.plasticity import STUDY_FILE, STUDY_KIND, _open_study
+    from granet.experiment.plasticity import STUDY_FILE, STUDY_KIND, open_study
 
     study = small_study()
     assert study.base.compute == "auto"
@@ -416,8 +416,55 @@ def test_a_study_made_with_another_compute_is_the_same_study(tmp_path, stored):
     out.mkdir()
     record = {"kind": STUDY_KIND, "settings": recorded}
     (out / STUDY_FILE).write_text(json.dumps(record))
-    _open_study(study, out, overwrite=False)
+    open_study(study, out, overwrite=False)
     recorded["base"]["epochs"] = 4
     (out / STUDY_FILE).write_text(json.dumps(record))
     with pytest.raises(ValueError, match=r"base.epochs: 4 -> 3"):
-        _open_study(study, out, overwrite=False)
+        open_study(study, out, overwrite=False)
+
+
+def test_a_study_loads_its_data_once_and_builds_one_trainer_per_run(
+    reference, tmp_path, monkeypatch
+):
+    """The base run, each cell's prune and each continuation share the study's data set; a
+    prepared cell is one trainer (its masks set, not drawn by throwaway trainers)."""
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the data set was loaded again")
+
+    built = []
+    init = Trainer.__init__
+
+    def counting(self, config, run_dir=None, **kwargs):
+        built.append(None if run_dir is None else Path(run_dir).name)
+        init(self, config, run_dir, **kwargs)
+
+    monkeypatch.setattr("granet.experiment.blocks.load_data", no_loading)
+    monkeypatch.setattr(Trainer, "__init__", counting)
+    rows = run_study(small_study(prune_epochs=(1,), variants=("prune",)), tmp_path / "study")
+    assert built == ["base", "e1-r0.5-prune", "e1-r0.5-prune"]  # base, prune, continuation
+    assert numbers(rows) == [r for r in numbers(reference[1]) if r[0] == "e1-r0.5-prune"]
+
+
+def test_workers_prune_every_cell_then_hand_the_pool_plain_jobs(reference, tmp_path, monkeypatch):
+    """With workers the cells are pruned first; the pool gets jobs (name, config, folder) to
+    resume, no callback into the study (here the pool trains them in this process)."""
+    from granet.experiment.plasticity.folder import prepared
+    from granet.experiment.processes import resumed_config
+    from granet.experiment.train import train
+
+    calls = []
+
+    def pool(todo, workers, overwrite, out, *more):
+        calls.append((workers, overwrite, more))
+        for job, resume in todo:
+            assert resume and prepared(job.run_dir), job.name
+        for job, _ in todo:
+            train(resumed_config(job.run_dir, job.config), job.run_dir, resume=True)
+
+    monkeypatch.setattr("granet.experiment.plasticity.cells.run_processes", pool)
+    study = small_study(variants=("prune",))
+    rows = run_study(study, tmp_path / "study", workers=2, progress=False)
+    assert calls == [(2, False, ())]
+    expected = [r for r in numbers(reference[1]) if r[0].endswith("-prune")]
+    assert numbers(rows) == expected

@@ -375,3 +375,102 @@ def test_a_layer_left_without_weights_is_named():
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     with pytest.warns(RuntimeWarning, match="start leaves no active weights in 2.weight"):
         granet.Static(net, opt, sparsity=0.995, distribution="uniform", **KW)
+
+
+def _half_masks(sp) -> dict[str, torch.Tensor]:
+    """Masks keeping every other currently active position of each layer."""
+    masks = {}
+    for name, m in sp.masks.items():
+        keep = m.clone().view(-1)
+        keep[keep.nonzero()[::2].view(-1)] = False
+        masks[name] = keep.view(m.shape)
+    return masks
+
+
+def test_set_masks_applies_given_masks_to_weights_and_optimizer_state(net):
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    sp = granet.RigL(net, opt, sparsity=0.5, total_steps=100, update_every=10)
+    train(net, opt, 3)
+    before_itop, step = sp.itop_rate(), sp.step
+    masks = _half_masks(sp)
+    given = {n: m.clone() for n, m in masks.items()}
+    sp.set_masks(masks)
+    for m in masks.values():  # the sparsifier holds copies: the caller's tensors stay theirs
+        m.fill_(True)
+    assert all(torch.equal(sp.masks[n], given[n]) for n in sp.names)
+    masked_zero(sp, opt)
+    kept = sum(int(m.sum()) for m in given.values())
+    assert sp.sparsity() == 1 - kept / sum(p.numel() for p in sp.params)
+    assert sp.step == step and sp.itop_rate() == before_itop  # a subset: explored already
+    train(net, opt, 4, 3)  # no round before step 10: the set masks hold while training
+    assert all(torch.equal(sp.masks[n], given[n]) for n in sp.names)
+    masked_zero(sp, opt)
+
+
+def test_set_masks_adds_new_positions_to_the_explored_ones(net):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = granet.SET(net, opt, sparsity=0.9, **KW)
+    old = {n: m.clone() for n, m in sp.masks.items()}
+    new = {n: torch.roll(m, 1, dims=-1) for n, m in old.items()}
+    sp.set_masks(new)
+    union = sum(int((old[n] | new[n]).sum()) for n in sp.names)
+    assert sp.itop_rate() == union / sum(p.numel() for p in sp.params)
+
+
+def test_set_masks_at_a_step_starts_the_sparsifier_over_there(net):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = granet.RigL(net, opt, sparsity=0.5, total_steps=100, update_every=10)
+    train(net, opt, 10)  # one round: explored positions beyond the masks
+    assert sp.itop_rate() > 0.5
+    masks = _half_masks(sp)
+    sp.set_masks(masks, step=42)
+    assert sp.step == 42 and sp.next_update() == 50
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert sp.itop_rate() == kept / sum(p.numel() for p in sp.params)  # the whole record
+    assert sp.last_round == {"pruned": 0, "dropped": 0, "regrown": 0}
+    state = sp.state_dict()
+    assert state["step"] == 42
+    for n, p in zip(sp.names, sp.params):
+        assert torch.equal(unpack_bits(state["ever_active"][n], p.shape), masks[n])
+
+
+def test_set_masks_refuses_bad_masks_in_one_line_and_changes_nothing(net):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = granet.RigL(net, opt, sparsity=0.5, **KW)
+    good = _half_masks(sp)
+    first = next(iter(good))
+    before = {n: m.clone() for n, m in sp.masks.items()}
+    weights = [p.detach().clone() for p in sp.params]
+    bad = [
+        ({n: m for n, m in good.items() if n != first}, "needs a mask for each of"),
+        ({**good, "bn.weight": torch.ones(6, dtype=torch.bool)}, "needs a mask for each of"),
+        (list(good.values()), "needs a mask for each of .*; got list"),
+        ({**good, first: good[first].float()}, f"the mask for '{first}' must be bool"),
+        ({**good, first: good[first].reshape(-1)}, f"the mask for '{first}' must be bool"),
+        ({**good, first: None}, f"the mask for '{first}' must be bool .*; got NoneType"),
+    ]
+    for masks, message in bad:
+        with pytest.raises(ValueError, match=message) as caught:
+            sp.set_masks(masks)
+        assert "\n" not in str(caught.value)
+    with pytest.raises(ValueError, match="step must be an integer >= 0"):
+        sp.set_masks(good, step=-1)
+    assert all(torch.equal(sp.masks[n], before[n]) for n in sp.names)
+    assert all(torch.equal(p, w) for p, w in zip(sp.params, weights))
+    assert sp.step == 0
+
+
+def test_set_masks_refuses_masks_that_break_the_pattern():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = granet.sparsify(model, opt, "static", pattern="2:4", total_steps=10)
+    before = {n: m.clone() for n, m in sp.masks.items()}
+    dense_row = {n: m.clone() for n, m in sp.masks.items()}
+    dense_row["0.weight"][0, :4] = True  # 4 of a group of 4 active
+    with pytest.raises(ValueError, match=r"the mask for '0.weight' breaks pattern='2:4'"):
+        sp.set_masks(dense_row)
+    assert all(torch.equal(sp.masks[n], before[n]) for n in sp.names)
+    other = {n: ~m for n, m in sp.masks.items()}  # the other 2 of every group of 4
+    sp.set_masks(other)
+    assert all(torch.equal(sp.masks[n], other[n]) for n in sp.names)

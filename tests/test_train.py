@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 from helpers import SignalAt, assert_identical
 
+from granet.experiment.blocks import load_data
 from granet.experiment.checkpoints import checkpoint_path, load_checkpoint
 from granet.experiment.config import make_config
-from granet.experiment.records import read_metrics
+from granet.experiment.records import read_metrics, read_report
 from granet.experiment.signals import Interrupted
 from granet.experiment.train import train
 from granet.experiment.trainer import Callbacks, StartFrom
@@ -41,3 +42,19 @@ def test_a_run_started_from_another_runs_state_resumes_with_it(tmp_path):
     final = load_checkpoint(checkpoint_path(tmp_path / "later"))
     whole = load_checkpoint(checkpoint_path(tmp_path / "whole"))
     assert_identical({k: final[k] for k in keys}, {k: whole[k] for k in keys})
+
+
+def test_a_run_given_its_loaded_data_trains_on_it_without_loading_again(tmp_path, monkeypatch):
+    config = make_config({**SETTINGS, "epochs": 1})
+    train(config, tmp_path / "loads", progress=False)
+    data = load_data(config)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the data set was loaded again")
+
+    monkeypatch.setattr("granet.experiment.blocks.load_data", no_loading)
+    report = train(config, tmp_path / "given", progress=False, data=data)
+    assert report["test_accuracy"] == read_report(tmp_path / "loads")["test_accuracy"]
+    given = load_checkpoint(checkpoint_path(tmp_path / "given"))
+    loaded = load_checkpoint(checkpoint_path(tmp_path / "loads"))
+    assert_identical(given["model"], loaded["model"])

@@ -12,6 +12,7 @@ from granet.experiment.config import make_config
 from granet.experiment.datasets.synthetic import synthetic
 from granet.experiment.errors import RunFailed
 from granet.experiment.trainer import Callbacks, StartFrom, Trainer
+from granet.masks import unpack_bits
 
 SETTINGS = {"dataset": "synthetic", "model": "lenet5", "epochs": 3, "batch_size": 300}
 STEPS_PER_EPOCH = 3  # 900 / 300
@@ -180,3 +181,28 @@ def test_layer_densities_are_the_mean_over_the_epochs_steps():
     for epoch, logged in enumerate(seen.epochs):
         steps = seen.steps[epoch * STEPS_PER_EPOCH : (epoch + 1) * STEPS_PER_EPOCH]
         assert logged == pytest.approx([sum(layer) / len(steps) for layer in zip(*steps)])
+
+
+def test_masks_given_to_start_from_keep_the_whole_runs_schedule(tmp_path):
+    """StartFrom(masks=...): the masks of a checkpoint, given as masks instead of its
+    sparsifier state, go on at the checkpoint's step with the whole run's schedule, and the
+    run ends as the uninterrupted one did."""
+    settings = {"method": "rigl", "sparsity": 0.5, "update_every": 2}
+    whole = make([Log({1: tmp_path / "epoch1.pt"})], **settings)
+    whole.fit()
+    saved = StartFrom.checkpoint(tmp_path / "epoch1.pt")
+    state = saved.sparsifier
+    masks = {n: unpack_bits(m, state["shapes"][n]) for n, m in state["masks"].items()}
+    start = StartFrom(saved.model, saved.optimizer, epoch=1, masks=masks)
+    later = make(start=start, **settings)
+    sp = later.sparsifier
+    assert sp.algorithm.total_steps == 3 * STEPS_PER_EPOCH and sp.step == STEPS_PER_EPOCH
+    assert_identical(sp.masks, masks)
+    assert_identical(later.model.state_dict(), dict(saved.model))  # not masked by its own draw
+    density = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert sp.itop_rate() == density  # the given masks are its whole record
+    later.fit()
+    assert_identical(later.model.state_dict(), whole.model.state_dict())
+    assert_identical(later.sparsifier.masks, whole.sparsifier.masks)
+    with pytest.raises(ValueError, match="a sparsifier state or masks, not both"):
+        StartFrom(saved.model, sparsifier=state, masks=masks)

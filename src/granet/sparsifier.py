@@ -843,6 +843,48 @@ class Sparsifier:
         if differ:
             raise ValueError("sparsifier state belongs to another run: it has " + ", ".join(differ))
 
+    def set_masks(self, masks: dict[str, torch.Tensor], *, step: int | None = None) -> None:
+        """Make ``masks`` (name -> bool tensor, one per sparse tensor) the masks, e.g. those
+        :mod:`granet.oneshot` pruned or regrew, and apply them to the weights and their
+        optimizer state; the positions they hold count as explored (ITOP). With ``step`` the
+        sparsifier starts over at that step from these masks, as a run continued from another's
+        pruned checkpoint: they become its whole ITOP record. Bad input changes nothing. Every
+        data-parallel rank must call it (the ranks' masks are checked to agree)."""
+        if not isinstance(masks, dict) or set(masks) != set(self.names):
+            given = sorted(masks) if isinstance(masks, dict) else type(masks).__name__
+            raise ValueError(f"set_masks needs a mask for each of {self.names}; got {given}")
+        for i, (name, p) in enumerate(zip(self.names, self.params)):
+            m = masks[name]
+            if not torch.is_tensor(m) or m.dtype != torch.bool or m.shape != p.shape:
+                got = f"{m.dtype} {tuple(m.shape)}" if torch.is_tensor(m) else type(m).__name__
+                raise ValueError(f"the mask for {name!r} must be bool {tuple(p.shape)}; got {got}")
+            if self._groups is not None and patterns.violations(self._groups[i], m.to(p.device)):
+                g = self._groups[i]
+                raise ValueError(
+                    f"the mask for {name!r} breaks pattern={self.algorithm.pattern!r}: more "
+                    f"than {g.keep} active in some of its groups of {g.size}"
+                )
+        if step is not None:
+            checks.integer("step", step, minimum=0)
+        self._settle()
+        for m, name in zip(self._masks, self.names):
+            m.copy_(masks[name])
+        self._nnz = [int(m.count_nonzero()) for m in self._masks]
+        if step is None:
+            self._ever_active.bitwise_or_(self._packed_masks().cpu())
+        else:
+            self.step, self._ever_active = step, self._packed_masks().cpu()
+            self._last_round = {"pruned": 0, "dropped": 0, "regrown": 0}
+        self._target_cache = None
+        if self._compute:
+            self._compute.refresh(self._masks)
+            self._compute.dense_grad = self._dense_grad_due()
+        if self._comm:
+            self._comm.refresh(self._masks)
+            self._comm.dense = self._dense_grad_due()
+        self._apply()
+        self._verify()
+
     def remove(self) -> None:
         """Detach from the optimizer and release the tensors; the weights keep their zeros."""
         self._hook.remove()

@@ -263,13 +263,21 @@ class StartFrom:
     ``scale_init`` rescale it); with one, the weights and masks are exactly those given.
     ``epoch`` is the number of epochs already trained: the run goes on from epoch
     ``epoch + 1`` at the learning rate of that point of the schedule; a fresh sparsifier then
-    schedules over the remaining steps only.
+    schedules over the remaining steps only. ``masks`` (instead of a sparsifier state) are the
+    masks to go on with, e.g. pruned or regrown one-shot by the caller: the sparsifier takes
+    them at the step of ``epoch`` (:meth:`granet.Sparsifier.set_masks`) and keeps the whole
+    run's schedule, as if it had trained from the start.
     """
 
     model: Mapping[str, torch.Tensor]
     optimizer: Mapping[str, Any] | None = None
     sparsifier: Mapping[str, Any] | None = None
     epoch: int = 0
+    masks: Mapping[str, torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.sparsifier is not None and self.masks is not None:
+            raise ValueError("StartFrom takes a sparsifier state or masks, not both")
 
     @classmethod
     def checkpoint(
@@ -290,12 +298,20 @@ class StartFrom:
         )
 
     def load_into(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, sparsifier: Sparsifier | None
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        sparsifier: Sparsifier | None,
+        step: int = 0,
     ) -> None:
-        """Load the optimizer's and the sparsifier's states once the run has built them (the
-        model's, loaded before the sparsifier was built, again after the sparsifier's)."""
-        if self.sparsifier is not None and sparsifier is not None:
-            sparsifier.load_state_dict(self.sparsifier)
+        """Load the optimizer's and the sparsifier's states (or set the masks, at ``step``) once
+        the run has built them (the model's, loaded before the sparsifier was built, again
+        after the sparsifier's)."""
+        if sparsifier is not None and (self.sparsifier is not None or self.masks is not None):
+            if self.sparsifier is not None:
+                sparsifier.load_state_dict(self.sparsifier)
+            else:
+                sparsifier.set_masks(dict(self.masks), step=step)
             # building the sparsifier applied its own first masks: the weights again
             model.load_state_dict(self.model)
         if self.optimizer is not None:

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,15 +67,14 @@ def run_processes(
     workers: int,
     overwrite: bool,
     out: Path,
-    command: Callable[[Job, bool, bool, Path], list[str]] = _command,
 ) -> None:
     """At most ``workers`` training processes at a time, each logging to ``OUT/<name>.log``.
     Ctrl-C / SIGTERM is passed on to the running ones as SIGTERM (they checkpoint and stop; a
     second one makes them stop at once); nothing new starts. If this process dies, even by
     SIGKILL, each gets one SIGTERM (:func:`~granet.experiment.signals.stop_with_parent`), so a
-    rerun finds their folders free and resumes them. ``command(job, resume, overwrite,
-    out)`` is a job's command line (default: ``granet train`` new or ``--resume``), called
-    just before the job starts."""
+    rerun finds their folders free and resumes them. Each job of ``todo`` is a :class:`Job`
+    and whether to resume it (``granet train --resume``) or start it (``granet train``, with
+    ``overwrite``: emptying its folder first)."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     env[PARENT_ENV] = str(os.getpid())  # each one stops when this process dies, however
@@ -93,7 +91,7 @@ def run_processes(
             while running or (pending and not stop.asked):
                 while pending and len(running) < workers and not stop.asked:
                     job, resume = pending.pop(0)
-                    cmd = command(job, resume, overwrite, out)  # may take a while (a prune)
+                    cmd = _command(job, resume, overwrite, out)
                     if stop.asked:  # asked meanwhile: nothing new starts
                         break
                     log_path = out / f"{job.name}.log"

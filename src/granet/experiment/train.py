@@ -30,6 +30,7 @@ from granet.experiment import parallel
 from granet.experiment.blocks import log, resolve_device
 from granet.experiment.checkpoints import CHECKPOINT_DIR, checkpoint_path, load_checkpoint
 from granet.experiment.config import Config
+from granet.experiment.datasets import DataBundle
 from granet.experiment.folder import (
     CONFIG_FILE,
     HOW,
@@ -165,6 +166,7 @@ def train(
     callbacks: Sequence[Callbacks] = (),
     sparsifier_options: Mapping[str, Any] | None = None,
     start: StartFrom | None = None,
+    data: DataBundle | None = None,
 ) -> dict[str, Any] | None:
     """Train one run into ``run_dir`` and return its report.
 
@@ -175,7 +177,9 @@ def train(
     ``sparsifier_options`` go to the sparsifier on top of the config's (Python-only options: a
     score or schedule given as a callable). ``start`` starts the run from a given state (see
     :class:`~granet.experiment.trainer.StartFrom`); give the same one to resume it (its
-    checkpoint, once it has one, takes over). Raises
+    checkpoint, once it has one, takes over). ``data`` is the config's data set, already
+    loaded (:func:`~granet.experiment.blocks.load_data`; default: loaded here), so that many
+    runs on the same data load it once. Raises
     :class:`~granet.experiment.signals.Interrupted` after saving a checkpoint on Ctrl-C /
     SIGTERM.
 
@@ -196,6 +200,7 @@ def train(
         trainer = Trainer(
             config,
             run_dir,
+            data=data,
             device=device,
             callbacks=callbacks,
             sparsifier_options=sparsifier_options,

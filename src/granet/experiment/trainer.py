@@ -126,14 +126,15 @@ class Trainer:
             self.trained = DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = blocks.make_optimizer(self.model, self.config)
         first = 0 if start is None else start.epoch * self.steps_per_epoch
-        # a given sparsifier state goes on with its own schedule; a fresh one gets the rest
-        fresh = start is None or start.sparsifier is None
+        # a given sparsifier state goes on with its own schedule, given masks with the whole
+        # run's; a fresh one gets the rest
+        fresh = start is None or (start.sparsifier is None and start.masks is None)
         steps = self.total_steps - first if fresh else self.total_steps
         self.sparsifier = blocks.make_sparsifier(
             self.trained, self.optimizer, self.config, steps, sparsifier_options
         )
         if start is not None:
-            start.load_into(self.model, self.optimizer, self.sparsifier)
+            start.load_into(self.model, self.optimizer, self.sparsifier, first)
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.config.amp == "fp16" and self.device.type == "cuda"
         )
