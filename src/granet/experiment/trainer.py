@@ -33,7 +33,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import granet
@@ -75,6 +74,7 @@ from granet.experiment.report import (
     write_report,
 )
 from granet.experiment.signals import StopRequest, stop_on_signals
+from granet.shards import gather
 
 
 # ------------------------------------------------------------------------------- extension
@@ -190,10 +190,11 @@ class Trainer:
         self.model = build_model(config.model, **self.data_shape).to(self.device)
         if start is not None:
             self.model.load_state_dict(start.model)
-        self.trained: nn.Module = self.model  # what the training forward pass runs
-        if self.ranks.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.trained = DistributedDataParallel(self.model, device_ids=ids)
+        # what the training forward pass runs; FSDP2 shards the model itself
+        self.trained: nn.Module = parallel.wrap(
+            self.model, config.parallel, self.ranks, self.device
+        )
+        self.sharded = self.ranks.world > 1 and config.parallel == "fsdp"
         self.optimizer = make_optimizer(self.model, self.config)
         first = 0 if start is None else start.epoch * self.steps_per_epoch
         # a given sparsifier state goes on with its own schedule; a fresh one gets the rest
@@ -257,13 +258,10 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything that resumes the run exactly, and the settings it was made with. Every
         process must call this at the same point (it sums the epoch's counts across them)."""
-        sp = self.sparsifier
         return {
             "format": CHECKPOINT_FORMAT,
             "settings": self.config.to_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "sparsifier": None if sp is None else sp.state_dict(),
+            **self._weights_state(optimizer=True),
             "scaler": self.scaler.state_dict(),
             "position": {"epoch": self.epoch, "batch": self.batch, "step": self.step},
             "first_epoch": self.first_epoch,
@@ -275,6 +273,17 @@ class Trainer:
             "data_source": self.data.source,
         }
 
+    def _weights_state(self, optimizer: bool = False) -> dict[str, Any]:
+        """The model's, the sparsifier's and (if asked) the optimizer's states, whole: under
+        FSDP2 gathered from every rank's shards (every process must call this then)."""
+        sp = self.sparsifier
+        state = {
+            "model": self.model.state_dict(),
+            "sparsifier": None if sp is None else sp.state_dict(),
+            **({"optimizer": self.optimizer.state_dict()} if optimizer else {}),
+        }
+        return gather(state) if self.sharded else state
+
     def load_state_dict(self, state: Mapping[str, Any], source: str | Path = "checkpoint") -> None:
         """Continue exactly where :meth:`state_dict` was taken; ``source`` names it in errors."""
         if state.get("format") != CHECKPOINT_FORMAT:
@@ -283,8 +292,8 @@ class Trainer:
                 f"format {CHECKPOINT_FORMAT}"
             )
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            parallel.load_model(self.model, state["model"])
+            parallel.load_optimizer(self.optimizer, state["optimizer"])
             if self.sparsifier is not None:
                 self.sparsifier.load_state_dict(state["sparsifier"])
             self.scaler.load_state_dict(state["scaler"])
@@ -363,6 +372,11 @@ class Trainer:
         every mask entry each step would cost a quarter of a 98%-sparse sparse-compute step)."""
         if self.sparsifier is None:
             return 1.0
+        if self.sharded:  # the counts over all shards, as the sparsifier keeps them
+            numels = [p.numel() for p in self.sparsifier.params]
+            return torch.tensor(self.sparsifier.counts(), device=self.device) / torch.tensor(
+                numels, device=self.device
+            )
         masks = list(self.sparsifier.masks.values())
         key = [(id(m), m._version) for m in masks]
         if self._density_cache is None or self._density_cache[0] != key:
@@ -421,14 +435,10 @@ class Trainer:
             append_metrics(self.run_dir, record)
         if is_best:
             self.best = {"epoch": self.epoch + 1, "val_accuracy": val_acc}
+        best = self._weights_state() if is_best and (writes or self.sharded) else None
         if is_best and writes:
             save_checkpoint(
-                {
-                    "model": self.model.state_dict(),
-                    "sparsifier": None if stats is None else self.sparsifier.state_dict(),
-                    "data_shape": self.data_shape,
-                    **self.best,
-                },
+                {**best, "data_shape": self.data_shape, **self.best},
                 checkpoint_path(self.run_dir, "best"),
             )
         self.train_seconds += time.perf_counter() - started
@@ -571,13 +581,14 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         """Test the best checkpoint once and write report.json, report.md and the plots
-        (process 0 only; needs ``run_dir``)."""
+        (process 0 only; under FSDP2 every process, as the model is sharded, and process 0
+        writes; needs ``run_dir``)."""
         if self.run_dir is None:
             raise ValueError("finish() writes the run's report: the trainer needs a run_dir")
         path = checkpoint_path(self.run_dir, "best")
         best = load_checkpoint(path)
         try:
-            self.model.load_state_dict(best["model"])
+            parallel.load_model(self.model, best["model"])
             if self.sparsifier is not None:
                 self.sparsifier.load_state_dict(best["sparsifier"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -585,7 +596,8 @@ class Trainer:
         test_loss, test_acc = self.evaluate("test")
         metrics = read_metrics(self.run_dir)
         report = run_report(self.record(), best, test_loss, test_acc, metrics)
-        write_report(self.run_dir, report, metrics)
+        if self.ranks.main:
+            write_report(self.run_dir, report, metrics)
         return report
 
 
