@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,19 @@ class Records(Callbacks):
         self.records.append(record)
 
 
+class Kinds(Callbacks):
+    """Write down the kinds of the model's parameters and the shape of a mask at the first step."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_step(self, trainer: Trainer) -> None:
+        if trainer.step == 1:
+            kinds = {type(p).__name__ for p in trainer.model.parameters()}
+            local = next(iter(trainer.sparsifier.masks.values())).to_local()
+            self.path.write_text(json.dumps({"kinds": sorted(kinds), "rows": local.shape[0]}))
+
+
 def without_time(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
@@ -123,6 +137,18 @@ def worker(rank: int, port: int, root: Path) -> None:
         trainer.save(root / "continued-on-two.pt")
         if rank == 0:
             (root / "continued-on-two.json").write_text(json.dumps(records.records))
+        # FSDP2: uninterrupted; stopped by a signal to process 1, then resumed
+        fsdp = replace(config, parallel="fsdp")
+        train(fsdp, root / "fsdp", progress=False, callbacks=[Kinds(root / f"fsdp-kinds-{rank}")])
+        try:
+            train(
+                fsdp,
+                root / "fsdp-stopped",
+                progress=False,
+                callbacks=[SignalAt(SIGNAL_AFTER, when=rank == 1)],
+            )
+        except Interrupted:
+            train(fsdp, root / "fsdp-stopped", resume=True, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +263,25 @@ def test_only_train_runs_under_torchrun(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["sweep", "nowhere.yaml"]) == 2
     assert "only granet train runs under torchrun" in capsys.readouterr().err
+
+
+def test_fsdp_runs_resume_exactly_and_save_whole_checkpoints(runs):
+    """``parallel: fsdp`` shards the model over the two processes; its checkpoints hold whole
+    tensors (the format of one process), and a run stopped by a signal resumes exactly."""
+    stopped, straight = (
+        load_checkpoint(checkpoint_path(runs / d)) for d in ("fsdp-stopped", "fsdp")
+    )
+    assert_identical({k: stopped[k] for k in STATE_KEYS}, {k: straight[k] for k in STATE_KEYS})
+    metrics = [without_time(read_metrics(runs / d)) for d in ("fsdp-stopped", "fsdp")]
+    assert metrics[0] == metrics[1]
+    kinds = [json.loads((runs / f"fsdp-kinds-{rank}").read_text()) for rank in (0, 1)]
+    assert all(k["kinds"] == ["DTensor"] for k in kinds)  # every parameter sharded
+    assert sum(k["rows"] for k in kinds) == 6  # conv1's 6 filters split over the two processes
+    report = read_report(runs / "fsdp")
+    assert report["environment"]["processes"] == 2
+    ddp = read_report(runs / "uninterrupted")
+    assert report["sparsity"] == ddp["sparsity"]  # the schedule's, on any layout
+    # a whole checkpoint: one process continues it
+    trainer = Trainer(make_config(SETTINGS))
+    trainer.load_state_dict(straight)
+    assert not any(type(t).__name__ == "DTensor" for t in straight["model"].values())

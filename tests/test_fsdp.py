@@ -169,6 +169,14 @@ def worker(rank, world, store, out, resume_only):
         model, opt, sp = build("granet", hsdp)
         train(model, opt, 0, STEPS, rank, world)
         results["hsdp-granet"] = snapshot(model, sp)
+        if rank == 0:  # one replica's mask moves: the other replica of that shard notices
+            mask = sp._masks[1].view(-1)
+            mask[mask.nonzero()[0]] = False
+            mask[(~mask).nonzero()[0]] = True
+        try:
+            sp.update_topology()
+        except RuntimeError as error:
+            results["hsdp-tampered"] = str(error)
     if world == 1 and not resume_only:
         results["refused"] = refusals(mesh)
     if rank == 0:
@@ -234,3 +242,7 @@ def test_unsupported_layouts_and_orders_are_one_line_errors(results):
     assert "apply fully_shard first" in refused["late"]
     assert any("compute='sparse' runs layers sharded" in w for w in refused["sparse-compute"])
     assert all("\n" not in message for message in refused.values() if isinstance(message, str))
+
+
+def test_a_replica_whose_mask_differs_stops_the_run_naming_the_layer(results):
+    assert "the mask of '2.weight' differs between ranks" in results[4]["hsdp-tampered"]

@@ -312,7 +312,8 @@ def test_best_is_written_and_loaded_back_into_a_model_and_its_sparsifier(tmp_pat
 
     model, sp = sparse_mlp(0)
     shape = {"num_classes": 4, "in_channels": 1, "image_size": 4}
-    checkpoints.save_best(tmp_path, model, sp, shape, {"epoch": 2, "val_accuracy": 0.5})
+    weights = checkpoints.weights_state(model, sp)
+    checkpoints.save_best(tmp_path, weights, shape, {"epoch": 2, "val_accuracy": 0.5})
     other, other_sp = sparse_mlp(1)
     best = checkpoints.load_best(tmp_path, other, other_sp)
     assert (best["epoch"], best["val_accuracy"], best["data_shape"]) == (2, 0.5, shape)

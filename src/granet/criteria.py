@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from granet.shards import distribute_like
+
 Score = Callable[..., "torch.Tensor | None"]
 
 
@@ -84,7 +86,10 @@ class Momentum:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.beta = state["beta"]
-        self.buffers = state["buffers"]
+        buffers, mine = state["buffers"], self.buffers
+        if buffers is not None and mine is not None:  # whole ones are sharded as ours are
+            buffers = [distribute_like(b, m) for b, m in zip(buffers, mine)]
+        self.buffers = buffers
         self.seen = state.get("seen", self.buffers is not None)  # states before "seen"
 
 

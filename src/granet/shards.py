@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -263,3 +264,31 @@ def _describe(p: torch.Tensor) -> str:
     if not is_dtensor(p):
         return "a plain tensor"
     return f"a DTensor with placements {tuple(p.placements)} on mesh {p.device_mesh}"
+
+
+def gather(tree: Any) -> Any:
+    """``tree`` (dicts, lists, tuples of tensors and values) with every DTensor replaced by the
+    whole tensor on the CPU; a collective: every rank of the DTensors' mesh must call it."""
+    if is_dtensor(tree):
+        return tree.full_tensor().cpu()
+    if isinstance(tree, dict):
+        return {k: gather(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(gather(v) for v in tree)
+    return tree
+
+
+def distribute_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A whole ``tensor`` placed as ``like`` is: this rank's part of it as a DTensor when
+    ``like`` is one (each rank cuts its own part; nothing is sent), else ``tensor`` itself."""
+    if not is_dtensor(like) or is_dtensor(tensor):
+        return tensor
+    from torch.distributed.tensor import distribute_tensor
+
+    local = like.to_local()
+    return distribute_tensor(
+        tensor.to(local.device, local.dtype),
+        like.device_mesh,
+        like.placements,
+        src_data_rank=None,
+    )

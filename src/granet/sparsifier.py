@@ -681,6 +681,11 @@ class Sparsifier:
         self._settle()
         return dict(self._last_round)
 
+    def counts(self) -> list[int]:
+        """Active weights per sparse tensor (over all ranks' shards), as last counted."""
+        self._settle()
+        return list(self._nnz)
+
     def sparsity(self) -> float:
         """Current global sparsity of the sparse layers (fraction of masked-out weights)."""
         self._settle()

@@ -17,6 +17,7 @@ from torch import nn
 
 from granet.checksum import state_digest
 from granet.experiment.files import check_writable, tree_map, write_atomic
+from granet.shards import distribute_like, gather
 from granet.sparsifier import Sparsifier
 
 CHECKPOINT_DIR = "checkpoints"
@@ -125,22 +126,50 @@ def is_best(
     return best is None or val_accuracy > best["val_accuracy"]
 
 
-def save_best(
-    run_dir: Path,
+def weights_state(
     model: nn.Module,
     sparsifier: Sparsifier | None,
-    data_shape: Mapping[str, int],
-    best: Mapping[str, Any],
-) -> None:
-    """Write the run's ``best.pt``: the weights and masks of the best epoch so far, the data
-    shape its model is built for, and ``best`` (that epoch and its validation accuracy)."""
+    optimizer: torch.optim.Optimizer | None = None,
+    sharded: bool = False,
+) -> dict[str, Any]:
+    """The model's, the sparsifier's and (if given) the optimizer's states, whole: of a model
+    sharded by FSDP2 (``sharded``) gathered from every process's shards, so every process must
+    call this then; a checkpoint is the same on any number of processes."""
     state = {
         "model": model.state_dict(),
         "sparsifier": None if sparsifier is None else sparsifier.state_dict(),
-        "data_shape": data_shape,
-        **best,
     }
-    save_checkpoint(state, checkpoint_path(run_dir, "best"))
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    return gather(state) if sharded else state
+
+
+def save_best(
+    run_dir: Path,
+    weights: Mapping[str, Any],
+    data_shape: Mapping[str, int],
+    best: Mapping[str, Any],
+) -> None:
+    """Write the run's ``best.pt``: the weights and masks of the best epoch so far
+    (:func:`weights_state`), the data shape its model is built for, and ``best`` (that epoch
+    and its validation accuracy)."""
+    save_checkpoint({**weights, "data_shape": data_shape, **best}, checkpoint_path(run_dir, "best"))
+
+
+def _load_model(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a whole model state; of a sharded model each process cuts its shards out of it."""
+    placed = model.state_dict()
+    model.load_state_dict({k: distribute_like(v, placed.get(k, v)) for k, v in state.items()})
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """Load a whole optimizer state; each tensor shaped as its parameter is then cut to the
+    parameter's shards, as the optimizer makes them for a sharded model."""
+    optimizer.load_state_dict(state)
+    for p, values in optimizer.state.items():
+        for k, v in values.items():
+            if torch.is_tensor(v) and v.shape == p.shape:
+                values[k] = distribute_like(v, p)
 
 
 def load_best(run_dir: Path, model: nn.Module, sparsifier: Sparsifier | None) -> dict[str, Any]:
@@ -148,7 +177,7 @@ def load_best(run_dir: Path, model: nn.Module, sparsifier: Sparsifier | None) ->
     path = checkpoint_path(run_dir, "best")
     best = load_checkpoint(path)
     try:
-        model.load_state_dict(best["model"])
+        _load_model(model, best["model"])
         if sparsifier is not None:
             sparsifier.load_state_dict(best["sparsifier"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -213,8 +242,8 @@ def restore(
     """Load the model, optimizer, sparsifier, grad-scaler and RNG states of ``state``, a run's
     checkpoint (:func:`read_position` reads where it stands); errors name ``source``."""
     try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        _load_model(model, state["model"])
+        _load_optimizer(optimizer, state["optimizer"])
         if sparsifier is not None:
             sparsifier.load_state_dict(state["sparsifier"])
         scaler.load_state_dict(state["scaler"])

@@ -44,6 +44,7 @@ METHOD_OWN = tuple(o.name for o in OPTIONS if o.method)
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
 AMP_CHOICES = ("none", "bf16", "fp16")
+PARALLEL = ("ddp", "fsdp")
 DEFAULT_LR = {"sgd": 0.05, "adamw": 1e-3}
 # ``update_every: null`` means about this many topology updates per run (the paper's CIFAR
 # setup has 62 560 steps and updates every 1000: about 60).
@@ -136,6 +137,13 @@ class RunSettings:
         rule(f"in [0, {SEED_RANGE - 1}] (NumPy's seed range)", lambda v: 0 <= v < SEED_RANGE),
     )
     device: str = setting("auto", "auto (CUDA when available), cpu, cuda, cuda:N")
+    parallel: str = setting(
+        "ddp",
+        "how torchrun's processes share the model: ddp (a whole copy on each, gradients "
+        "all-reduced) or fsdp (each top-level block's weights, gradients, optimizer state and "
+        "masks sharded by FSDP2's fully_shard; see docs/distributed.md)",
+        choices=PARALLEL,
+    )
     amp: str = setting(
         "none",
         "mixed precision via torch.autocast: bf16, or fp16 with a gradient scaler on CUDA",

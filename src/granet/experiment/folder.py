@@ -52,7 +52,7 @@ REPORT_MD = "report.md"
 MARKER_KIND = "granet run"
 # Where and how fast a run trains and where its scalars are also logged, not what it computes:
 # these may change between a run and its resumption; every other setting must stay as it began.
-PLACEMENT = ("device", "data_root", "workers", "log")
+PLACEMENT = ("device", "data_root", "workers", "log", "parallel")
 # How a run's step is computed, not what (``Option.affects_result`` False): a run keeps its own
 # value when resumed, and a run made with another one still belongs to a sweep or study.
 HOW = tuple(o.name for o in OPTIONS if not o.affects_result)

@@ -4,8 +4,9 @@ sums across processes, and which process writes.
 ``torchrun --nproc_per_node N -m granet train ...`` starts N copies of ``granet train`` with
 ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` set. Every process builds the same run; each trains
 on its share of every global batch (``batch_size`` is the global batch, so a run's optimizer
-steps and schedules do not depend on N), DDP averages the gradients, and process 0 alone writes
-the run folder. Without torchrun (or with N = 1) nothing here does anything.
+steps and schedules do not depend on N), DDP averages the gradients (or FSDP2 shards the model,
+``parallel: fsdp``), and process 0 alone writes the run folder. Without torchrun (or with N = 1)
+nothing here does anything.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 T = TypeVar("T")
 
@@ -143,3 +145,23 @@ def staged(load: Callable[[], T], ranks: Ranks) -> T:
             result = load()
         dist.barrier()
     return result
+
+
+def wrap(model: nn.Module, how: str, ranks: Ranks, device: torch.device) -> nn.Module:
+    """What the training forward pass runs: ``model`` itself for one process; under torchrun a
+    DDP wrapper (``how="ddp"``), or ``model`` with each top-level block that holds parameters
+    and then the whole sharded in place by FSDP2's ``fully_shard`` (``how="fsdp"``)."""
+    if ranks.world == 1:
+        return model
+    if how == "ddp":
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (ranks.world,))
+    for block in model.children():
+        if any(True for _ in block.parameters()):
+            fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model

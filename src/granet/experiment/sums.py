@@ -12,6 +12,7 @@ import torch
 
 from granet.experiment import parallel
 from granet.masks import density_of
+from granet.shards import is_dtensor
 from granet.sparsifier import Sparsifier
 
 
@@ -55,6 +56,10 @@ class EpochSums:
         every mask entry each step would cost a quarter of a 98%-sparse sparse-compute step)."""
         if sparsifier is None:
             return 1.0
+        if is_dtensor(sparsifier.params[0]):  # FSDP2: the counts over all shards, as kept
+            counts = torch.tensor(sparsifier.counts(), device=self.device)
+            numels = torch.tensor([p.numel() for p in sparsifier.params], device=self.device)
+            return counts / numels
         masks = list(sparsifier.masks.values())
         key = [(id(m), m._version) for m in masks]
         if self._density_cache is None or self._density_cache[0] != key:

@@ -236,8 +236,11 @@ def train(
             trainer.callbacks.append(_Logging(loggers))
         try:
             trainer.fit()
-            # process 0 tests and reports; the others wait for it and share its outcome
-            report = parallel.on_main(trainer.finish, ranks)
+            # process 0 tests and reports; the others wait for it and share its outcome (a
+            # sharded model tests on all)
+            report = (
+                trainer.finish() if trainer.sharded else parallel.on_main(trainer.finish, ranks)
+            )
         finally:
             trainer.close()
             if loggers is not None:

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from granet.experiment import blocks, checkpoints, parallel
 from granet.experiment.checkpoints import StartFrom
@@ -120,10 +119,11 @@ class Trainer:
         self.model = build_model(config.model, **self.data_shape).to(self.device)
         if start is not None:
             self.model.load_state_dict(start.model)
-        self.trained: nn.Module = self.model  # what the training forward pass runs
-        if self.ranks.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.trained = DistributedDataParallel(self.model, device_ids=ids)
+        # what the training forward pass runs; FSDP2 shards the model itself
+        self.trained: nn.Module = parallel.wrap(
+            self.model, config.parallel, self.ranks, self.device
+        )
+        self.sharded = self.ranks.world > 1 and config.parallel == "fsdp"
         self.optimizer = blocks.make_optimizer(self.model, self.config)
         first = 0 if start is None else start.epoch * self.steps_per_epoch
         # a given sparsifier state goes on with its own schedule, given masks with the whole
@@ -161,13 +161,10 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything that resumes the run exactly, and the settings it was made with. Every
         process must call this at the same point (it sums the epoch's counts across them)."""
-        sp = self.sparsifier
         return {
             "format": checkpoints.CHECKPOINT_FORMAT,
             "settings": self.config.to_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "sparsifier": None if sp is None else sp.state_dict(),
+            **checkpoints.weights_state(self.model, self.sparsifier, self.optimizer, self.sharded),
             "scaler": self.scaler.state_dict(),
             "position": {"epoch": self.epoch, "batch": self.batch, "step": self.step},
             "first_epoch": self.first_epoch,
@@ -276,10 +273,11 @@ class Trainer:
             append_metrics(self.run_dir, record)
         if chosen:
             self.best = {"epoch": self.epoch + 1, "val_accuracy": val_acc}
+            # under FSDP2 every process sends its shards of the best weights
+            if writes or self.sharded:
+                best = checkpoints.weights_state(self.model, self.sparsifier, None, self.sharded)
             if writes:
-                checkpoints.save_best(
-                    self.run_dir, self.model, self.sparsifier, self.data_shape, self.best
-                )
+                checkpoints.save_best(self.run_dir, best, self.data_shape, self.best)
         self.train_seconds += time.perf_counter() - started
         self.epoch += 1
         self.batch = 0
@@ -403,12 +401,14 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         """Test the best checkpoint once and write report.json, report.md and the plots
-        (process 0 only; needs ``run_dir``)."""
+        (process 0 only; under FSDP2 every process, as the model is sharded, and process 0
+        writes; needs ``run_dir``)."""
         if self.run_dir is None:
             raise ValueError("finish() writes the run's report: the trainer needs a run_dir")
         best = checkpoints.load_best(self.run_dir, self.model, self.sparsifier)
         test_loss, test_acc = self.evaluate("test")
         metrics = read_metrics(self.run_dir)
         report = run_report(self.record(), best, test_loss, test_acc, metrics)
-        write_report(self.run_dir, report, metrics)
+        if self.ranks.main:
+            write_report(self.run_dir, report, metrics)
         return report
