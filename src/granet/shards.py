@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from granet.masks import top_mask
+from granet.trees import tree_map
 
 _DIGIT = 8  # bits per radix pass
 _BINS = 1 << _DIGIT
@@ -269,13 +270,7 @@ def _describe(p: torch.Tensor) -> str:
 def gather(tree: Any) -> Any:
     """``tree`` (dicts, lists, tuples of tensors and values) with every DTensor replaced by the
     whole tensor on the CPU; a collective: every rank of the DTensors' mesh must call it."""
-    if is_dtensor(tree):
-        return tree.full_tensor().cpu()
-    if isinstance(tree, dict):
-        return {k: gather(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(gather(v) for v in tree)
-    return tree
+    return tree_map(lambda v: v.full_tensor().cpu() if is_dtensor(v) else v, tree)
 
 
 def distribute_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

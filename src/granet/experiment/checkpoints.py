@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from granet.checksum import state_digest
-from granet.experiment.files import check_writable, tree_map, write_atomic
+from granet.experiment.files import check_writable, write_atomic
 from granet.shards import distribute_like, gather
 from granet.sparsifier import Sparsifier
+from granet.trees import tree_map
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINTS = ("best", "last")

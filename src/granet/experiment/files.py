@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from granet.experiment.errors import FolderLost
+from granet.trees import tree_map
 
 try:
     import fcntl
@@ -119,16 +120,6 @@ def open_append(path: str | Path) -> IO[str]:
     except OSError as e:
         _verify_held(path)
         raise OSError(e.errno, f"cannot write it: {e.strerror}", str(path)) from None
-
-
-def tree_map(fn: Callable[[Any], Any], value: Any) -> Any:
-    """``value`` with ``fn`` applied to each leaf below its dicts, lists and tuples (rebuilt as
-    the same types)."""
-    if isinstance(value, dict):
-        return {k: tree_map(fn, v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(tree_map(fn, v) for v in value)
-    return fn(value)
 
 
 def _finite(value: Any) -> Any:
