@@ -246,3 +246,15 @@ def test_unsupported_layouts_and_orders_are_one_line_errors(results):
 
 def test_a_replica_whose_mask_differs_stops_the_run_naming_the_layer(results):
     assert "the mask of '2.weight' differs between ranks" in results[4]["hsdp-tampered"]
+
+
+def test_the_step_that_makes_an_optimizers_state_for_a_checkpoint_is_not_counted():
+    """``get_state_dict`` steps an optimizer without state at learning rate 0 and zero
+    gradients (torch's ``_init_optim_state``): no training step, so the sparsifier stays at 0."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, opt, sp = build("set")
+    get_state_dict(model, opt)
+    assert sp.step == 0 and opt.state  # the state was made, the step not counted
+    train(model, opt, 0, 1)
+    assert sp.step == 1

@@ -404,7 +404,7 @@ class Sparsifier:
         # A fused optimizer under GradScaler is called even when the step is skipped for inf
         # gradients; it then sees ``found_inf``. Non-fused optimizers are simply not called.
         found_inf = getattr(optimizer, "found_inf", None)
-        stepped = found_inf is None or not bool(found_inf)
+        stepped = (found_inf is None or not bool(found_inf)) and not self._filler_step(optimizer)
         # tensors whose sparse-compute update touched only active entries need no mask multiply
         updated = self._compute.finish_step(stepped) if self._compute else set()
         if not stepped:
@@ -423,6 +423,15 @@ class Sparsifier:
             self._compute.dense_grad = due
         if self._comm:
             self._comm.dense = due
+
+    def _filler_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether this step only made the optimizer's state: at learning rate 0 with gradients
+        all zero, as ``torch.distributed.checkpoint.state_dict`` steps an optimizer that has no
+        state yet; it moves nothing and is not counted (a real step has gradients)."""
+        if any(float(group.get("lr", 1.0)) != 0 for group in optimizer.param_groups):
+            return False
+        grads = [p.grad for p in self.params]
+        return all(g is None or not self._space.local(g).any() for g in grads)
 
     def _check_current(self) -> None:
         """Refuse to go on when the model's parameters are no longer the ones selected (the
@@ -814,13 +823,19 @@ class Sparsifier:
         for role, s in (("importance", self.importance), ("growth", self.growth)):
             if hasattr(s, "load_state_dict") and scores.get(role):
                 s.load_state_dict(scores[role])
+        self._masks_changed()
+
+    def _masks_changed(self) -> None:
+        """After masks set from outside a round: the kernels and the communication follow
+        them, and the weights and optimizer state get them."""
         self._target_cache = None
+        due = self._dense_grad_due()
         if self._compute:
             self._compute.refresh(self._masks)
-            self._compute.dense_grad = self._dense_grad_due()
+            self._compute.dense_grad = due
         if self._comm:
             self._comm.refresh(self._masks)
-            self._comm.dense = self._dense_grad_due()
+            self._comm.dense = due
         self._apply()
 
     def _unpack(self, packed: torch.Tensor, index: int, rows: bool) -> torch.Tensor:
@@ -872,22 +887,15 @@ class Sparsifier:
         if step is not None:
             checks.integer("step", step, minimum=0)
         self._settle()
-        for m, name in zip(self._masks, self.names):
-            m.copy_(masks[name])
-        self._nnz = [int(m.count_nonzero()) for m in self._masks]
+        for i, (m, name) in enumerate(zip(self._masks, self.names)):
+            m.copy_(self._space.part(masks[name], i))  # under FSDP2 this rank's rows
+        self._nnz = self._counts(self._masks).tolist()
         if step is None:
             self._ever_active.bitwise_or_(self._packed_masks().cpu())
         else:
             self.step, self._ever_active = step, self._packed_masks().cpu()
             self._last_round = {"pruned": 0, "dropped": 0, "regrown": 0}
-        self._target_cache = None
-        if self._compute:
-            self._compute.refresh(self._masks)
-            self._compute.dense_grad = self._dense_grad_due()
-        if self._comm:
-            self._comm.refresh(self._masks)
-            self._comm.dense = self._dense_grad_due()
-        self._apply()
+        self._masks_changed()
         self._verify()
 
     def remove(self) -> None:
