@@ -1,0 +1,160 @@
+"""GraNetCallback in Lightning under FSDP2: ``ModelParallelStrategy`` on two CPU processes (gloo),
+``configure_model`` sharding every Linear and the model with ``fully_shard``. A fit is resumed
+from its distributed checkpoint and must end bit-identical to the uninterrupted fit.
+
+(Lightning's ``FSDPStrategy`` refuses CPU accelerators; ``ModelParallelStrategy`` is the
+strategy that uses ``fully_shard``.)
+"""
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+pl = pytest.importorskip("lightning.pytorch")
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
+
+from granet.integrations.lightning import STATE_KEY, GraNetCallback  # noqa: E402
+
+BATCHES, EPOCHS = 4, 2  # optimizer steps an epoch, epochs
+
+
+class MLP(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 7), nn.ReLU())
+        self.head = nn.Linear(7, 3)
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (*self.net, self.head):
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def training_step(self, batch, index):
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(self.net(x)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def loader() -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(4 * BATCHES, 6, generator=g), torch.randint(0, 3, (4 * BATCHES,), generator=g)
+    )
+    return torch.utils.data.DataLoader(data, batch_size=2)  # each of 2 ranks: BATCHES of 2
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
+
+
+def worker(rank: int, port: int, out, method: str, resume: bool) -> None:
+    """One of two processes of the fit, started as torchrun would (Lightning does not launch)."""
+    env = dict(
+        LOCAL_RANK=rank, NODE_RANK=0, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+    )
+    os.environ.update({k: str(v) for k, v in env.items()})
+    torch.set_num_threads(1)
+    model = MLP()
+    cb = GraNetCallback(method, sparsity=0.7, update_every=2, seed=3)
+    root = out / method / ("resumed" if resume else "straight")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        max_epochs=EPOCHS,
+        default_root_dir=root,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb, ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, filename="{step}")],
+    )
+    saved = out / method / "straight" / "ckpt" / f"step={BATCHES}.ckpt"
+    trainer.fit(model, loader(), ckpt_path=saved if resume else None)
+    sp = cb.sparsifier
+    result = {
+        "placements": [
+            (type(p).__name__, p.dim)
+            for p in getattr(next(iter(sp.masks.values())), "placements", ())
+        ],
+        "masks": {n: whole(m) for n, m in sp.masks.items()},
+        "ever": {n: whole(e) for n, e in sp.state_dict()["ever_active"].items()},
+        "weights": {n: whole(p.detach()) for n, p in model.named_parameters()},
+        "step": sp.step,
+        "sparsity": sp.sparsity(),
+    }
+    if rank == 0:
+        torch.save(result, out / f"{method}-{'resumed' if resume else 'straight'}.pt")
+
+
+def start(out, method: str, resume: bool) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    processes = mp.start_processes(
+        worker, args=(port, out, method, resume), nprocs=2, join=False, start_method="fork"
+    )
+    deadline = time.monotonic() + 300
+    while not processes.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in processes.processes:
+                p.kill()
+            pytest.fail("the two FSDP2 processes did not finish within 300 s")
+
+
+METHODS = ("granet", "snfs")  # snfs: its momentum buffers are sharded too
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lightning_fsdp")
+    found = {}
+    for method in METHODS:
+        start(out, method, resume=False)
+        start(out, method, resume=True)
+        for kind in ("straight", "resumed"):
+            found[method, kind] = torch.load(out / f"{method}-{kind}.pt", weights_only=True)
+    return out, found
+
+
+def test_the_sparsifier_runs_on_the_shards_and_saves_them_with_the_model(runs):
+    out, found = runs
+    straight = found["granet", "straight"]
+    assert straight["placements"] == [("Shard", 0)]  # masks placed like the weights
+    assert straight["step"] == BATCHES * EPOCHS
+    assert straight["sparsity"] == pytest.approx(0.7, abs=0.01)
+    for name, mask in straight["masks"].items():
+        assert not straight["weights"][name][~mask].any(), name
+    checkpoint = out / "granet" / "straight" / "ckpt" / f"step={BATCHES}.ckpt"
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    assert f"state_dict.{STATE_KEY}.masks/net.0.weight" in keys
+    # the callback's state in Lightning's metadata file holds no DTensor
+    meta = torch.load(checkpoint / "meta.pt", weights_only=True)
+    (state,) = [v for k, v in meta["callbacks"].items() if "GraNetCallback" in k]
+    assert all(m is None for m in state["sparsifier"]["masks"].values())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_resumed_fsdp2_fit_ends_bit_identical_to_the_uninterrupted_one(runs, method):
+    _, found = runs
+    straight, resumed = found[method, "straight"], found[method, "resumed"]
+    assert resumed["step"] == straight["step"]
+    for name, mask in straight["masks"].items():
+        assert torch.equal(resumed["masks"][name], mask), name
+        assert torch.equal(resumed["ever"][name], straight["ever"][name]), name
+    for name, weight in straight["weights"].items():
+        assert torch.equal(resumed["weights"][name], weight), name
