@@ -60,8 +60,9 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
 
 
-def worker(rank: int, port: int, out, method: str, resume: bool) -> None:
-    """One of two processes of the fit, started as torchrun would (Lightning does not launch)."""
+def worker(rank: int, port: int, out, method: str, resume: bool, full: bool = False) -> None:
+    """One of two processes of the fit, started as torchrun would (Lightning does not launch);
+    ``full``: checkpoints gathered whole, which GraNetCallback refuses under FSDP2."""
     env = dict(
         LOCAL_RANK=rank, NODE_RANK=0, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port
     )
@@ -73,7 +74,9 @@ def worker(rank: int, port: int, out, method: str, resume: bool) -> None:
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        strategy=ModelParallelStrategy(
+            data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=not full
+        ),
         max_epochs=EPOCHS,
         default_root_dir=root,
         logger=False,
@@ -82,6 +85,12 @@ def worker(rank: int, port: int, out, method: str, resume: bool) -> None:
         callbacks=[cb, ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, filename="{step}")],
     )
     saved = out / method / "straight" / "ckpt" / f"step={BATCHES}.ckpt"
+    if full:
+        try:
+            trainer.fit(model, loader())
+        except ValueError as error:
+            (out / f"refused{rank}.txt").write_text(str(error))
+        return
     trainer.fit(model, loader(), ckpt_path=saved if resume else None)
     sp = cb.sparsifier
     result = {
@@ -99,12 +108,12 @@ def worker(rank: int, port: int, out, method: str, resume: bool) -> None:
         torch.save(result, out / f"{method}-{'resumed' if resume else 'straight'}.pt")
 
 
-def start(out, method: str, resume: bool) -> None:
+def start(out, method: str, resume: bool, full: bool = False) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     processes = mp.start_processes(
-        worker, args=(port, out, method, resume), nprocs=2, join=False, start_method="fork"
+        worker, args=(port, out, method, resume, full), nprocs=2, join=False, start_method="fork"
     )
     deadline = time.monotonic() + 300
     while not processes.join(timeout=1):
@@ -158,3 +167,28 @@ def test_a_resumed_fsdp2_fit_ends_bit_identical_to_the_uninterrupted_one(runs, m
         assert torch.equal(resumed["ever"][name], straight["ever"][name]), name
     for name, weight in straight["weights"].items():
         assert torch.equal(resumed["weights"][name], weight), name
+
+
+def test_checkpoints_gathered_whole_are_refused_in_one_line(tmp_path):
+    start(tmp_path, "granet", resume=False, full=True)
+    for rank in (0, 1):  # every rank stops, none waits for the other in a collective
+        message = (tmp_path / f"refused{rank}.txt").read_text()
+        assert "save_distributed_checkpoint=True" in message and "\n" not in message
+
+
+def test_a_sharded_state_is_refused_without_fsdp2_in_one_line():
+    import granet
+    from granet.integrations.attach import SHARDED, attach, split_sharded
+
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = granet.GraNet(model, opt, sparsity=0.7, total_steps=8, update_every=2).state_dict()
+    rest, shards = split_sharded(state)
+    assert rest == state and not shards and SHARDED not in rest  # nothing sharded here
+    rest = {**state, "masks": dict.fromkeys(state["masks"]), SHARDED: ["masks/0.weight"]}
+    model2 = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1)
+    options = dict(sparsity=0.7, update_every=2)
+    with pytest.raises(ValueError, match="resume it under FSDP2") as error:
+        attach(granet.GraNet, model2, opt2, 8, options, rest, lambda template: None)
+    assert "\n" not in str(error.value)
