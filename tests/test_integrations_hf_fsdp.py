@@ -8,6 +8,7 @@ resumed from it; it must end bit-identical to the uninterrupted run.
 """
 
 import os
+import shutil
 import socket
 import time
 
@@ -57,8 +58,9 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
 
 
-def worker(rank: int, port: int, out, resume: bool) -> None:
-    """One of two processes of the Trainer, as torchrun would start it."""
+def worker(rank: int, port: int, out, resume: str | None) -> None:
+    """One of two processes of the Trainer, as torchrun would start it; ``resume``: the
+    checkpoint folder to resume from (under ``out``)."""
     env = dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     os.environ.update({k: str(v) for k, v in env.items()})
     torch.set_num_threads(1)
@@ -82,7 +84,11 @@ def worker(rank: int, port: int, out, resume: bool) -> None:
         },
     )
     t = FsdpTrainer(model=model, args=args, train_dataset=Tokens(32), callbacks=[cb])
-    t.train(resume_from_checkpoint=str(out / "straight" / f"checkpoint-{SAVE}") if resume else None)
+    try:
+        t.train(resume_from_checkpoint=str(out / resume) if resume else None)
+    except ValueError as error:
+        (out / f"refused{rank}.txt").write_text(str(error))
+        return
     sp = cb.sparsifier
     mask = next(iter(sp.masks.values()))
     result = {
@@ -97,7 +103,7 @@ def worker(rank: int, port: int, out, resume: bool) -> None:
         torch.save(result, out / f"{'resumed' if resume else 'straight'}.pt")
 
 
-def start(out, resume: bool) -> None:
+def start(out, resume: str | None) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -116,8 +122,8 @@ def start(out, resume: bool) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf_fsdp")
-    start(out, resume=False)
-    start(out, resume=True)
+    start(out, resume=None)
+    start(out, resume=f"straight/checkpoint-{SAVE}")
     load = lambda name: torch.load(out / f"{name}.pt", weights_only=True)  # noqa: E731
     return out, load("straight"), load("resumed")
 
@@ -144,3 +150,14 @@ def test_a_resumed_fsdp2_run_ends_bit_identical_to_the_uninterrupted_one(runs):
         assert torch.equal(resumed["masks"][name], mask), name
     for name, weight in straight["weights"].items():
         assert torch.equal(resumed["weights"][name], weight), name
+
+
+def test_a_checkpoint_without_its_shards_is_refused_on_every_rank_in_one_line(runs):
+    out = runs[0]
+    damaged = out / "damaged"
+    shutil.copytree(out / "straight" / f"checkpoint-{SAVE}", damaged)
+    shutil.rmtree(damaged / STATE_DIR)
+    start(out, resume="damaged")
+    for rank in (0, 1):  # every rank stops, none waits for the other in a collective
+        message = (out / f"refused{rank}.txt").read_text()
+        assert f"{STATE_DIR} is missing" in message and "\n" not in message
