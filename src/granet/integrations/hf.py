@@ -9,12 +9,11 @@ when ``trainer.train(resume_from_checkpoint=...)`` resumes (a damaged state is r
 before granet had checksums loads with a warning). Under FSDP2 (accelerate's ``fsdp_version: 2``)
 the sparsifier is built on the sharded model, and each rank saves the shards of its masks (and
 other sharded tensors) with ``torch.distributed.checkpoint`` into ``checkpoint-N/granet_sparsifier``
-(the rest, checksummed, in the state file), which resumes on any number of ranks. When training
-ends the sparsifier lets go of the model, whose weights keep their zeros: it may be trained again,
-with a new callback. It adds
-its scalars (``granet/sparsity``, ``granet/itop_rate``, ``granet/pruned``, ``granet/dropped``,
-``granet/regrown``) to the Trainer's training logs, which its reporters (TensorBoard, W&B, ...)
-then see.
+(the rest, checksummed, in the state file); they are read back resharded to the resumed run's
+ranks. When training ends the sparsifier lets go of the model, whose weights keep their zeros: it
+may be trained again, with a new callback. It adds its scalars (``granet/sparsity``,
+``granet/itop_rate``, ``granet/pruned``, ``granet/dropped``, ``granet/regrown``) to the
+Trainer's training logs, which its reporters (TensorBoard, W&B, ...) then see.
 """
 
 from __future__ import annotations
