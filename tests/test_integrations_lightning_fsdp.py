@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import rounding_tol
 from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch")
@@ -22,6 +23,10 @@ from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from granet.integrations.lightning import STATE_KEY, GraNetCallback  # noqa: E402
 
 BATCHES, EPOCHS = 4, 2  # optimizer steps an epoch, epochs
+GLOBAL_BATCH = 4
+# float64 weights are O(1); each step adds lr * momentum-summed gradients of sums of at most
+# GLOBAL_BATCH * 10 terms, in another order on one rank than on two
+WEIGHT_TOL = rounding_tol(torch.float64, BATCHES * EPOCHS * GLOBAL_BATCH * 10 * 10)
 
 
 class MLP(pl.LightningModule):
@@ -30,6 +35,7 @@ class MLP(pl.LightningModule):
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 7), nn.ReLU())
         self.head = nn.Linear(7, 3)
+        self.double()
 
     def configure_model(self) -> None:
         from torch.distributed.fsdp import fully_shard
@@ -48,34 +54,40 @@ class MLP(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
-def loader() -> torch.utils.data.DataLoader:
+def loader(world: int) -> torch.utils.data.DataLoader:
+    """BATCHES global batches of GLOBAL_BATCH examples an epoch, the same on any number of ranks
+    (Lightning's sampler gives rank r the examples r, r + world, ...)."""
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(
-        torch.randn(4 * BATCHES, 6, generator=g), torch.randint(0, 3, (4 * BATCHES,), generator=g)
+        torch.randn(GLOBAL_BATCH * BATCHES, 6, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (GLOBAL_BATCH * BATCHES,), generator=g),
     )
-    return torch.utils.data.DataLoader(data, batch_size=2)  # each of 2 ranks: BATCHES of 2
+    return torch.utils.data.DataLoader(data, batch_size=GLOBAL_BATCH // world)
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
 
 
-def worker(rank: int, port: int, out, method: str, resume: bool, full: bool = False) -> None:
-    """One of two processes of the fit, started as torchrun would (Lightning does not launch);
-    ``full``: checkpoints gathered whole, which GraNetCallback refuses under FSDP2."""
+def worker(
+    rank: int, port: int, out, run: str, method: str, world: int, resume: str | None, full: bool
+) -> None:
+    """One of ``world`` processes of the fit ``run``, started as torchrun would (Lightning does
+    not launch), resumed from the checkpoint ``resume`` (under ``out``); ``full``: checkpoints
+    gathered whole, which GraNetCallback refuses under FSDP2."""
     env = dict(
-        LOCAL_RANK=rank, NODE_RANK=0, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+        LOCAL_RANK=rank, NODE_RANK=0, WORLD_SIZE=world, MASTER_ADDR="127.0.0.1", MASTER_PORT=port
     )
     os.environ.update({k: str(v) for k, v in env.items()})
     torch.set_num_threads(1)
     model = MLP()
     cb = GraNetCallback(method, sparsity=0.7, update_every=2, seed=3)
-    root = out / method / ("resumed" if resume else "straight")
+    root = out / run
     trainer = pl.Trainer(
         accelerator="cpu",
-        devices=2,
+        devices=world,
         strategy=ModelParallelStrategy(
-            data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=not full
+            data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=not full
         ),
         max_epochs=EPOCHS,
         default_root_dir=root,
@@ -84,14 +96,13 @@ def worker(rank: int, port: int, out, method: str, resume: bool, full: bool = Fa
         enable_model_summary=False,
         callbacks=[cb, ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, filename="{step}")],
     )
-    saved = out / method / "straight" / "ckpt" / f"step={BATCHES}.ckpt"
-    if full:
-        try:
-            trainer.fit(model, loader())
-        except ValueError as error:
-            (out / f"refused{rank}.txt").write_text(str(error))
+    try:
+        trainer.fit(model, loader(world), ckpt_path=out / resume if resume else None)
+    except ValueError as error:
+        if not full:
+            raise
+        (out / f"refused{rank}.txt").write_text(str(error))
         return
-    trainer.fit(model, loader(), ckpt_path=saved if resume else None)
     sp = cb.sparsifier
     result = {
         "placements": [
@@ -105,25 +116,27 @@ def worker(rank: int, port: int, out, method: str, resume: bool, full: bool = Fa
         "sparsity": sp.sparsity(),
     }
     if rank == 0:
-        torch.save(result, out / f"{method}-{'resumed' if resume else 'straight'}.pt")
+        torch.save(result, out / f"{run}.pt")
 
 
-def start(out, method: str, resume: bool, full: bool = False) -> None:
+def start(out, run, method="granet", world=2, resume=None, full=False) -> dict | None:
+    """Fit ``run`` on ``world`` processes; what its rank 0 saw."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    processes = mp.start_processes(
-        worker, args=(port, out, method, resume, full), nprocs=2, join=False, start_method="fork"
-    )
+    args = (port, out, run, method, world, resume, full)
+    processes = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="fork")
     deadline = time.monotonic() + 300
     while not processes.join(timeout=1):
         if time.monotonic() > deadline:
             for p in processes.processes:
                 p.kill()
-            pytest.fail("the two FSDP2 processes did not finish within 300 s")
+            pytest.fail(f"the {world} FSDP2 processes did not finish within 300 s")
+    return None if full else torch.load(out / f"{run}.pt", weights_only=True)
 
 
 METHODS = ("granet", "snfs")  # snfs: its momentum buffers are sharded too
+SAVED = f"ckpt/step={BATCHES}.ckpt"  # the checkpoint at the end of the first epoch
 
 
 @pytest.fixture(scope="module")
@@ -131,10 +144,13 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("lightning_fsdp")
     found = {}
     for method in METHODS:
-        start(out, method, resume=False)
-        start(out, method, resume=True)
-        for kind in ("straight", "resumed"):
-            found[method, kind] = torch.load(out / f"{method}-{kind}.pt", weights_only=True)
+        found[method, "straight"] = start(out, f"{method}-straight", method)
+        found[method, "resumed"] = start(
+            out, f"{method}-resumed", method, resume=f"{method}-straight/{SAVED}"
+        )
+    # the two-rank checkpoint resumed on one rank, and one rank throughout
+    found["one", "resumed"] = start(out, "one-resumed", world=1, resume=f"granet-straight/{SAVED}")
+    found["one", "straight"] = start(out, "one-straight", world=1)
     return out, found
 
 
@@ -146,7 +162,7 @@ def test_the_sparsifier_runs_on_the_shards_and_saves_them_with_the_model(runs):
     assert straight["sparsity"] == pytest.approx(0.7, abs=0.01)
     for name, mask in straight["masks"].items():
         assert not straight["weights"][name][~mask].any(), name
-    checkpoint = out / "granet" / "straight" / "ckpt" / f"step={BATCHES}.ckpt"
+    checkpoint = out / "granet-straight" / SAVED
     from torch.distributed.checkpoint import FileSystemReader
 
     keys = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
@@ -169,8 +185,25 @@ def test_a_resumed_fsdp2_fit_ends_bit_identical_to_the_uninterrupted_one(runs, m
         assert torch.equal(resumed["weights"][name], weight), name
 
 
+def test_a_two_rank_checkpoint_resumes_on_one_rank_as_one_rank_runs(runs):
+    _, found = runs
+    resumed, one, two = (
+        found["one", "resumed"],
+        found["one", "straight"],
+        found["granet", "straight"],
+    )
+    assert resumed["placements"] == [("Shard", 0)] and resumed["step"] == one["step"]
+    for name, mask in one["masks"].items():  # float64: one and two ranks select alike
+        assert torch.equal(two["masks"][name], mask), name
+        assert torch.equal(resumed["masks"][name], mask), name
+        assert torch.equal(resumed["ever"][name], one["ever"][name]), name
+    for name, weight in one["weights"].items():
+        torch.testing.assert_close(resumed["weights"][name], weight, atol=WEIGHT_TOL, rtol=0)
+        torch.testing.assert_close(two["weights"][name], weight, atol=WEIGHT_TOL, rtol=0)
+
+
 def test_checkpoints_gathered_whole_are_refused_in_one_line(tmp_path):
-    start(tmp_path, "granet", resume=False, full=True)
+    start(tmp_path, "full", full=True)
     for rank in (0, 1):  # every rank stops, none waits for the other in a collective
         message = (tmp_path / f"refused{rank}.txt").read_text()
         assert "save_distributed_checkpoint=True" in message and "\n" not in message
