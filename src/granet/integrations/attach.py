@@ -11,7 +11,7 @@ where the checkpoint left it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +21,11 @@ from granet import checks, patterns
 from granet.initial import check_calibration
 from granet.methods import METHODS
 from granet.selection import check_rules, select_parameters, unwrap, unwrap_optimizer
+from granet.shards import is_dtensor
 from granet.sparsifier import Sparsifier
+
+# the key of a split state (:func:`split_sharded`) that lists the tensors saved apart
+SHARDED = "sharded"
 
 # Sparsifier keywords that are not fields of granet.Algorithm
 _BUILD_ONLY = ("algorithm", "include", "exclude", "verify_ranks", "calibration")
@@ -47,11 +51,14 @@ def attach(
     total_steps: int,
     options: dict[str, Any],
     state: dict[str, Any] | None = None,
+    load_sharded: Callable[[dict[str, torch.Tensor]], None] | None = None,
 ) -> Sparsifier:
     """A ``cls`` sparsifier on ``model`` and ``optimizer`` (a wrapper is fine), for a run of
     ``total_steps`` optimizer steps unless ``options`` names its own; with ``state`` (a
     :meth:`Sparsifier.state_dict`), resumed from it with the current weights and optimizer state
-    left exactly as they are."""
+    left exactly as they are. A ``state`` split by :func:`split_sharded` gets its sharded tensors
+    from ``load_sharded``, which fills the new sparsifier's own (placed as its weights are now,
+    so that ``torch.distributed.checkpoint`` reshards them) in place."""
     options = {"total_steps": total_steps, **options}
     if state is None:
         return cls(model, optimizer, **options)
@@ -64,8 +71,11 @@ def attach(
         for t in (p, *opt_state.get(p, {}).values())
         if torch.is_tensor(t) and t.shape == p.shape
     ]
+    restored_ids = [id(t) for t in tensors]
+    # under FSDP2 each rank copies (and checks) its own shards
+    tensors = [t.to_local() if is_dtensor(t) else t for t in tensors]
     copies = [t.detach().to("cpu", copy=True) for t in tensors]
-    restored = {id(t): c for t, c in zip(tensors, copies)}
+    restored = dict(zip(restored_ids, copies))
     sparsifier = None
     try:
         algorithm = options.get("algorithm")
@@ -79,6 +89,8 @@ def attach(
             else:
                 _set_pattern(unwrap(model), chosen, pattern)
         sparsifier = cls(model, optimizer, **options)
+        if SHARDED in state:
+            state = _join_sharded(state, sparsifier, load_sharded)
         sparsifier.load_state_dict(state)
         _check_zeros(sparsifier, [restored[id(p)] for p in sparsifier.params])
     except BaseException:
@@ -96,12 +108,70 @@ def _check_zeros(sparsifier: Sparsifier, weights: Sequence[torch.Tensor]) -> Non
     """Refuse restored ``weights`` that are not zero where the resumed ``sparsifier``'s masks
     are: the checkpoint's weights and its sparsifier state do not belong together."""
     for name, weight, mask in zip(sparsifier.names, weights, sparsifier.masks.values()):
-        wrong = int(weight[~mask.to(weight.device)].count_nonzero())
+        sharded = is_dtensor(mask)
+        if sharded:  # each rank its shard, the count over all (so that every rank raises)
+            mask = mask.to_local()
+        count = weight[~mask.to(weight.device)].count_nonzero().reshape(1).to(mask.device)
+        if sharded:
+            torch.distributed.all_reduce(count)
+        wrong = int(count)
         if wrong:
             raise ValueError(
                 f"resume: the checkpoint's {name} has {wrong} non-zero weights where its saved "
                 "sparsifier masks are zero; its weights and sparsifier state do not belong together"
             )
+
+
+def split_sharded(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A :meth:`Sparsifier.state_dict` split in two: what every rank holds alike (its DTensors
+    replaced by ``None``, their paths listed under ``"sharded"``), which one rank saves with a
+    checksum, and its DTensors by path (``"masks/fc.weight"``, ``"scores/growth/buffers/0"``),
+    which each rank saves its shards of with ``torch.distributed.checkpoint``. A state without
+    DTensors (no FSDP2) comes back whole, with no tensors."""
+    found: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if is_dtensor(value):
+            found[path] = value
+            return None
+        if isinstance(value, dict):
+            return {k: walk(v, f"{path}/{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(walk(v, f"{path}/{i}") for i, v in enumerate(value))
+        return value
+
+    rest = walk(state, "")
+    if found:
+        rest[SHARDED] = sorted(found)
+    return rest, found
+
+
+def _join_sharded(
+    state: dict[str, Any],
+    sparsifier: Sparsifier,
+    load: Callable[[dict[str, torch.Tensor]], None] | None,
+) -> dict[str, Any]:
+    """``state`` (split by :func:`split_sharded`) with its sharded tensors, read by ``load`` into
+    ``sparsifier``'s own."""
+    _, template = split_sharded(sparsifier.state_dict())
+    if load is None or sorted(template) != list(state[SHARDED]):
+        raise ValueError(
+            "the sparsifier state was saved with tensors sharded by fully_shard (FSDP2) "
+            f"({len(state[SHARDED])} of them); resume it under FSDP2, with the same method, "
+            "settings and sparse layers"
+        )
+    load(template)
+    joined = {k: v for k, v in state.items() if k != SHARDED}
+    for path, tensor in template.items():
+        *parents, leaf = path.split("/")
+        node: Any = joined
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        if isinstance(node, list):
+            node[int(leaf)] = tensor
+        else:
+            node[leaf] = tensor
+    return joined
 
 
 class SparsifierHolder:
@@ -122,13 +192,16 @@ class SparsifierHolder:
         total_steps: int,
         state: dict[str, Any] | None,
         source: object = None,
+        load_sharded: Callable[[dict[str, torch.Tensor]], None] | None = None,
     ) -> None:
         """Build the sparsifier, or resume it from ``state``, read from the file ``source``
-        (which a refused state's error names)."""
+        (which a refused state's error names), its sharded tensors by ``load_sharded``."""
         if self.sparsifier is not None:  # an earlier training run of the same callback
             self.sparsifier.remove()
         try:
-            self.sparsifier = attach(self._cls, model, optimizer, total_steps, self.options, state)
+            self.sparsifier = attach(
+                self._cls, model, optimizer, total_steps, self.options, state, load_sharded
+            )
         except ValueError as e:
             if state is None:
                 raise

@@ -6,11 +6,14 @@ optimizer inside accelerate's wrapper, so a step that accelerate skips on an fp1
 not counted), with ``total_steps`` the Trainer's ``max_steps``. It writes the sparsifier's state
 into every ``checkpoint-N`` folder with a SHA-256 of its contents and reads it back, checked,
 when ``trainer.train(resume_from_checkpoint=...)`` resumes (a damaged state is refused; one saved
-before granet had checksums loads with a warning). When training ends the sparsifier lets go of
-the model, whose weights keep their zeros: it may be trained again, with a new callback. It adds
-its scalars (``granet/sparsity``, ``granet/itop_rate``, ``granet/pruned``, ``granet/dropped``,
-``granet/regrown``) to the Trainer's training logs, which its reporters (TensorBoard, W&B, ...)
-then see.
+before granet had checksums loads with a warning). Under FSDP2 (accelerate's ``fsdp_version: 2``)
+the sparsifier is built on the sharded model, and each rank saves the shards of its masks (and
+other sharded tensors) with ``torch.distributed.checkpoint`` into ``checkpoint-N/granet_sparsifier``
+(the rest, checksummed, in the state file); they are read back resharded to the resumed run's
+ranks. When training ends the sparsifier lets go of the model, whose weights keep their zeros: it
+may be trained again, with a new callback. It adds its scalars (``granet/sparsity``,
+``granet/itop_rate``, ``granet/pruned``, ``granet/dropped``, ``granet/regrown``) to the
+Trainer's training logs, which its reporters (TensorBoard, W&B, ...) then see.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from granet.checksum import checked, with_checksum
-from granet.integrations.attach import SparsifierHolder
+from granet.integrations.attach import SparsifierHolder, split_sharded
+from granet.shards import is_dtensor
 
-__all__ = ["STATE_FILE", "GraNetCallback"]
+__all__ = ["STATE_DIR", "STATE_FILE", "GraNetCallback"]
 
 STATE_FILE = "granet_sparsifier.pt"
+STATE_DIR = "granet_sparsifier"  # an FSDP2 run's sharded tensors (torch.distributed.checkpoint)
 STATE_FORMAT = 2  # 2: a SHA-256 of the contents (1, without a format field: none)
 
 
@@ -56,7 +61,8 @@ class GraNetCallback(SparsifierHolder, TrainerCallback):
         checkpoint the Trainer resumes from (a resumed run without one is refused)."""
         self._log_first()
         path, saved = self._saved_state(args, state) if state.global_step > 0 else (None, None)
-        self._attach(model, optimizer, state.max_steps, saved, path)
+        folder = os.path.join(os.path.dirname(path), STATE_DIR) if path else None
+        self._attach(model, optimizer, state.max_steps, saved, path, _reader(folder))
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -68,8 +74,10 @@ class GraNetCallback(SparsifierHolder, TrainerCallback):
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Save the sparsifier state into the ``checkpoint-N`` folder the Trainer just wrote."""
-        if self.sparsifier is None or not state.is_world_process_zero:
+        """Save the sparsifier state into the ``checkpoint-N`` folder the Trainer just wrote
+        (under FSDP2 every rank its shards)."""
+        sp = self.sparsifier
+        if sp is None or not (state.is_world_process_zero or _sharded(sp)):
             return
         folder = _checkpoint(args, state)
         if not os.path.isdir(folder):
@@ -80,11 +88,14 @@ class GraNetCallback(SparsifierHolder, TrainerCallback):
                 stacklevel=2,
             )
             return
-        saved = {
-            "format": STATE_FORMAT,
-            "global_step": state.global_step,
-            "sparsifier": self.sparsifier.state_dict(),
-        }
+        rest, shards = split_sharded(self.sparsifier.state_dict())
+        if shards:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(shards, checkpoint_id=os.path.join(folder, STATE_DIR))
+            if not state.is_world_process_zero:
+                return
+        saved = {"format": STATE_FORMAT, "global_step": state.global_step, "sparsifier": rest}
         torch.save(with_checksum(saved), os.path.join(folder, STATE_FILE))
 
     def on_log(
@@ -148,6 +159,28 @@ class GraNetCallback(SparsifierHolder, TrainerCallback):
                 f"step {state.global_step}"
             )
         return path, saved["sparsifier"]
+
+
+def _sharded(sparsifier: Any) -> bool:
+    """Whether ``sparsifier`` holds weights sharded by ``fully_shard`` (FSDP2)."""
+    return any(is_dtensor(p) for p in sparsifier.params)
+
+
+def _reader(folder: str | None) -> Any:
+    """What reads the sharded tensors of a sparsifier state from ``folder`` into a template."""
+
+    def read(template: dict[str, torch.Tensor]) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        if folder is None or not os.path.isdir(folder):
+            raise ValueError(f"{folder} is missing: it holds the sparsifier's sharded masks")
+        try:
+            dcp.load(template, checkpoint_id=folder)
+        except Exception as e:  # dcp raises its own errors for missing or damaged files
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{folder}: cannot read the sparsifier's shards: {reason}") from None
+
+    return read
 
 
 def _checkpoint(args: TrainingArguments, state: TrainerState) -> str:

@@ -9,6 +9,12 @@ refused; one saved before granet had checksums loads with a warning). When fitti
 sparsifier lets go of the model, whose weights keep their zeros: it may be fitted again, with a
 new callback. ``granet/sparsity``, ``granet/itop_rate``, ``granet/pruned``,
 ``granet/dropped`` and ``granet/regrown`` go to the trainer's loggers at every step.
+
+Under FSDP2 (``ModelParallelStrategy``, or any strategy whose model ``configure_model`` shards with
+``fully_shard``) the sparsifier is built on the shards, and its sharded tensors (the masks' rows,
+SNFS's momentum) travel in the checkpoint's ``state_dict`` under ``granet_sparsifier``, which the
+strategy saves with ``torch.distributed.checkpoint``, each rank its shards; the rest is the
+callback's state, checksummed as above. A resumed fit reads them back resharded to its ranks.
 """
 
 from __future__ import annotations
@@ -19,9 +25,12 @@ from typing import Any
 import lightning.pytorch as pl
 
 from granet.checksum import checked, warn_unchecked, with_checksum
-from granet.integrations.attach import SparsifierHolder
+from granet.integrations.attach import SparsifierHolder, split_sharded
+from granet.shards import is_dtensor
 
-__all__ = ["GraNetCallback"]
+__all__ = ["STATE_KEY", "GraNetCallback"]
+
+STATE_KEY = "granet_sparsifier"  # the checkpoint's state_dict entry of the sharded tensors
 
 
 class GraNetCallback(SparsifierHolder, pl.Callback):
@@ -36,6 +45,9 @@ class GraNetCallback(SparsifierHolder, pl.Callback):
     def __init__(self, method: str = "granet", **sparsifier_kwargs: Any) -> None:
         super().__init__(method, **sparsifier_kwargs)
         self._restored: dict[str, Any] | None = None
+        self._shards: dict[str, Any] = {}  # sharded tensors of the state being saved
+        self._total = 0  # the fit's optimizer steps
+        self._deferred = False  # whether the sparsifier waits for the checkpoint's restoring
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build the sparsifier for the Trainer's one optimizer, or resume it from the state
@@ -51,6 +63,27 @@ class GraNetCallback(SparsifierHolder, pl.Callback):
                 "GraNetCallback needs the run's length: give the Trainer max_steps or "
                 "max_epochs, or the callback total_steps"
             )
+        self._total = int(total)
+        # strategies that restore a checkpoint after their setup (ModelParallelStrategy,
+        # DeepSpeed) do so after this hook, and loading the optimizer state may take a step
+        # (torch.distributed.checkpoint's empty-state initialisation) that a sparsifier built
+        # now would take for a training step: build it once the checkpoint has been restored
+        self._deferred = trainer.strategy.restore_checkpoint_after_setup
+        if not self._deferred:
+            self._build(trainer, pl_module)
+
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build a deferred sparsifier before the sanity check, so that it sees sparse weights."""
+        if self._deferred:
+            self._build(trainer, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build a deferred sparsifier (no sanity check ran)."""
+        if self._deferred:
+            self._build(trainer, pl_module)
+
+    def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build the sparsifier, resumed from the checkpoint's state if it has been read."""
         if trainer.ckpt_path is not None and self._restored is None:
             raise ValueError(
                 f"ckpt_path: {trainer.ckpt_path} holds no GraNetCallback state; to start sparse "
@@ -58,8 +91,9 @@ class GraNetCallback(SparsifierHolder, pl.Callback):
             )
         where = trainer.ckpt_path
         saved = None if self._restored is None else _sparsifier_state(self._restored, where)
-        self._attach(pl_module, trainer.optimizers[0], int(total), saved, where)
+        self._attach(pl_module, trainer.optimizers[0], self._total, saved, where, _reader(where))
         self._restored = None
+        self._deferred = False
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Detach the sparsifier when fitting ends (the model keeps its zeros), so that the
@@ -80,15 +114,50 @@ class GraNetCallback(SparsifierHolder, pl.Callback):
             pl_module.log_dict(self._scalars(), on_step=True, on_epoch=False, batch_size=1)
 
     def state_dict(self) -> dict[str, Any]:
-        """The sparsifier's state and its SHA-256, for Lightning's checkpoint."""
+        """The sparsifier's state and its SHA-256, for Lightning's checkpoint (under FSDP2 all
+        but its sharded tensors, which :meth:`on_save_checkpoint` puts with the model's)."""
         if self.sparsifier is not None:
-            return with_checksum({"sparsifier": self.sparsifier.state_dict()})
+            rest, self._shards = split_sharded(self.sparsifier.state_dict())
+            return with_checksum({"sparsifier": rest})
         return self._restored if self._restored is not None else {}
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Put the sparsifier's sharded tensors (FSDP2) into the checkpoint's ``state_dict``,
+        which the strategy saves with ``torch.distributed.checkpoint``."""
+        shards, self._shards = self._shards, {}
+        if not shards:
+            return
+        model = checkpoint.get("state_dict", {})
+        if not any(is_dtensor(t) for t in model.values()):
+            raise ValueError(
+                "GraNetCallback under FSDP2 saves its masks sharded, with the model's sharded "
+                "state: save distributed checkpoints (ModelParallelStrategy's default "
+                "save_distributed_checkpoint=True)"
+            )
+        model[STATE_KEY] = shards
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep a checkpoint's sparsifier state until fitting starts, checks it and builds the
         sparsifier."""
         self._restored = None if isinstance(state_dict, dict) and not state_dict else state_dict
+
+
+def _reader(path: object) -> Any:
+    """What reads the sparsifier's sharded tensors from the distributed checkpoint ``path``
+    into a template."""
+
+    def read(template: dict[str, Any]) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        try:
+            dcp.load({"state_dict": {STATE_KEY: template}}, checkpoint_id=path)
+        except Exception as e:  # dcp raises its own errors for missing or damaged files
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"cannot read the sparsifier's shards: {reason}") from None
+
+    return read
 
 
 def _sparsifier_state(saved: Any, where: object) -> dict[str, Any]:
