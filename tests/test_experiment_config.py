@@ -12,12 +12,12 @@ from torch import nn
 import granet
 from granet import criteria
 from granet.experiment.blocks import epoch_batches, lr_factor
+from granet.experiment.comparison import summarize
 from granet.experiment.config import KEYS, make_config, resolve_config, save_config
 from granet.experiment.datasets import DATASETS
 from granet.experiment.flops import count_flops, inference_flops, training_flops
 from granet.experiment.folder import write_marker
 from granet.experiment.models import MODELS
-from granet.experiment.report import summarize
 from granet.experiment.sweep import _state, load_sweep
 
 

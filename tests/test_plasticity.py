@@ -35,8 +35,8 @@ from granet.experiment.plasticity import (
     run_study,
 )
 from granet.experiment.records import read_metrics
-from granet.experiment.report import csv_row
 from granet.experiment.signals import Interrupted
+from granet.experiment.tables import csv_row
 from granet.experiment.trainer import Callbacks, StartFrom, Trainer
 
 # issue 12's interface: these columns first, in this order

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from granet.experiment.report import comparison_markdown, counted, csv_row, find_runs, summarize
+from granet.experiment.comparison import comparison_markdown, find_runs, summarize
+from granet.experiment.tables import counted, csv_row
 
 
 def report(seed, accuracy, sparsity=0.9, target=0.9, run_id=None, **extra):
@@ -86,7 +87,7 @@ def test_counts_and_csv_numbers_read_as_meant():
 
 @pytest.mark.parametrize("name", ["comparison.md", "comparison.csv", "accuracy_vs_sparsity.png"])
 def test_the_comparison_is_not_written_through_a_link(tmp_path, name):
-    from granet.experiment.report import write_comparison
+    from granet.experiment.comparison import write_comparison
 
     rows = summarize([report(0, 0.90), report(1, 0.92)])
     out = tmp_path / "sweep"

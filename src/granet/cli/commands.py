@@ -54,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from granet.experiment.report import comparison_markdown
+    from granet.experiment.comparison import comparison_markdown
     from granet.experiment.sweep import load_sweep, run_sweep
 
     if args.workers is not None and args.workers < 1:
@@ -95,14 +95,14 @@ def cmd_plasticity(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from granet.experiment.records import read_report
-    from granet.experiment.report import (
+    from granet.experiment.comparison import (
         comparison_markdown,
         find_runs,
-        redraw,
         summarize,
         write_comparison,
     )
+    from granet.experiment.records import read_report
+    from granet.experiment.report import redraw
 
     runs = find_runs(args.runs)
     markdown = [redraw(run) for run in runs]

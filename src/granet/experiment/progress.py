@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from granet.experiment.report import percent
+from granet.experiment.tables import percent
 from granet.sparsifier import Sparsifier
 
 REFRESH_SECONDS = 0.5  # between two updates of the bar's loss, accuracy and sparsity

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from granet.experiment.blocks import check_schedule, load_data
+from granet.experiment.comparison import summarize, write_comparison
 from granet.experiment.config import METHOD_OWN, make_config, read_config_file
 from granet.experiment.files import FolderLock
 from granet.experiment.folder import (
@@ -39,7 +40,6 @@ from granet.experiment.folder import (
 )
 from granet.experiment.processes import STOPPED, Job, resumed_config, run_processes
 from granet.experiment.records import read_report, read_run_config
-from granet.experiment.report import summarize, write_comparison
 from granet.experiment.signals import stopped_as
 from granet.experiment.train import train
 

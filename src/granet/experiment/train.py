@@ -42,7 +42,8 @@ from granet.experiment.folder import (
 )
 from granet.experiment.loggers import RunLoggers
 from granet.experiment.records import read_metrics, read_report, read_run_config, truncate_metrics
-from granet.experiment.report import counted, hardware, percent
+from granet.experiment.report import hardware
+from granet.experiment.tables import counted, percent
 from granet.experiment.trainer import Callbacks, StartFrom, Trainer
 
 

@@ -34,8 +34,8 @@ from granet.experiment.plasticity.folder import (
 from granet.experiment.plasticity.settings import VARIANTS, Cell, Study, continuation_config
 from granet.experiment.processes import Job, resumed_config, run_processes
 from granet.experiment.records import read_run_config
-from granet.experiment.report import percent
 from granet.experiment.signals import Interrupted, StopRequest, stop_on_signals, stopped_as
+from granet.experiment.tables import percent
 from granet.experiment.train import train
 from granet.experiment.trainer import Callbacks, StartFrom, Trainer
 from granet.masks import unpack_bits

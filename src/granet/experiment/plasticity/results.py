@@ -24,8 +24,7 @@ from granet.experiment.plasticity.folder import (
 from granet.experiment.plasticity.settings import VARIANTS, Study
 from granet.experiment.plots import plot_plasticity
 from granet.experiment.records import read_report
-from granet.experiment.report import counted, csv_row, percent
-from granet.experiment.tables import markdown_table
+from granet.experiment.tables import counted, csv_row, markdown_table, percent
 
 COLUMNS = (
     "prune_epoch",
