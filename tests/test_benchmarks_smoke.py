@@ -128,3 +128,31 @@ def test_gmp_schedule_experiment_starts_dense_and_prunes_from_half():
     # gradual phase: steps 0-500, 50 rounds; the first round prunes from 50%, not from 0%
     assert sp.sparsity_schedule(10) == pytest.approx(0.9 - 0.4 * (1 - 1 / 50) ** 3)
     assert sp.sparsity_schedule(500) == pytest.approx(0.9)
+
+
+def test_fsdp_memory_counts_each_ranks_shards_and_a_rounds_bytes(tmp_path):
+    out = tmp_path / "fsdp_memory.json"
+    script = ROOT / "benchmarks" / "fsdp_memory.py"
+    subprocess.run(
+        [sys.executable, str(script), "--quick", "--json", str(out)],
+        env=src_env(OMP_NUM_THREADS="1"),
+        check=True,
+        timeout=600,
+    )
+    ranks = json.loads(out.read_text())["ranks"]["fsdp2"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for r in ranks:
+        # each rank holds half of every float32 tensor (the tiny model's rows split evenly)
+        assert 2 * r["local_weights"] == r["weights"] and r["params"] == 4 * r["local_weights"]
+        assert r["grads"] == r["params"]
+        assert 2 * r["params"] <= r["optim"] <= 2 * r["params"] + 8 * 28  # + AdamW's steps
+        # a bool mask byte per local sparse weight, 1 bit at rest; a float32 copy on CPU
+        assert 2 * r["local_sparse_weights"] == r["sparse_weights"]
+        assert r["masks"] == r["local_sparse_weights"] == 8 * r["packed"]
+        assert r["multipliers"] == 4 * r["local_sparse_weights"]
+        # the round pruned and regrew; what it sent depends on the layers, not the weights
+        assert r["last_round"]["pruned"] > 0 and r["last_round"]["regrown"] > 0
+        assert r["narrow_sparse_weights"] * 16 == r["sparse_weights"]
+        assert r["round_bytes"] == r["narrow_round_bytes"] == ranks[0]["round_bytes"]
+        assert r["wrapped_collectives"] == r["debug_collectives"] > 0
+        assert r["sparsity"] > 0.5
