@@ -15,17 +15,17 @@ numel x element size, not RSS):
   in a checkpoint);
 
 and its peak RSS (``ru_maxrss``, the process's whole life: interpreter, torch, transformers and
-FSDP's unsharded blocks in forward and backward included). The model is built on the meta device
-and materialized after sharding, so no rank ever holds the whole model.
+FSDP's unsharded blocks in forward and backward included), before the rounds and after them. The
+model is built on the meta device and materialized after sharding, so no rank ever holds the whole
+model.
 
-One topology round (``sp.update_topology()`` after a step: gradual pruning, then drop and regrow
-in every layer) is timed (wall clock from a barrier; the slowest rank; median of ``--rounds``),
-and the bytes it communicates are counted by wrapping every ``torch.distributed`` collective
-(each tensor given: numel x element size, as sent by this rank) and checking with
-``CommDebugMode`` (which sees c10d's and DTensor's collectives alike) that nothing else is
-sent. The same round on a model of the same
-depth with a quarter of the width (``narrow``, 1/16 of the weights) shows whether the bytes grow
-with the weights or with the layers.
+One topology round (``sp.update_topology()`` after a step: gradual pruning, then drop and regrow in
+every layer) is timed (wall clock from a barrier, the slowest rank, and each rank's CPU time;
+medians of ``--rounds``), and the bytes it communicates are counted by wrapping every
+``torch.distributed`` collective (each tensor given: numel x element size, as sent by this rank) and
+checking with ``CommDebugMode`` (which sees c10d's and DTensor's collectives alike) that nothing
+else is sent. The same round on a model of the same depth with a quarter of the width (``narrow``,
+1/16 of the weights) shows whether the bytes grow with the weights or with the layers.
 
     python benchmarks/fsdp_memory.py --world 1 2 4 --json results/fsdp_memory.json
     python benchmarks/fsdp_memory.py --quick   # a tiny model on 2 ranks (smoke test)
@@ -167,15 +167,16 @@ def round_cost(sp, counter: Counter, rounds: int, sharded: bool) -> dict:  # noq
     """Wall time (slowest rank, median) and communication of ``rounds`` topology rounds."""
     from torch.distributed.tensor.debug import CommDebugMode
 
-    times, sent, calls, debug_calls = [], set(), [], 0
+    times, cpus, sent, calls, debug_calls = [], [], set(), [], 0
     for _ in range(rounds):
         if sharded:
             dist.barrier()
         counter.on, counter.bytes, counter.calls = True, 0, {}
         with CommDebugMode() as debug:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             sp.update_topology()
             seconds = time.perf_counter() - start
+            cpus.append(time.process_time() - cpu)
         counter.on = False
         debug_calls += debug.get_total_counts()
         sent.add(counter.bytes)
@@ -187,6 +188,8 @@ def round_cost(sp, counter: Counter, rounds: int, sharded: bool) -> dict:  # noq
         times.append(seconds)
     return {
         "round_s": statistics.median(times),
+        # this process's CPU time (all its threads; waiting for a core or a rank not counted)
+        "round_cpu_s": statistics.median(cpus),
         "round_bytes": sorted(sent),
         "round_calls": calls[-1],
         # CommDebugMode's count of every collective (c10d's and DTensor's) in the rounds
@@ -236,6 +239,7 @@ def measure(rank: int, world: int, args: argparse.Namespace, sharded: bool) -> d
         "rss_start_mib": rss_start / 1024,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    row["peak_rss_before_round_mib"] = row["peak_rss_mib"]
     row.update(round_cost(sp, counter, args.rounds, sharded))
     row["sparsity"] = sp.sparsity()
     row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -156,3 +156,5 @@ def test_fsdp_memory_counts_each_ranks_shards_and_a_rounds_bytes(tmp_path):
         assert r["round_bytes"] == r["narrow_round_bytes"] == ranks[0]["round_bytes"]
         assert r["wrapped_collectives"] == r["debug_collectives"] > 0
         assert r["sparsity"] > 0.5
+        assert r["round_s"] > 0 and r["round_cpu_s"] > 0
+        assert r["peak_rss_mib"] >= r["peak_rss_before_round_mib"] > 0
