@@ -7,8 +7,11 @@ parameters, 57M of them in the blocks' sparse ``Conv1D`` weights) is sharded wit
 without ``fully_shard``. After two training steps each rank counts, exactly from its tensors (local
 numel x element size, not RSS):
 
-- ``params``, ``grads``, ``optim`` (AdamW's ``exp_avg``/``exp_avg_sq``/``step``): the local shards;
-- ``masks``: granet's bool masks (1 byte per local sparse weight); ``multipliers``: on CPU the
+- ``params``, ``grads``, ``optim`` (AdamW's ``exp_avg``/``exp_avg_sq``/``step``): the local shards
+  (the bytes of the storages behind them, each once: a shard that is a view of a larger tensor
+  counts what it keeps alive);
+- ``masks``: granet's bool masks (storages, as above; ``masks_elements``: their elements, 1 byte
+  per local sparse weight); ``multipliers``: on CPU the
   masks' float32 copies that the per-step multiply uses (:meth:`Sparsifier._targets`);
   ``ever_active``: the bit-packed ITOP bits; ``packed``: the local tensors of
   ``sp.state_dict()["masks"]`` (1 bit per weight, rows padded to whole bytes: the masks at rest
@@ -113,7 +116,19 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 def nbytes(tensors) -> int:  # noqa: ANN001
+    """The bytes of the tensors' (local) elements."""
     return sum(local(t).numel() * local(t).element_size() for t in tensors if torch.is_tensor(t))
+
+
+def held(tensors) -> int:  # noqa: ANN001
+    """The bytes of the storages behind the tensors (each counted once): what the process
+    holds, a view of a larger tensor included whole."""
+    storages = {}
+    for t in tensors:
+        if torch.is_tensor(t):
+            storage = local(t).untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def build(spec: dict, mesh, narrow: bool = False, seed: int = 0):  # noqa: ANN001, ANN201
@@ -228,12 +243,13 @@ def measure(rank: int, world: int, args: argparse.Namespace, sharded: bool) -> d
         "local_weights": sum(local(p).numel() for p in params),
         "sparse_weights": sum(p.numel() for p in sp.params),
         "local_sparse_weights": sparse_weights,
-        "params": nbytes(params),
-        "grads": nbytes(p.grad for p in params),
-        "optim": nbytes(v for s in opt.state.values() for v in s.values()),
-        "masks": nbytes(masks),
-        "multipliers": nbytes(multipliers.values()),
-        "ever_active": nbytes([sp._ever_active]),
+        "params": held(params),
+        "grads": held(p.grad for p in params),
+        "optim": held(v for s in opt.state.values() for v in s.values()),
+        "masks": held(masks),
+        "masks_elements": nbytes(masks),  # the local masks' own bytes, storage aside
+        "multipliers": held(multipliers.values()),
+        "ever_active": held([sp._ever_active]),
         "packed": nbytes(state["masks"].values()),
         "step_s": steps[-1],
         "rss_start_mib": rss_start / 1024,
