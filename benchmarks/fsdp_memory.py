@@ -303,7 +303,8 @@ def summary(runs: dict[str, list[dict]]) -> dict:
         s = {k: top[k] for k in top if k != "rank"}
         s["total"] = sum(top[k] for k in STORED)
         s["round_s"] = max(r["round_s"] for r in rows)
-        s["peak_rss_mib"] = max(r["peak_rss_mib"] for r in rows)
+        for key in ("round_cpu_s", "peak_rss_mib", "peak_rss_before_round_mib"):
+            s[key] = max(r[key] for r in rows)
         s["mask_bytes_per_local_weight"] = top["masks"] / max(top["local_sparse_weights"], 1)
         s["packed_bytes_per_local_weight"] = top["packed"] / max(top["local_sparse_weights"], 1)
         if one is not None:
@@ -317,23 +318,29 @@ def table(summ: dict) -> str:
     """The rows as the markdown table of docs/benchmarks.md."""
     mib = 2**20
     lines = [
-        "| run | params | grads | AdamW | masks (bool) | CPU multipliers | ITOP bits | total "
-        "| total / (1-rank total / N) | packed masks at rest | peak RSS | round bytes sent "
-        "(narrow model) | round s | step s |",
+        "| run | params | grads | AdamW | bool masks: held (own elements) | CPU mask copies "
+        "| ITOP bits | total | total / (fsdp1 total / N) | masks at rest (packed) "
+        "| peak RSS before / after the rounds | round: bytes sent (narrow model) "
+        "| round s: wall / CPU | step s |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for mode, s in summ.items():
         ratio = s.get("total_vs_one_over_n")
         lines.append(
             f"| {mode} | {s['params'] / mib:.1f} | {s['grads'] / mib:.1f} | {s['optim'] / mib:.1f} "
-            f"| {s['masks'] / mib:.1f} | {s['multipliers'] / mib:.1f} "
+            f"| {s['masks'] / mib:.1f} ({s['masks_elements'] / mib:.1f}) "
+            f"| {s['multipliers'] / mib:.1f} "
             f"| {s['ever_active'] / mib:.2f} | {s['total'] / mib:.1f} "
             f"| {'' if ratio is None or mode == 'plain' else f'{ratio:.3f}'} "
-            f"| {s['packed'] / mib:.2f} | {s['peak_rss_mib']:.0f} "
+            f"| {s['packed'] / mib:.2f} "
+            f"| {s['peak_rss_before_round_mib']:.0f} / {s['peak_rss_mib']:.0f} "
             f"| {max(s['round_bytes']):,} ({max(s['narrow_round_bytes']):,}) "
-            f"| {s['round_s']:.2f} | {s['step_s']:.2f} |"
+            f"| {s['round_s']:.2f} / {s['round_cpu_s']:.2f} | {s['step_s']:.2f} |"
         )
-    return "\n".join(lines) + "\n\n(MiB per rank, the largest rank; bytes sent by one rank)"
+    return "\n".join(lines) + (
+        "\n\n(MiB per rank, the largest rank; RSS and CPU time: the largest rank's; bytes sent by "
+        "one rank)"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
