@@ -230,9 +230,9 @@ def measure(rank: int, world: int, args: argparse.Namespace, sharded: bool) -> d
         steps.append(time.perf_counter() - start)
     params = list(model.parameters())
     masks = [local(m) for m in sp.masks.values()]
-    multipliers = {id(m): m for m in sp._targets()[1]}  # on CPU float copies of the masks
-    for m in masks:
-        multipliers.pop(id(m), None)
+    # on CPU float copies of the masks; elsewhere the masks themselves, not counted twice
+    own = {m.untyped_storage().data_ptr() for m in masks}
+    multipliers = [m for m in sp._targets()[1] if m.untyped_storage().data_ptr() not in own]
     state = sp.state_dict()
     sparse_weights = sum(m.numel() for m in masks)
     row = {
@@ -248,7 +248,7 @@ def measure(rank: int, world: int, args: argparse.Namespace, sharded: bool) -> d
         "optim": held(v for s in opt.state.values() for v in s.values()),
         "masks": held(masks),
         "masks_elements": nbytes(masks),  # the local masks' own bytes, storage aside
-        "multipliers": held(multipliers.values()),
+        "multipliers": held(multipliers),
         "ever_active": held([sp._ever_active]),
         "packed": nbytes(state["masks"].values()),
         "step_s": steps[-1],
