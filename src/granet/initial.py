@@ -33,10 +33,12 @@ def random_init(
     """Uniformly random positions at each layer's count (the papers' ERK draw). Each rank of a
     sharded model draws every layer whole, so that all draw alike, and keeps its part."""
     space = space or Whole(params)
-    return [
-        space.part(random_mask(p.shape, n, generator), i).to(space.local(p).device).contiguous()
-        for i, (p, n) in enumerate(zip(params, counts))
-    ]
+    masks = []
+    for i, (p, n) in enumerate(zip(params, counts)):
+        mask = space.part(random_mask(p.shape, n, generator), i)
+        # a shard's rows are copied out, so that the whole layer's draw is freed
+        masks.append((mask.clone() if space.sharded else mask).to(space.local(p).device))
+    return masks
 
 
 def magnitude_init(
