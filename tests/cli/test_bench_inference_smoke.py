@@ -8,7 +8,7 @@ from pathlib import Path
 
 from helpers import src_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_quick_benchmark_prints_a_table():

@@ -124,7 +124,7 @@ def test_flops_are_counted_without_touching_real_memory():
 
 
 def test_presets_are_valid_and_the_default_preset_is_the_default():
-    configs = Path(__file__).parents[1] / "configs"
+    configs = Path(__file__).parents[2] / "configs"
     presets = sorted(p for p in configs.glob("*.yaml") if not p.name.startswith("sweep"))
     assert {p.stem for p in presets} >= {"fashion-mnist", "cifar10-vgg19", "imagenet-resnet50"}
     for path in presets:
@@ -191,7 +191,7 @@ def test_sweep_refuses_one_initial_sparsity_for_several_methods(tmp_path):
 
 def test_sweep_methods_differ(tmp_path):
     sweep = tmp_path / "sweep.yaml"
-    base = Path(__file__).parents[1] / "configs" / "fashion-mnist.yaml"
+    base = Path(__file__).parents[2] / "configs" / "fashion-mnist.yaml"
     sweep.write_text(f"base: {base}\nmethods: [granet, gmp, rigl, static]\nsparsities: [0.9]\n")
     net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     opt = torch.optim.SGD(net.parameters(), lr=0.1)

@@ -8,7 +8,7 @@ from helpers import SmallNet, run_doc, train
 
 import granet
 
-DOC = Path(__file__).parents[1] / "docs" / "extending.md"
+DOC = Path(__file__).parents[2] / "docs" / "extending.md"
 T = 60
 
 

@@ -367,7 +367,7 @@ def test_other_safetensors_files_are_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------- version 1 files
-V1 = Path(__file__).parent / "data" / "mlp-90-v1.gnt"  # save_sparse of granet 0.1.0
+V1 = Path(__file__).parents[1] / "data" / "mlp-90-v1.gnt"  # save_sparse of granet 0.1.0
 
 
 def test_version_1_files_still_load():

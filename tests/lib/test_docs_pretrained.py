@@ -12,7 +12,7 @@ pytest.importorskip("accelerate")
 pytest.importorskip("lightning")
 pytest.importorskip("peft")
 
-DOC = Path(__file__).parents[1] / "docs" / "pretrained.md"
+DOC = Path(__file__).parents[2] / "docs" / "pretrained.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 

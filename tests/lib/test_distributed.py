@@ -275,7 +275,7 @@ def test_a_rank_that_skips_a_round_is_caught_not_hung(results):
 def test_fsdp1_is_refused_naming_fsdp2(results):
     (refused,) = results["ranks"][0]["fsdp"]
     assert "does not support FSDP1 (FullyShardedDataParallel, at 'the model itself')" in refused
-    assert "fully_shard" in refused  # what to use instead (FSDP2 itself: tests/test_fsdp.py)
+    assert "fully_shard" in refused  # what to use instead (FSDP2 itself: tests/lib/test_fsdp.py)
 
 
 def test_deepspeed_engines_and_zero_are_refused():
@@ -316,7 +316,7 @@ def test_guard_is_a_no_op_without_a_process_group():
     verify_agreement(["w"], [torch.ones(3, dtype=torch.bool)])  # would fail on a collective
 
 
-if __name__ == "__main__":  # PYTHONPATH=src python tests/test_distributed.py: the measured gaps
+if __name__ == "__main__":  # PYTHONPATH=src python tests/lib/test_distributed.py: the measured gaps
     import tempfile
 
     found = run_all(Path(tempfile.mkdtemp()))

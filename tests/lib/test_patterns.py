@@ -515,7 +515,7 @@ def test_the_nm_sweep_files_hold_the_whole_grid():
     from granet.experiment.sweep import load_sweep
 
     cells = set()
-    for path in (Path(__file__).parents[1] / "configs" / "sweep-nm").glob("*.yaml"):
+    for path in (Path(__file__).parents[2] / "configs" / "sweep-nm").glob("*.yaml"):
         for job in load_sweep(path).jobs:
             c = job.config
             cells.add((c.model, c.pattern, c.method, c.init_sparsity, c.sparsity, c.seed))

@@ -232,7 +232,7 @@ def test_every_sparsifier_option_is_a_flag_a_setting_and_a_docs_row():
     for option in cli_options():
         assert "--" + option.name.replace("_", "-") in flags, option.name
         assert option.name in keys, option.name
-    doc = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    doc = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
     table = re.search(r"<!-- options:begin -->\n(.*?)\n<!-- options:end -->", doc, re.S)
     assert table and table.group(1) == options_table(), "regenerate: granet.cli.options_table()"
 
@@ -270,7 +270,7 @@ def test_every_run_setting_is_a_flag_with_its_declared_default_and_a_docs_row():
     assert study["--model"].endswith("(default: lenet5)")
     assert study["--val-size"].endswith("(default: 0)")
     assert study["--train-size"].endswith("(default: 6000)")
-    doc = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    doc = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
     table = re.search(r"<!-- settings:begin -->\n(.*?)\n<!-- settings:end -->", doc, re.S)
     assert table and table.group(1) == settings_table(), "regenerate: granet.cli.settings_table()"
 

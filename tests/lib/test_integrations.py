@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 import granet  # noqa: E402
 from granet.selection import select_parameters  # noqa: E402
 
-DOC = Path(__file__).parents[1] / "docs" / "integrations.md"
+DOC = Path(__file__).parents[2] / "docs" / "integrations.md"
 
 
 @pytest.fixture(scope="module")
