@@ -38,6 +38,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], bool]] = {
     "compute-conv": ("compute.py", ["conv", "--threads", "1", "--batch-sizes", "128"], True),
     "compute-run": ("compute.py", ["run", "--threads", "1", "--out", "{out}/compute-runs"], True),
     "fsdp-memory": ("fsdp_memory.py", [], True),
+    "fsdp-float32": ("fsdp_float32.py", [], True),
 }
 ACCURACY = [
     "accuracy/mlp.yaml",

@@ -170,3 +170,28 @@ def test_fsdp_masks_hold_only_their_shards_storage(fsdp_memory):
     """The masks' storage is the rank's rows only (not a view into a whole layer's draw)."""
     for r in fsdp_memory:
         assert r["masks"] == r["local_sparse_weights"]
+
+
+def test_fsdp_float32_counts_the_positions_that_differ_from_one_process(tmp_path):
+    out = tmp_path / "flips.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "fsdp_float32.py"),
+            "--world",
+            "2",
+            "--steps",
+            "8",
+            "--json",
+            str(out),
+        ],
+        env=src_env(OMP_NUM_THREADS="1"),
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} == {"granet", "gmp", "rigl", "set", "snfs"}
+    for r in rows:
+        assert r["world"] == 2 and 0 <= r["flipped"] <= 2 * r["active"]
+        assert r["active"] > 0 and r["max_weight_gap"] >= 0
