@@ -10,9 +10,9 @@ bit for bit (so they are in float32: measured, docs/distributed.md).
 """
 
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import torch.distributed as dist
@@ -209,14 +209,7 @@ def _user_hook(state, bucket):
 
 
 def worker(rank, world, store, out):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=120),
-    )
+    helpers.join_gloo(rank, world, store, 120)
     results = {"scenarios": scenarios(rank, world), "traffic": traffic(rank, world)}
     results["resumed"] = resumed(rank, world, out)
     if world == 2:

@@ -6,7 +6,6 @@ come from the sparsifier's own generators and from DDP's all-reduced gradients.
 """
 
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import helpers
@@ -114,14 +113,7 @@ def drop_a_gradient(net, sp):
 
 
 def worker(rank, store, out):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
+    helpers.join_gloo(rank, WORLD, store)
     results = {}
     for method in METHODS:
         model, net, opt, sp = build(method, rank, ddp=True)

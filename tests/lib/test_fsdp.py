@@ -9,9 +9,9 @@ Layer sizes are chosen so that 4 ranks hold uneven shards and one rank an empty 
 """
 
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import torch.distributed as dist
@@ -138,14 +138,7 @@ def refusals(mesh) -> dict:
 
 
 def worker(rank, world, store, out, resume_only):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
+    helpers.join_gloo(rank, world, store)
     from torch.distributed.checkpoint import save
     from torch.distributed.device_mesh import init_device_mesh
 

@@ -9,12 +9,11 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import Tokens
+from helpers import Tokens, hf_gpt2
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from transformers import (  # noqa: E402
-    GPT2Config,
     GPT2LMHeadModel,
     Trainer,
     TrainerCallback,
@@ -27,23 +26,6 @@ from granet.integrations.hf import STATE_FILE, GraNetCallback  # noqa: E402
 
 STEPS = 24
 REPORT = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
-
-
-def gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        vocab_size=64,
-        n_positions=16,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2LMHeadModel(config)
 
 
 def trainer(out, model, callbacks, **args) -> Trainer:
@@ -70,7 +52,7 @@ def callback() -> GraNetCallback:
 def run(tmp_path_factory):
     """One uninterrupted run of STEPS steps, with checkpoints every 8."""
     out = tmp_path_factory.mktemp("hf")
-    model, cb = gpt2(), callback()
+    model, cb = hf_gpt2(), callback()
     t = trainer(out, model, [cb], report_to=REPORT)
     t.train()
     return out, t, model, cb
@@ -118,7 +100,7 @@ def test_the_saved_model_loads_in_plain_transformers_with_its_zeros(run, tmp_pat
 
 def test_a_resumed_run_ends_as_the_uninterrupted_one(run, tmp_path):
     out, _, model, cb = run
-    model2, cb2 = gpt2(), callback()
+    model2, cb2 = hf_gpt2(), callback()
     # another output folder: the checkpoint is found where the Trainer was told to resume from
     trainer(tmp_path, model2, [cb2]).train(resume_from_checkpoint=str(out / "checkpoint-8"))
     a, b = cb.sparsifier.state_dict(), cb2.sparsifier.state_dict()
@@ -134,7 +116,7 @@ def test_a_checkpoint_without_sparsifier_state_is_refused(run, tmp_path):
     out = run[0]
     shutil.copytree(out / "checkpoint-8", tmp_path / "checkpoint-8")
     (tmp_path / "checkpoint-8" / STATE_FILE).unlink()
-    t = trainer(tmp_path, gpt2(), [callback()])
+    t = trainer(tmp_path, hf_gpt2(), [callback()])
     with pytest.raises(ValueError, match=f"holds no {STATE_FILE}"):
         t.train(resume_from_checkpoint=True)
 
@@ -196,7 +178,7 @@ def test_a_damaged_state_file_is_refused_in_one_line_naming_it(run, tmp_path, da
     path = tmp_path / "checkpoint-8" / STATE_FILE
     damage(path)
     with pytest.raises(ValueError, match=message) as error:
-        trainer(tmp_path, gpt2(), [callback()]).train(resume_from_checkpoint=True)
+        trainer(tmp_path, hf_gpt2(), [callback()]).train(resume_from_checkpoint=True)
     assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
 
 
@@ -209,14 +191,14 @@ def test_a_state_file_of_granet_before_checksums_resumes_with_a_warning(run, tmp
     torch.save(saved, path)
     cb = callback()
     with pytest.warns(UserWarning, match=f"{path}: its sparsifier state has no checksum"):
-        trainer(tmp_path, gpt2(), [cb]).train(resume_from_checkpoint=True)
+        trainer(tmp_path, hf_gpt2(), [cb]).train(resume_from_checkpoint=True)
     assert cb.sparsifier.step == STEPS
     resaved = torch.load(tmp_path / "checkpoint-24" / STATE_FILE, weights_only=True)
     assert set(resaved) == {"format", "global_step", "sparsifier", "sha256"}
 
 
 def test_a_model_trains_again_with_a_new_callback_and_keeps_its_zeros(tmp_path):
-    model, first = gpt2(), callback()
+    model, first = hf_gpt2(), callback()
     trainer(tmp_path / "a", model, [first], max_steps=8, save_strategy="no").train()
     for name, mask in first.sparsifier.masks.items():
         assert not model.get_parameter(name)[~mask].any()
@@ -250,7 +232,7 @@ def test_steps_skipped_by_the_grad_scaler_do_not_count(tmp_path, optim, bf16):
     cb, overflow = GraNetCallback("granet", sparsity=0.8, update_every=2), Overflow({2, 5})
     t = trainer(
         tmp_path,
-        gpt2(),
+        hf_gpt2(),
         [cb, overflow],
         max_steps=8,
         per_device_train_batch_size=2,
@@ -278,7 +260,7 @@ def ddp_worker(rank: int, port: int, out) -> None:
     env = dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     os.environ.update({k: str(v) for k, v in env.items()})
     torch.set_num_threads(1)
-    model, cb = gpt2(), callback()
+    model, cb = hf_gpt2(), callback()
     args = dict(max_steps=8, per_device_train_batch_size=2, save_strategy="no", ddp_backend="gloo")
     t = trainer(out, model, [cb], **args)
     t.train()

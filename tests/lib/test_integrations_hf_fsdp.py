@@ -15,11 +15,11 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import Tokens
+from helpers import Tokens, hf_gpt2
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from granet.integrations.hf import STATE_DIR, STATE_FILE, GraNetCallback  # noqa: E402
 
@@ -39,21 +39,6 @@ class FsdpTrainer(Trainer):
         self.is_fsdp_enabled = True
 
 
-def gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        vocab_size=64,
-        n_positions=16,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(config)
-
-
 def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
 
@@ -64,7 +49,7 @@ def worker(rank: int, port: int, out, resume: str | None) -> None:
     env = dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     os.environ.update({k: str(v) for k, v in env.items()})
     torch.set_num_threads(1)
-    model = gpt2()
+    model = hf_gpt2()
     cb = GraNetCallback("granet", sparsity=0.8, update_every=2)
     args = TrainingArguments(
         str(out / ("resumed" if resume else "straight")),
