@@ -15,8 +15,10 @@ and DeepSpeed's partitions hide the weights' shapes, so those wrappers are refus
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,6 +81,35 @@ def verify_agreement(
                 f"{lo[1]}..{hi[1]}); the ranks would train different networks. Every rank must "
                 "build the sparsifier with the same seed and arguments, load the same checkpoint "
                 "and call optimizer.step() the same number of times."
+            )
+
+
+def verify_shared(
+    values: dict[str, Any], group: torch.distributed.ProcessGroup, device: torch.device
+) -> None:
+    """Raise RuntimeError on every rank of ``group`` if the ranks' ``values`` (name -> int, str
+    or tensor) differ, naming the first that does: ranks that hold other shards of the same
+    tensors must still be at the same step with the same settings and random state. One
+    all-reduce of two integers per value."""
+    if not _distributed() or torch.distributed.get_world_size(group) < 2:
+        return
+    digests = []
+    for value in values.values():
+        data = value.cpu().numpy().tobytes() if torch.is_tensor(value) else repr(value).encode()
+        if isinstance(value, list):
+            data = b"".join(v.cpu().numpy().tobytes() for v in value)
+        digests.append(int.from_bytes(hashlib.sha256(data).digest()[:7], "little"))
+    mine = torch.tensor(digests, dtype=torch.int64, device=device)  # where the group reduces
+    both = torch.cat([mine, -mine])
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX, group=group)
+    high, low = both[: len(mine)], -both[len(mine) :]
+    for name, differs in zip(values, (high != low).tolist()):
+        if differs:
+            raise RuntimeError(
+                f"granet: ranks holding other shards of the same weights disagree on the "
+                f"sparsifier's {name}; every rank must build the sparsifier with the same seed "
+                "and arguments, load the same checkpoint and call optimizer.step() the same "
+                "number of times"
             )
 
 

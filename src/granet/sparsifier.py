@@ -10,6 +10,7 @@ masks are applied to the weights and to their optimizer state.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import warnings
 import weakref
@@ -25,7 +26,12 @@ from granet.algorithm import OPTION, Algorithm
 from granet.comm import CompactAllReduce, refuse_other_hook
 from granet.compute import SparseCompute
 from granet.criteria import GROWTH, IMPORTANCE
-from granet.distributed import data_parallel_group, refuse_sharded, verify_agreement
+from granet.distributed import (
+    data_parallel_group,
+    refuse_sharded,
+    verify_agreement,
+    verify_shared,
+)
 from granet.distributions import DISTRIBUTIONS
 from granet.initial import INIT, check_calibration
 from granet.masks import (
@@ -663,8 +669,17 @@ class Sparsifier:
             self._warn(f"the {when} leaves no active weights in {', '.join(empty)}")
 
     def _verify(self) -> None:
-        """Under torch.distributed, raise if the ranks' masks differ (see ``distributed.py``)."""
-        if self.verify_ranks and not (self._space.sharded and self._group is None):
+        """Under torch.distributed, raise if the ranks' masks differ (see ``distributed.py``);
+        ranks holding other shards must agree on the step, the settings and the random state
+        that draws every rank's part alike."""
+        if not self.verify_ranks:
+            return
+        if self._space.sharded:
+            record = json.dumps(self.algorithm.record(), sort_keys=True, default=str)
+            states = [g.get_state() for _, g in sorted(self._generators.items())]
+            shared = {"step": self.step, "settings": record, "generators": states}
+            verify_shared(shared, self._space.group, self._masks[0].device)
+        if not (self._space.sharded and self._group is None):
             verify_agreement(self.names, self._masks, self._group)
 
     def _packed_masks(self) -> torch.Tensor:

@@ -170,6 +170,11 @@ def worker(rank, world, store, out, resume_only):
             sp.update_topology()
         except RuntimeError as error:
             results["hsdp-tampered"] = str(error)
+    if world == 2 and not resume_only:  # ranks that disagree on the seed: caught at the start
+        try:
+            build("set", mesh, seed=rank)
+        except RuntimeError as error:
+            results["seeds-differ"] = str(error)
     if world == 1 and not resume_only:
         results["refused"] = refusals(mesh)
     if rank == 0:
@@ -251,3 +256,7 @@ def test_the_step_that_makes_an_optimizers_state_for_a_checkpoint_is_not_counted
     assert sp.step == 0 and opt.state  # the state was made, the step not counted
     train(model, opt, 0, 1)
     assert sp.step == 1
+
+
+def test_shards_built_with_other_seeds_stop_naming_what_differs(results):
+    assert "disagree on the sparsifier's settings" in results[2]["seeds-differ"]  # seed=
