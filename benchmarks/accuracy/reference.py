@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from granet.experiment.records import read_report
-from granet.experiment.report import find_runs, summarize
+from granet.experiment.comparison import find_runs, summarize
 
 # test accuracy (%) at 90 / 95 / 98% sparsity; the dense run has no sparsity
 REFERENCE: dict[str, tuple[float, float, float]] = {
