@@ -298,6 +298,10 @@ class Sparsifier:
             )
         if alg.compute == "sparse":
             self._warn("compute='sparse' runs layers sharded by fully_shard (FSDP2) dense")
+        if alg.communication == "compact":
+            self._warn(
+                "communication='compact' is DDP's; FSDP2 reduce-scatters the dense gradients"
+            )
 
     def _locals(self) -> list[torch.Tensor]:
         """This rank's part of every sparse tensor (the tensors themselves unless sharded)."""
@@ -443,8 +447,8 @@ class Sparsifier:
         """Refuse to go on when the model's parameters are no longer the ones selected (the
         model was sharded by fully_shard after the sparsifier was built): the masks would be
         applied to tensors that no longer train."""
-        now = dict(self.model.named_parameters())
-        stale = [n for n, p in zip(self.names, self.params) if now.get(n) is not p]
+        now = {id(p) for p in self.model.parameters()}  # by identity: a wrapper may rename
+        stale = [n for n, p in zip(self.names, self.params) if id(p) not in now]
         if stale:
             raise ValueError(
                 f"the model's parameter {stale[0]!r} was replaced after the sparsifier was built "
@@ -712,6 +716,7 @@ class Sparsifier:
 
     def sparsity(self) -> float:
         """Current global sparsity of the sparse layers (fraction of masked-out weights)."""
+        self._check_current()
         self._settle()
         return sparsity_of(sum(self._nnz), self._numel)
 
@@ -736,6 +741,7 @@ class Sparsifier:
     def stats(self) -> dict[str, Any]:
         """A snapshot for logging: step, schedule, sparsity, ITOP rate, per-layer density and
         kernels."""
+        self._check_current()  # a sparsifier whose tensors were replaced reports nothing true
         self._settle()
         sparse = set(self._compute.sparse_layers()) if self._compute else set()
         return {

@@ -125,14 +125,15 @@ def refusals(mesh) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sp = granet.GraNet(model, opt, **KW)
     fully_shard(model, mesh=mesh)
-    try:
-        train(model, torch.optim.SGD(model.parameters(), lr=0.1), 0, 1)
-        sp.optimizer.step()
-    except ValueError as error:
-        found["late"] = str(error)
+    train(model, torch.optim.SGD(model.parameters(), lr=0.1), 0, 1)  # another optimizer
+    for name, call in (("late-stats", sp.stats), ("late", sp.optimizer.step)):
+        try:
+            call()
+        except ValueError as error:
+            found[name] = str(error)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        build("granet", mesh, compute="sparse")
+        build("granet", mesh, compute="sparse", communication="compact")
     found["sparse-compute"] = [str(w.message) for w in caught]
     return found
 
@@ -237,8 +238,10 @@ def test_unsupported_layouts_and_orders_are_one_line_errors(results):
     assert "init='wanda' is not supported on weights sharded" in refused["wanda"]
     assert "(Shard(dim=1),)" in refused["columns"] and "tensor parallelism" in refused["columns"]
     assert "was replaced after the sparsifier was built" in refused["late"]
+    assert refused["late-stats"] == refused["late"]  # what it reports would not be true
     assert "apply fully_shard first" in refused["late"]
     assert any("compute='sparse' runs layers sharded" in w for w in refused["sparse-compute"])
+    assert any("communication='compact' is DDP's" in w for w in refused["sparse-compute"])
     assert all("\n" not in message for message in refused.values() if isinstance(message, str))
 
 
