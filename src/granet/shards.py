@@ -18,6 +18,7 @@ by one all-gather of a count per rank and layer.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,17 +74,12 @@ class Whole:
         return [m.view(s.shape) for m, s in zip(flat.split([s.numel() for s in scores]), scores)]
 
 
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a build without torch.distributed
-        return None
-    return DTensor
-
-
 def is_dtensor(tensor: object) -> bool:
-    """Whether ``tensor`` is a DTensor (a parameter that FSDP2 shards, for one)."""
-    dtensor = _dtensor_type()
+    """Whether ``tensor`` is a DTensor (a parameter that FSDP2 shards, for one). Looked up
+    among the modules already imported: no tensor can be a DTensor before its module is, and
+    importing it only to look would cost a second."""
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None)
     return dtensor is not None and isinstance(tensor, dtensor)
 
 
@@ -131,16 +127,11 @@ class Shards(Whole):
             self.local_shapes.append(tuple(shape))
             starts.append(offset[0] * math.prod(p.shape[1:]) if p.dim() else 0)
         self.starts = starts
-        # every rank's start of every tensor, to share ties out in position order
-        mine = torch.tensor(starts, dtype=torch.int64, device=self._device(first))
-        self._earlier = (
-            self._gather(mine) < mine
-        )  # [ranks, tensors]: ranks whose part lies before ours
-
-    @staticmethod
-    def _device(p: torch.Tensor) -> torch.device:
-        # gloo reduces CPU tensors; NCCL device tensors
-        return p.to_local().device if is_dtensor(p) else p.device
+        # every rank's start of every tensor, to share ties out in position order: [ranks,
+        # tensors], True where that rank's part lies before ours (on the weights' device, where
+        # the group reduces: the CPU for gloo, the GPU for NCCL)
+        mine = torch.tensor(starts, dtype=torch.int64, device=self.local(first).device)
+        self._earlier = self._gather(mine) < mine
 
     def _gather(self, row: torch.Tensor) -> torch.Tensor:
         """Every rank's ``row`` (of this rank's shard group), as ``[ranks, len(row)]``."""
