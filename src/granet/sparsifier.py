@@ -438,8 +438,11 @@ class Sparsifier:
         """Whether this step only made the optimizer's state: at learning rate 0 with gradients
         all zero, as ``torch.distributed.checkpoint.state_dict`` steps an optimizer that has no
         state yet; it moves nothing and is not counted (a real step has gradients)."""
-        if any(float(group.get("lr", 1.0)) != 0 for group in optimizer.param_groups):
-            return False
+        for group in optimizer.param_groups:
+            lr = group.get("lr", 1.0)
+            # torch's filler sets a float or a CPU tensor; a device tensor is not read (a sync)
+            if (torch.is_tensor(lr) and lr.device.type != "cpu") or float(lr) != 0:
+                return False
         grads = [p.grad for p in self.params]
         return all(g is None or not self._space.local(g).any() for g in grads)
 
@@ -715,7 +718,8 @@ class Sparsifier:
         return list(self._nnz)
 
     def sparsity(self) -> float:
-        """Current global sparsity of the sparse layers (fraction of masked-out weights)."""
+        """Current global sparsity of the sparse layers (fraction of masked-out weights); refused
+        when the tensors were replaced (it would not be true: :meth:`stats` asks it too)."""
         self._check_current()
         self._settle()
         return sparsity_of(sum(self._nnz), self._numel)
@@ -741,7 +745,6 @@ class Sparsifier:
     def stats(self) -> dict[str, Any]:
         """A snapshot for logging: step, schedule, sparsity, ITOP rate, per-layer density and
         kernels."""
-        self._check_current()  # a sparsifier whose tensors were replaced reports nothing true
         self._settle()
         sparse = set(self._compute.sparse_layers()) if self._compute else set()
         return {

@@ -23,6 +23,7 @@ from granet.methods import METHODS
 from granet.selection import check_rules, select_parameters, unwrap, unwrap_optimizer
 from granet.shards import is_dtensor
 from granet.sparsifier import Sparsifier
+from granet.trees import tree_map_with_path
 
 # the key of a split state (:func:`split_sharded`) that lists the tensors saved apart
 SHARDED = "sharded"
@@ -130,17 +131,13 @@ def split_sharded(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torc
     DTensors (no FSDP2) comes back whole, with no tensors."""
     found: dict[str, torch.Tensor] = {}
 
-    def walk(value: Any, path: str) -> Any:
+    def take(path: str, value: Any) -> Any:
         if is_dtensor(value):
             found[path] = value
             return None
-        if isinstance(value, dict):
-            return {k: walk(v, f"{path}/{k}" if path else str(k)) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(walk(v, f"{path}/{i}") for i, v in enumerate(value))
         return value
 
-    rest = walk(state, "")
+    rest = tree_map_with_path(take, state)
     if found:
         rest[SHARDED] = sorted(found)
     return rest, found
