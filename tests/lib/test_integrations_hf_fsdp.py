@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import Tokens, hf_gpt2
+from helpers import Tokens, hf_gpt2, join_gloo
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -48,7 +48,8 @@ def worker(rank: int, port: int, out, resume: str | None) -> None:
     checkpoint folder to resume from (under ``out``)."""
     env = dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     os.environ.update({k: str(v) for k, v in env.items()})
-    torch.set_num_threads(1)
+    # the group joined through a file, which accelerate takes as it is: no port to race for
+    join_gloo(rank, 2, out / f"store-{(resume or 'straight').replace('/', '-')}")
     model = hf_gpt2()
     cb = GraNetCallback("granet", sparsity=0.8, update_every=2)
     args = TrainingArguments(

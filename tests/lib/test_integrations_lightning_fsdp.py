@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import rounding_tol
+from helpers import join_gloo, rounding_tol
 from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch")
@@ -79,7 +79,8 @@ def worker(
         LOCAL_RANK=rank, NODE_RANK=0, WORLD_SIZE=world, MASTER_ADDR="127.0.0.1", MASTER_PORT=port
     )
     os.environ.update({k: str(v) for k, v in env.items()})
-    torch.set_num_threads(1)
+    # the group joined through a file, which Lightning takes as it is: no port to race for
+    join_gloo(rank, world, out / f"store-{run}")
     model = MLP()
     cb = GraNetCallback(method, sparsity=0.7, update_every=2, seed=3)
     root = out / run
